@@ -1,0 +1,113 @@
+"""Reading and writing instance config files, with errors that name the file, the field and the fix."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from llama_orchestrator.domain.config import InstanceConfig, normalize_dialects
+from llama_orchestrator.domain.errors import ConfigError, ConfigProblem
+
+
+def read_document(path: Path) -> Any:
+    """The parsed JSON of ``path``; a syntax error names its line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), [ConfigProblem("", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [ConfigProblem("", f"cannot read: {exc}")]) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            str(path), [ConfigProblem(f"line {exc.lineno}, column {exc.colno}", f"invalid JSON: {exc.msg}")]
+        ) from None
+
+
+def load_config(path: Path, expected_name: str | None = None) -> InstanceConfig:
+    """Load and validate one config file; raises ConfigError listing every problem."""
+    document = read_document(path)
+    return validate_document(document, str(path), expected_name)
+
+
+def validate_document(document: Any, source: str, expected_name: str | None = None) -> InstanceConfig:
+    if not isinstance(document, dict):
+        raise ConfigError(source, [ConfigProblem("", f"expected a JSON object, got {type(document).__name__}")])
+    try:
+        config = InstanceConfig.from_document(document)
+    except ValidationError as exc:
+        raise ConfigError(source, problems_from(exc, normalize_dialects(document))) from None
+    if expected_name is not None and config.name != expected_name:
+        raise ConfigError(
+            source,
+            [ConfigProblem("name", f"is {config.name!r} but the folder is {expected_name!r}: make them the same")],
+        )
+    return config
+
+
+def problems_from(exc: ValidationError, document: Any) -> list[ConfigProblem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        where = ".".join(loc) or "(top level)"
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            message = "unknown field" + _suggestion(loc)
+        elif kind == "missing":
+            message = "required field is missing"
+        elif where == "name" and kind == "string_pattern_mismatch":
+            message = (
+                f"{json.dumps(error.get('input'))} is not a valid instance name: use 1-63 lowercase letters, digits "
+                "and dashes, starting and ending with a letter or digit"
+            )
+        else:
+            message = error["msg"]
+            if "input" in error and not isinstance(error["input"], dict | list):
+                message += f" (got {json.dumps(error['input'])})"
+        problems.append(ConfigProblem(where, message))
+    return problems
+
+
+def _suggestion(loc: list[str]) -> str:
+    """For an unknown key, the closest allowed key of the section it sits in ("did you mean ...?")."""
+    model: type[BaseModel] | None = InstanceConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        annotation = getattr(field, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is None:
+        return ""
+    allowed = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], allowed, n=1)
+    if close:
+        return f": did you mean {close[0]!r}?"
+    return f": allowed fields are {', '.join(sorted(allowed))}"
+
+
+def write_new_config(path: Path, config: InstanceConfig) -> None:
+    """Write a config that must not exist yet, atomically: no half-written file, no overwrite, even in a race."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config.to_document(), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(tmp, path)  # fails with FileExistsError if someone else got there first
+        except (AttributeError, NotImplementedError, PermissionError):  # pragma: no cover - filesystems without links
+            if path.exists():
+                raise FileExistsError(path) from None
+            os.rename(tmp, path)  # on Windows rename also refuses to overwrite
+            tmp = ""
+    finally:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)

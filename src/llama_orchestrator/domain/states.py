@@ -1,0 +1,74 @@
+"""Instance states (SPEC §5) and the table of allowed transitions.
+
+A leaf module: it must not import anything outside the standard library, so every layer can use it.
+Status is the process axis; Health is a separate axis, judged by ``domain.health``. Member names are the
+values (``Status.running == "running"``), as stored in SQLite and shown by `ps`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    stopped = "stopped"  # no process, and none wanted (never started, or a person stopped it)
+    starting = "starting"  # checks and spawn in progress; the process may exist but is not up yet
+    running = "running"  # the process is up (health says whether it answers)
+    stopping = "stopping"  # a stop signal was sent; waiting for the process to end
+    exited = "exited"  # the process ended without being asked to (Docker's "Exited"); policy decides what next
+    backoff = "backoff"  # waiting for the backoff delay before a restart
+    failed = "failed"  # gave up after max_retries, or could not start; stays down until a person acts
+
+
+class Health(StrEnum):
+    unknown = "unknown"  # not probed yet, or only inside the start period with no answer
+    loading = "loading"  # the server answers 503 while it loads the model
+    healthy = "healthy"
+    unhealthy = "unhealthy"  # `retries` consecutive failures after the start period
+
+
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.stopped: frozenset({
+        Status.starting,  # a person (or autostart) starts it
+    }),
+    Status.starting: frozenset({
+        Status.running,  # spawned and up
+        Status.stopping,  # a person stops it while it starts
+        Status.exited,  # it died during start: the restart policy decides
+        Status.failed,  # a check before spawning failed (port taken, model or binary missing)
+    }),
+    Status.running: frozenset({
+        Status.stopping,  # a person stops it, or the supervisor stops it to restart an unhealthy instance
+        Status.exited,  # it ended on its own: crash, kill from outside, or clean exit
+    }),
+    Status.stopping: frozenset({
+        Status.stopped,  # a person's stop completed
+        Status.exited,  # a supervisor stop (unhealthy) completed, or it died on its own meanwhile: policy decides
+    }),
+    Status.exited: frozenset({
+        Status.starting,  # restart with no delay (backoff_seconds = 0), or a person starts it
+        Status.backoff,  # restart after a delay
+        Status.failed,  # max_retries restarts used up
+        Status.stopped,  # a person brings it down: nothing is wanted any more
+    }),
+    Status.backoff: frozenset({
+        Status.starting,  # the delay is over
+        Status.stopped,  # a person stops it before the delay is over
+        Status.failed,  # the restart cannot happen (e.g. its config no longer loads)
+    }),
+    Status.failed: frozenset({
+        Status.starting,  # a person starts it again
+        Status.stopped,  # a person brings it down: clears the failure
+    }),
+}
+
+# A process should exist in these states: the ones a stop must act on and a daemon must adopt.
+ACTIVE: frozenset[Status] = frozenset({Status.starting, Status.running, Status.stopping})
+
+
+def is_valid_transition(current: Status, new: Status) -> bool:
+    return new in TRANSITIONS[current]
+
+
+def is_active(status: Status) -> bool:
+    return status in ACTIVE

@@ -1,0 +1,81 @@
+"""One health check of one instance, from the CLI: probe, record the result, move `starting` to `running`.
+
+The daemon keeps a ``HealthTracker`` per instance across probes (consecutive failures, start period); a single
+check from the CLI (`health`, `up --wait`, `ps` on a starting instance) judges one probe on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from llama_orchestrator.domain.config import InstanceConfig
+from llama_orchestrator.domain.health import ProbeOutcome, classify
+from llama_orchestrator.domain.states import Health, Status
+
+if TYPE_CHECKING:
+    from llama_orchestrator.adapters.store import InstanceRow
+    from llama_orchestrator.services.instances import InstanceService
+
+Probe = Callable[[str, str, float], ProbeOutcome]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    health: Health
+    outcome: ProbeOutcome
+    checked_at: float
+
+
+def base_url(config: InstanceConfig) -> str:
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # a server on all interfaces answers on loopback
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.server.port}"
+
+
+def default_probe(url: str, path: str, timeout: float) -> ProbeOutcome:
+    import httpx
+
+    from llama_orchestrator.adapters.health_probe import probe_sync
+
+    with httpx.Client() as client:
+        return probe_sync(client, url, path, timeout)
+
+
+def judge_single(outcome: ProbeOutcome, in_start_period: bool) -> Health:
+    verdict = classify(outcome)
+    if verdict == "ok":
+        return Health.healthy
+    if verdict == "loading":
+        return Health.loading
+    # No answer yet while it is still starting is expected: the server has not opened its port.
+    return Health.unknown if in_start_period else Health.unhealthy
+
+
+def check_once(
+    service: InstanceService, name: str, config: InstanceConfig, row: InstanceRow, *, probe: Probe | None = None
+) -> CheckResult:
+    outcome = (probe or default_probe)(base_url(config), config.healthcheck.path, config.healthcheck.timeout)
+    now = service.clock()
+    in_start = row.started_at is not None and now - row.started_at < config.healthcheck.start_period
+    health = judge_single(outcome, in_start and row.status == Status.starting)
+    changes: dict[str, object] = {
+        "health": health,
+        "health_checked_at": now,
+        "health_latency_ms": outcome.latency_ms,
+        "health_error": None if health == Health.healthy else outcome.describe(),
+    }
+    became_running = False
+    if health == Health.healthy and row.status == Status.starting:
+        became_running = service.store.update(
+            name, only_if={"pid": row.pid, "status": Status.starting}, status=Status.running, **changes
+        )
+    if not became_running:
+        service.store.update(name, only_if={"pid": row.pid}, **changes)
+    if became_running:
+        service.store.add_event(name, "healthy", f"answering on port {config.server.port}", now)
+    return CheckResult(health, outcome, now)

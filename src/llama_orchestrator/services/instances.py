@@ -1,0 +1,376 @@
+"""The instance lifecycle: create, start, stop, inspect and remove instances, without the daemon.
+
+Every start and stop of one instance runs under that instance's file lock, whoever calls (two CLIs, a CLI and the
+daemon): exactly one process per instance. What is running is recorded in SQLite as PID + create time; a record
+whose process is gone is reconciled to ``exited`` the next time anyone looks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_orchestrator.adapters import process as proc
+from llama_orchestrator.adapters.binaries import resolve_binary
+from llama_orchestrator.adapters.config_files import load_config, write_new_config
+from llama_orchestrator.adapters.home import Home
+from llama_orchestrator.adapters.logfiles import rotate_if_needed, tail
+from llama_orchestrator.adapters.ports import is_port_free, pick_port
+from llama_orchestrator.adapters.store import InstanceRow, Store
+from llama_orchestrator.domain.config import InstanceConfig
+from llama_orchestrator.domain.errors import (
+    ConfigError,
+    InstanceNotFound,
+    OrchestratorError,
+    StartError,
+    UsageError,
+)
+from llama_orchestrator.domain.launch import build_launch
+from llama_orchestrator.domain.states import ACTIVE, Health, Status
+
+# A `stopping` record older than this belongs to a stop whose process died half way: reconcile it like any other.
+STALE_STOPPING_S = 120.0
+EARLY_EXIT_WINDOW_S = 1.0
+
+
+@dataclass
+class InstanceView:
+    """What `ps`, `describe` and the dashboard show of one instance."""
+
+    name: str
+    row: InstanceRow
+    config: InstanceConfig | None
+    config_error: ConfigError | None = None
+    config_path: Path | None = None
+
+    def uptime_s(self, now: float) -> float | None:
+        if self.row.status in ACTIVE and self.row.started_at:
+            return max(0.0, now - self.row.started_at)
+        return None
+
+
+@dataclass
+class StartOutcome:
+    name: str
+    already_running: bool
+    row: InstanceRow
+    argv: list[str] = field(default_factory=list)
+
+
+class InstanceService:
+    def __init__(
+        self,
+        home: Home,
+        *,
+        store: Store | None = None,
+        processes: proc.ProcessControl | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.home = home
+        self._store = store
+        self.processes = processes or proc.current()
+        self.clock = clock
+        # Processes this object spawned: we are their parent, so we reap them and learn their exit codes.
+        self._children: dict[str, object] = {}
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.home.db_path)
+        return self._store
+
+    # -- configs -----------------------------------------------------------------------------------------------
+
+    def load(self, name: str) -> InstanceConfig:
+        path = self.home.config_path(name)
+        if not path.is_file():
+            raise InstanceNotFound(name)
+        return load_config(path, expected_name=name)
+
+    def names(self) -> list[str]:
+        return self.home.instance_names()
+
+    def create(self, config: InstanceConfig, *, auto_port: bool) -> InstanceConfig:
+        """Write a new instance's config (``init``); refuses to overwrite, picks a free port when asked."""
+        path = self.home.config_path(config.name)
+        if path.exists():
+            raise UsageError(f"instance {config.name!r} already exists ({path}); remove it first with `rm`")
+        others = self._configured_ports(exclude=config.name)
+        if auto_port:
+            config.server.port = pick_port(others.keys(), config.server.host)
+        elif config.server.port in others:
+            raise UsageError(
+                f"port {config.server.port} is already used by instance {others[config.server.port]!r}: "
+                "choose another with --port, or leave --port out to pick a free one"
+            )
+        try:
+            write_new_config(path, config)
+        except FileExistsError:
+            raise UsageError(f"instance {config.name!r} already exists ({path})") from None
+        self.home.log_dir(config.name).mkdir(parents=True, exist_ok=True)
+        self.store.add_event(config.name, "created", f"config written to {path}", self.clock())
+        return config
+
+    def _configured_ports(self, exclude: str | None = None) -> dict[int, str]:
+        ports: dict[int, str] = {}
+        for name in self.names():
+            if name == exclude:
+                continue
+            try:
+                ports[self.load(name).server.port] = name
+            except OrchestratorError:
+                continue
+        return ports
+
+    # -- state -------------------------------------------------------------------------------------------------
+
+    def refresh(self, name: str) -> InstanceRow:
+        """The recorded state, after reconciling it with reality: an active record whose process is gone
+        becomes ``exited`` (with the exit code where we are its parent)."""
+        row = self.store.get(name) or InstanceRow(name=name)
+        if row.status not in ACTIVE or row.pid is None:
+            return row
+        if row.status == Status.stopping and self.clock() - row.updated_at < STALE_STOPPING_S:
+            return row  # someone is stopping it right now and will record the result
+        handle = proc.ProcessHandle(row.pid, row.create_time or 0.0)
+        if proc.is_alive(handle):
+            return row
+        exit_code = self._reap(name, row.pid)
+        now = self.clock()
+        changed = self.store.update(
+            name,
+            only_if={"pid": row.pid, "create_time": row.create_time, "status": row.status},
+            status=Status.exited,
+            health=Health.unknown,
+            stopped_at=now,
+            exit_code=exit_code,
+        )
+        if changed:
+            detail = f" with code {exit_code}" if exit_code is not None else ""
+            self.store.add_event(name, "exited", f"process {row.pid} exited{detail}", now)
+        return self.store.get(name) or row
+
+    def view(self, name: str) -> InstanceView:
+        row = self.refresh(name)
+        try:
+            return InstanceView(name, row, self.load(name), config_path=self.home.config_path(name))
+        except ConfigError as exc:
+            return InstanceView(name, row, None, exc, self.home.config_path(name))
+
+    def views(self, *, include_orphans: bool = False) -> list[InstanceView]:
+        names = self.names()
+        if include_orphans:
+            names = sorted(set(names) | set(self.store.all()))
+        return [self.view(name) for name in names]
+
+    def _reap(self, name: str, pid: int) -> int | None:
+        popen = self._children.get(name)
+        if popen is not None and getattr(popen, "pid", None) == pid:
+            return popen.poll()
+        return None
+
+    # -- start -------------------------------------------------------------------------------------------------
+
+    def start(self, name: str) -> StartOutcome:
+        """Start ``name`` unless it already runs. Checks everything that can be checked before spawning."""
+        config = self.load(name)
+        with self.processes.exclusive_lock(self.home.lock_path(name)):
+            row = self.refresh(name)
+            if row.status in ACTIVE:
+                return StartOutcome(name, True, row)
+            spec = self._preflight(config)
+            log_dir = self.home.log_dir(name)
+            for stream in ("stdout", "stderr"):
+                rotate_if_needed(
+                    self.home.log_path(name, stream), int(config.logs.max_size_mb * 1024 * 1024), config.logs.rotation
+                )
+            try:
+                spawned = self.processes.spawn(
+                    spec.argv,
+                    spec.env,
+                    self.home.config_path(name).parent,
+                    self.home.log_path(name, "stdout"),
+                    self.home.log_path(name, "stderr"),
+                )
+            except OSError as exc:
+                self._record_failed_start(name, f"could not execute {spec.argv[0]}: {exc}")
+                raise StartError(f"{name}: could not execute {spec.argv[0]}: {exc}") from None
+            self._children[name] = spawned.popen
+            now = self.clock()
+            row.status, row.health = Status.starting, Health.unknown
+            row.pid, row.create_time = spawned.handle.pid, spawned.handle.create_time
+            row.port, row.started_at, row.stopped_at, row.exit_code = config.server.port, now, None, None
+            row.stopped_by_user, row.last_error, row.next_restart_at = False, None, None
+            row.health_checked_at = row.health_latency_ms = row.health_error = None
+            self.store.put(row, now)
+            self.store.add_event(name, "started", f"pid {row.pid} on port {config.server.port}", now)
+        del log_dir
+        return StartOutcome(name, False, row, spec.argv)
+
+    def _preflight(self, config: InstanceConfig):
+        """Everything that would make llama-server fail at once, as one clear error before anything is spawned."""
+        name = config.name
+        config_dir = self.home.config_path(name).parent
+        model = config.model_path(config_dir)
+        if not model.is_file():
+            raise StartError(f"{name}: model file {str(model)!r} not found (model.path in {config_dir / 'config.json'})")
+        if not os.access(model, os.R_OK):
+            raise StartError(f"{name}: model file {str(model)!r} is not readable")
+        binary = resolve_binary(config.binary, self.home.registry_path)
+        if not is_port_free(config.server.port, config.server.host):
+            raise StartError(
+                f"{name}: port {config.server.port} on {config.server.host} is already in use by another program "
+                "(`llama-orch ps` shows which instance has which port; change server.port in the config)"
+            )
+        log_dir = self.home.log_dir(name)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(log_dir, os.W_OK):
+            raise StartError(f"{name}: log folder {log_dir} is not writable")
+        return build_launch(config, binary, model, os.environ, platform=sys.platform)
+
+    def _record_failed_start(self, name: str, message: str) -> None:
+        now = self.clock()
+        self.store.update(name, status=Status.failed, last_error=message, stopped_at=now)
+        self.store.add_event(name, "start-failed", message, now)
+
+    def wait_healthy(
+        self,
+        name: str,
+        timeout: float,
+        *,
+        probe: Callable[[str, str, float], object] | None = None,
+        poll_s: float = 0.1,
+    ) -> InstanceRow:
+        """Wait until the instance answers its health check with 200, it exits, or ``timeout`` passes.
+
+        Raises StartError with the tail of stderr when it exits, and when the timeout passes (it keeps running).
+        """
+        from llama_orchestrator.services.health import check_once
+
+        config = self.load(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.refresh(name)
+            if row.status not in ACTIVE:
+                stderr = "\n".join(tail(self.home.log_path(name, "stderr"), 15))
+                code = f" (exit code {row.exit_code})" if row.exit_code is not None else ""
+                message = f"{name}: llama-server exited during start{code}"
+                self.store.update(name, last_error=message)
+                raise StartError(f"{message}; last lines of its stderr:\n{stderr}")
+            result = check_once(self, name, config, row, probe=probe)
+            if result.health == Health.healthy:
+                return self.store.get(name) or row
+            if time.monotonic() >= deadline:
+                raise StartError(
+                    f"{name}: not healthy after {timeout:g} s (health: {result.health}); it is still running: "
+                    f"see `llama-orch logs {name}`"
+                )
+            time.sleep(poll_s)  # polling the health endpoint; the deadline bounds the wait
+
+    def wait_early_exit(self, name: str, window_s: float = EARLY_EXIT_WINDOW_S) -> InstanceRow:
+        """After a detached start: catch an instance that dies at once (bad argument, broken binary)."""
+        deadline = time.monotonic() + window_s
+        while time.monotonic() < deadline:
+            row = self.refresh(name)
+            if row.status not in ACTIVE:
+                stderr = "\n".join(tail(self.home.log_path(name, "stderr"), 15))
+                raise StartError(f"{name}: llama-server exited right after start; last lines of its stderr:\n{stderr}")
+            time.sleep(0.05)
+        return self.refresh(name)
+
+    # -- stop --------------------------------------------------------------------------------------------------
+
+    def stop(self, name: str, timeout: float = 10.0, *, by_user: bool = True) -> InstanceRow:
+        """Stop gracefully, then kill the whole tree after ``timeout``. Never signals a PID that is not ours."""
+        self.home.checked_name(name)
+        if not self.home.config_path(name).is_file() and self.store.get(name) is None:
+            raise InstanceNotFound(name)
+        with self.processes.exclusive_lock(self.home.lock_path(name)):
+            row = self.store.get(name) or InstanceRow(name=name)
+            now = self.clock()
+            handle = proc.ProcessHandle(row.pid, row.create_time or 0.0) if row.pid else None
+            if handle is None or not proc.is_alive(handle):
+                if row.status != Status.stopped or by_user != row.stopped_by_user:
+                    code = self._reap(name, row.pid) if row.pid else None
+                    self.store.update(
+                        name,
+                        status=Status.stopped,
+                        health=Health.unknown,
+                        stopped_by_user=by_user,
+                        next_restart_at=None,
+                        stopped_at=row.stopped_at or now,
+                        exit_code=code if code is not None else row.exit_code,
+                    )
+                return self.store.get(name) or row
+            self.store.update(name, status=Status.stopping, stopped_by_user=by_user)
+            members = list(proc.tree(handle))
+            self.processes.request_stop(handle)
+            gone, alive = _wait_gone(members, timeout)
+            killed = bool(alive)
+            if alive:
+                self.processes.kill_tree(handle)
+                for member in alive:
+                    _kill_quietly(member)
+                _wait_gone(alive, 5.0)
+            exit_code = self._reap(name, row.pid)
+            self._wait_port_released(row.port, 5.0)
+            now = self.clock()
+            self.store.update(
+                name,
+                status=Status.stopped,
+                health=Health.unknown,
+                stopped_at=now,
+                exit_code=exit_code,
+                next_restart_at=None,
+            )
+            how = f"killed after {timeout:g} s grace" if killed else "stopped gracefully"
+            self.store.add_event(name, "stopped", f"pid {row.pid} {how}", now)
+            del gone
+            return self.store.get(name) or row
+
+    def _wait_port_released(self, port: int | None, timeout: float) -> None:
+        if port is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not is_port_free(port):
+            time.sleep(0.05)
+
+    # -- remove ------------------------------------------------------------------------------------------------
+
+    def remove(self, name: str, *, force: bool = False) -> None:
+        import shutil
+
+        self.home.checked_name(name)
+        if not self.home.config_path(name).is_file() and self.store.get(name) is None:
+            raise InstanceNotFound(name)
+        row = self.refresh(name)
+        if row.status in ACTIVE:
+            if not force:
+                raise UsageError(f"{name} is {row.status}: stop it first with `llama-orch down {name}`, or use --force")
+            self.stop(name)
+        with self.processes.exclusive_lock(self.home.lock_path(name)):
+            shutil.rmtree(self.home.instance_dir(name), ignore_errors=True)
+            shutil.rmtree(self.home.log_dir(name), ignore_errors=True)
+            self.store.delete(name)
+            self.store.add_event(name, "removed", "config, logs and state removed", self.clock())
+
+
+def _wait_gone(members: list, timeout: float) -> tuple[list, list]:
+    import psutil
+
+    if not members:
+        return [], []
+    return psutil.wait_procs(members, timeout=timeout)
+
+
+def _kill_quietly(member) -> None:
+    import psutil
+
+    try:
+        member.kill()  # psutil checks the create time first: a reused PID is not signalled
+    except psutil.Error:
+        pass
