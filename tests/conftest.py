@@ -27,8 +27,13 @@ def _cli_command() -> list[str]:
 class Cli:
     home: Path
 
+    # Lifecycle tests watch one process without a supervisor restarting it behind their back; daemon tests say so.
+    daemon: bool = False
+
     def run(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
         env = subprocess_env({"LLAMA_ORCH_HOME": str(self.home), "COLUMNS": "200", "NO_COLOR": "1"})
+        if not self.daemon:
+            env["LLAMA_ORCH_NO_DAEMON"] = "1"
         result = subprocess.run(
             [*_cli_command(), *args], capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
         )

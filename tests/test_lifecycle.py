@@ -30,7 +30,10 @@ def start(cli: Cli, name: str) -> dict:
 
 
 def test_init_up_ps_down_with_the_fake(cli: Cli, tiny_model: Path, fake_binary: Path) -> None:
-    result = cli.run("init", "alpha", "--model", str(tiny_model), "--binary", str(fake_binary), check=True)
+    # An explicit free port: the automatic pick starts at 8001, which other programs on a CI machine may take.
+    result = cli.run(
+        "init", "alpha", "--model", str(tiny_model), "--binary", str(fake_binary), "--port", str(free_port()), check=True
+    )
     assert "created alpha on port" in result.stdout
     config = cli.json("describe", "alpha")["config"]
     port = config["server"]["port"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MIGRATIONS = {
     1: """
     CREATE TABLE instances (
@@ -45,6 +46,10 @@ _MIGRATIONS = {
     );
     CREATE INDEX events_instance ON events(instance, id);
     """,
+    # The supervisor's backoff counter, so a restarted daemon continues the sequence instead of starting over.
+    2: """
+    ALTER TABLE instances ADD COLUMN restart_attempts INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 
 
@@ -67,6 +72,7 @@ class InstanceRow:
     health_latency_ms: float | None = None
     health_error: str | None = None
     updated_at: float = 0.0
+    restart_attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class Store:
         # isolation_level=None: we issue BEGIN ourselves, so each transaction is exactly as long as we say.
         self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
+        # One connection, shared by the threads of one process (the daemon's workers): one statement or
+        # transaction at a time.
+        self._lock = threading.RLock()
         self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
@@ -98,16 +107,21 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: list | tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        version = self._query("PRAGMA user_version")[0][0]
         if version >= SCHEMA_VERSION:
             return
         with self.transaction() as db:
@@ -121,11 +135,11 @@ class Store:
     # -- instances ---------------------------------------------------------------------------------------------
 
     def get(self, name: str) -> InstanceRow | None:
-        row = self._db.execute("SELECT * FROM instances WHERE name = ?", (name,)).fetchone()
-        return _to_row(row) if row else None
+        rows = self._query("SELECT * FROM instances WHERE name = ?", (name,))
+        return _to_row(rows[0]) if rows else None
 
     def all(self) -> dict[str, InstanceRow]:
-        return {r["name"]: _to_row(r) for r in self._db.execute("SELECT * FROM instances ORDER BY name")}
+        return {r["name"]: _to_row(r) for r in self._query("SELECT * FROM instances ORDER BY name")}
 
     def put(self, row: InstanceRow, now: float | None = None) -> None:
         row.updated_at = time.time() if now is None else now
@@ -188,9 +202,9 @@ class Store:
         if instance is not None:
             where += " AND instance = ?"
             params.append(instance)
-        rows = self._db.execute(
+        rows = self._query(
             f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC LIMIT ?) ORDER BY id", [*params, limit]
-        ).fetchall()
+        )
         return [Event(r["id"], r["ts"], r["instance"], r["kind"], r["message"]) for r in rows]
 
 

@@ -26,6 +26,9 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Validate instance configs and print their JSON Schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+daemon_app = typer.Typer(help="The supervisor: health checks and restarts in the background.", no_args_is_help=True)
+app.add_typer(daemon_app, name="daemon")
+NO_DAEMON_ENV = "LLAMA_ORCH_NO_DAEMON"
 
 HomeOption = Annotated[
     Optional[Path],
@@ -151,8 +154,13 @@ def up(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Start in the background and return.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Return only when healthy (fails if it exits).")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits for healthy.")] = 120.0,
+    no_daemon: Annotated[bool, typer.Option("--no-daemon", envvar=NO_DAEMON_ENV,
+                                            help="With -d: don't start the daemon even if a restart policy needs it.")]
+    = False,
 ) -> None:
     """Start instances. Without -d the logs stream here and Ctrl-C stops them (as `docker compose up`).
+
+    With -d, the daemon is started too when an instance's restart policy needs supervision.
 
     Example: llama-orch up qwen -d --wait
     """
@@ -186,10 +194,23 @@ def up(
                 svc.wait_early_exit(name)
         except StartError as exc:
             failures.append(str(exc))
+    if detach and started and not no_daemon:
+        _ensure_daemon_for(svc, started)
     if failures:
         raise StartError("\n".join(failures))
     if not detach and chosen:
         _attach(svc, chosen)
+
+
+def _ensure_daemon_for(svc: InstanceService, names: list[str]) -> None:
+    from llama_orchestrator.services import daemon_control
+
+    if daemon_control.daemon_info(svc.home) is not None:
+        return
+    needing = [n for n in names if svc.load(n).restart.policy != "never"]
+    if needing:
+        info = daemon_control.start_daemon(svc.home)
+        say(f"daemon started (pid {info.pid}) to supervise {', '.join(needing)}")
 
 
 def _attach(svc: InstanceService, names: list[str]) -> None:
@@ -526,6 +547,151 @@ def config_schema() -> None:
     from llama_orchestrator.domain.config import InstanceConfig
 
     print_json(InstanceConfig.model_json_schema(by_alias=True))
+
+
+# -- daemon and events -----------------------------------------------------------------------------------------
+
+
+@daemon_app.command("start")
+def daemon_start() -> None:
+    """Start the daemon in the background (one per home; it adopts the instances that already run).
+
+    Example: llama-orch daemon start
+    """
+    from llama_orchestrator.services import daemon_control
+
+    home = service().home
+    running = daemon_control.daemon_info(home)
+    if running is not None:
+        say(f"daemon already running (pid {running.pid})")
+        return
+    info = daemon_control.start_daemon(home)
+    say(f"daemon started (pid {info.pid}); log: {daemon_control.log_path(home)}")
+
+
+@daemon_app.command("stop")
+def daemon_stop(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait before killing it.")] = 15.0,
+) -> None:
+    """Stop the daemon. Instances keep running (the next daemon adopts them); use `down --all` to stop those.
+
+    Example: llama-orch daemon stop
+    """
+    from llama_orchestrator.services import daemon_control
+
+    stopped = daemon_control.stop_daemon(service().home, timeout=timeout)
+    say("daemon stopped (instances left running)" if stopped else "no daemon was running")
+
+
+@daemon_app.command("status")
+def daemon_status(json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Is the daemon running? Exit 0 when it is, 1 when not.
+
+    Example: llama-orch daemon status
+    """
+    import time
+
+    from llama_orchestrator.cli import render
+    from llama_orchestrator.services import daemon_control
+
+    home = service().home
+    info = daemon_control.daemon_info(home)
+    record = {
+        "running": info is not None,
+        "pid": info.pid if info else None,
+        "uptime_s": time.time() - info.started_at if info else None,
+        "version": info.version if info else None,
+        "log": str(daemon_control.log_path(home)),
+    }
+    if json_:
+        render.print_json(record)
+    elif info:
+        say(f"daemon running (pid {info.pid}, up {render.duration(record['uptime_s'])}), log: {record['log']}")
+    else:
+        say("daemon not running (start it with `llama-orch daemon start`)")
+    if info is None:
+        raise typer.Exit(1)
+
+
+@daemon_app.command("run")
+def daemon_run() -> None:
+    """Run the daemon in the foreground (for systemd, launchd, Task Scheduler, or to watch it work).
+
+    Example: llama-orch daemon run
+    """
+    from llama_orchestrator.services.daemon import run_daemon
+
+    run_daemon(service().home)
+
+
+@app.command()
+def events(
+    name: Annotated[Optional[str], typer.Argument(help="Only this instance.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events (Ctrl-C to end).")] = False,
+    limit: Annotated[int, typer.Option("--tail", "-n", help="How many recent events.")] = 30,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """What happened: starts, exits, health changes, restarts, with time and instance.
+
+    Example: llama-orch events -f
+    """
+    import json
+    import time
+
+    from llama_orchestrator.cli import render
+
+    svc = service()
+    if name is not None:
+        svc.home.checked_name(name)
+
+    def show(batch) -> int:
+        last = 0
+        for event in batch:
+            if json_:
+                sys.stdout.write(json.dumps({"id": event.id, "time": event.ts, "instance": event.instance,
+                                             "kind": event.kind, "message": event.message}) + "\n")
+            else:
+                sys.stdout.write(f"{render.timestamp(event.ts)}  {event.instance:<16} {event.kind:<12} "
+                                 f"{event.message}\n")
+            last = event.id
+        sys.stdout.flush()
+        return last
+
+    last = show(svc.store.events(name, limit=limit))
+    try:
+        while follow:
+            time.sleep(0.5)  # polling SQLite: other processes write the events
+            last = show(svc.store.events(name, limit=1000, after_id=last)) or last
+    except KeyboardInterrupt:
+        pass
+
+
+# -- dashboard, daemon, system --------------------------------------------------------------------------------
+
+
+@app.command()
+def dashboard(
+    refresh: Annotated[float, typer.Option(help="Seconds between table refreshes.")] = 1.0,
+) -> None:
+    """Live terminal dashboard of every instance: status, health, CPU, memory, events, logs.
+
+    Example: llama-orch dashboard
+    """
+    from llama_orchestrator.tui.app import run_dashboard
+
+    run_dashboard(service(), refresh_s=refresh)
+
+
+def _register_system_commands() -> None:
+    # `service`, `bins`, `gpus` and `models` live in cli/system.py (installed-for-good concerns, SPEC §10).
+    try:
+        from llama_orchestrator.cli import system
+    except ImportError:  # pragma: no cover - during development of that module
+        return
+    system.register(app)
+
+
+_register_system_commands()
 
 
 # -- entry point -----------------------------------------------------------------------------------------------

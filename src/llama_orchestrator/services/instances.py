@@ -175,8 +175,11 @@ class InstanceService:
 
     # -- start -------------------------------------------------------------------------------------------------
 
-    def start(self, name: str) -> StartOutcome:
-        """Start ``name`` unless it already runs. Checks everything that can be checked before spawning."""
+    def start(self, name: str, *, by_person: bool = True) -> StartOutcome:
+        """Start ``name`` unless it already runs. Checks everything that can be checked before spawning.
+
+        A person's start (not the supervisor's restart) begins the backoff sequence again, as Docker does.
+        """
         config = self.load(name)
         with self.processes.exclusive_lock(self.home.lock_path(name)):
             row = self.refresh(name)
@@ -205,6 +208,8 @@ class InstanceService:
             row.pid, row.create_time = spawned.handle.pid, spawned.handle.create_time
             row.port, row.started_at, row.stopped_at, row.exit_code = config.server.port, now, None, None
             row.stopped_by_user, row.last_error, row.next_restart_at = False, None, None
+            if by_person:
+                row.restart_attempts = 0
             row.health_checked_at = row.health_latency_ms = row.health_error = None
             self.store.put(row, now)
             self.store.add_event(name, "started", f"pid {row.pid} on port {config.server.port}", now)

@@ -54,6 +54,13 @@ class ProcessControl(Protocol):
     def exclusive_lock(self, path: Path) -> AbstractContextManager[None]:
         """An inter-process lock held for the ``with`` block (blocks until acquired)."""
 
+    def try_lock(self, path: Path) -> HeldLock | None:
+        """Take the inter-process lock now, or return None if another process holds it (the daemon's lock)."""
+
+
+class HeldLock(Protocol):
+    def release(self) -> None: ...
+
 
 def is_alive(handle: ProcessHandle) -> bool:
     """True when the PID runs *and* is the process we started (same create time); zombies count as dead."""

@@ -56,6 +56,9 @@ class WinApi(Protocol):
     def unlock_byte(self, fd: int) -> None:
         """Unlock byte 0 of ``fd``."""
 
+    def try_lock_byte(self, fd: int) -> bool:
+        """Lock byte 0 of ``fd`` without waiting; False when another process holds it."""
+
     def taskkill(self, pid: int) -> None:
         """``taskkill /T /F /PID pid``: the last resort when psutil could not kill. Never raises."""
 
@@ -87,6 +90,18 @@ class RealWinApi:
 
         os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+
+    def try_lock_byte(self, fd: int) -> bool:
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError as exc:
+            if exc.errno in _LOCK_BUSY_ERRNOS:
+                return False
+            raise
+        return True
 
     def taskkill(self, pid: int) -> None:
         # An argv list, never a shell; /T takes the tree the system still knows, /F forces it.
@@ -206,6 +221,14 @@ class WindowsProcesses:
         finally:
             os.close(fd)
 
+    def try_lock(self, path: Path) -> _ByteLock | None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOINHERIT", 0), 0o600)
+        if not self._api.try_lock_byte(fd):
+            os.close(fd)
+            return None
+        return _ByteLock(self._api, fd)
+
     def _lock(self, fd: int) -> None:
         # LK_LOCK gives up after ~10 s, but this lock blocks until acquired (as flock does on POSIX): try again.
         while True:
@@ -215,6 +238,18 @@ class WindowsProcesses:
             except OSError as exc:
                 if exc.errno not in _LOCK_BUSY_ERRNOS:
                     raise
+
+
+class _ByteLock:
+    def __init__(self, api: WinApi, fd: int) -> None:
+        self._api, self._fd = api, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self._api.unlock_byte(self._fd)
+            os.close(self._fd)
+            self._fd = None
 
 
 def _still_running(proc: psutil.Process) -> bool:

@@ -1,0 +1,162 @@
+"""Benchmark: how fast `llama-orch --help` and `llama-orch ps` answer on a home with many instances.
+
+Speed is measured here, not asserted in tests. Every timing is a fresh subprocess (what a user pays), and each is
+reported as a ratio against a bare `python -c pass` of the same interpreter measured in the same process, so the
+numbers compare across machines.
+
+    .venv/bin/python bench/cli_startup.py [--runs 15] [--instances 20] [--running 5] [--json] [--importtime]
+
+It builds a throwaway home with --instances instances (made with the real `llama-orch init`) of which --running are
+started with the fake llama-server, times each command --runs times, and stops everything at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PY = sys.executable
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def cli_command() -> list[str]:
+    # The console script installed beside this Python is what users run; the module is the fallback.
+    script = Path(PY).parent / ("llama-orch.exe" if os.name == "nt" else "llama-orch")
+    return [str(script)] if script.exists() else [PY, "-m", "llama_orchestrator"]
+
+
+def child_env() -> dict[str, str]:
+    # NO_COLOR and a fixed width keep rich's output (and so its cost) the same from run to run.
+    return {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env or child_env(), timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def fake_binary(folder: Path) -> Path:
+    """An executable named like llama-server that execs the fake, so the recorded PID is the server's."""
+    script = folder / "llama-server"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{PY}" -m llama_orchestrator.testing.fake_server "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def build_home(root: Path, instances: int, running: int) -> Path:
+    from llama_orchestrator.testing.tiny_gguf import write_tiny_model
+
+    home = root / "home"
+    home.mkdir()
+    model = write_tiny_model(root / "tiny.gguf")
+    binary = fake_binary(root)
+    orch = [*cli_command(), "--home", str(home)]
+    names = [f"inst-{i:02d}" for i in range(1, instances + 1)]
+    for name in names:  # the real CLI, so the configs are exactly what users get (ports picked from 8001)
+        run([*orch, "init", name, "--model", str(model), "--context-size", "512", "--binary", str(binary)])
+    if running:
+        run([*orch, "up", *names[:running], "-d", "--wait", "--timeout", "60"])
+    return home
+
+
+def time_command(cmd: list[str], runs: int) -> list[float]:
+    env = child_env()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                       env=env, check=True)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def summarize(samples: list[float], baseline_median: float) -> dict[str, float]:
+    median = statistics.median(samples)
+    # quantiles(n=10)[-1] is the 90th percentile; "inclusive" keeps it within the observed range for small N.
+    p90 = statistics.quantiles(samples, n=10, method="inclusive")[-1] if len(samples) > 1 else samples[0]
+    return {"median_s": median, "p90_s": p90, "min_s": min(samples), "max_s": max(samples),
+            "ratio": median / baseline_median}
+
+
+def import_times(cmd: list[str], top: int = 10) -> list[tuple[int, int, str]]:
+    """(cumulative us, self us, module) of the slowest imports, from PYTHONPROFILEIMPORTTIME (= -X importtime)."""
+    result = run(cmd, env={**child_env(), "PYTHONPROFILEIMPORTTIME": "1"})
+    rows = []
+    for line in result.stderr.splitlines():
+        if not line.startswith("import time:") or "[us]" in line:
+            continue
+        self_us, cumulative_us, module = line.removeprefix("import time:").split("|")
+        rows.append((int(cumulative_us), int(self_us), module.rstrip()))
+    return sorted(rows, reverse=True)[:top]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per command (default 15)")
+    parser.add_argument("--instances", type=int, default=20, help="instances in the home (default 20)")
+    parser.add_argument("--running", type=int, default=5, help="of which started with the fake server (default 5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--importtime", action="store_true", help="also show the 10 slowest imports of `ps`")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="llama-orch-bench-") as tmp:
+        orch = [*cli_command(), "--home", str(Path(tmp) / "home")]
+        try:
+            home = build_home(Path(tmp), args.instances, min(args.running, args.instances))
+            commands = {
+                "python -c pass (baseline)": [PY, "-c", "pass"],
+                "llama-orch --help": [*orch, "--help"],
+                "llama-orch ps": [*orch, "ps"],
+                "llama-orch ps --json": [*orch, "ps", "--json"],
+                "import llama_orchestrator.cli.app": [PY, "-c", "import llama_orchestrator.cli.app"],
+            }
+            for cmd in commands.values():  # warm-up: .pyc files and the OS file cache, not measured
+                time_command(cmd, 1)
+            samples: dict[str, list[float]] = {label: [] for label in commands}
+            for _ in range(args.runs):  # round-robin, so a burst of machine noise hits every command alike
+                for label, cmd in commands.items():
+                    samples[label] += time_command(cmd, 1)
+            slowest = import_times([*orch, "ps"]) if args.importtime else []
+        finally:
+            if (Path(tmp) / "home" / "instances").exists():
+                subprocess.run([*orch, "down", "--all"], capture_output=True, env=child_env(), timeout=120)
+
+    baseline = statistics.median(samples["python -c pass (baseline)"])
+    results = {label: summarize(s, baseline) for label, s in samples.items()}
+    meta = {"runs": args.runs, "instances": args.instances, "running": min(args.running, args.instances),
+            "python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": sys.platform}
+    if args.json:
+        doc = {**meta, "results": results}
+        if args.importtime:
+            doc["ps_slowest_imports"] = [{"module": m.strip(), "cumulative_us": c, "self_us": s} for c, s, m in slowest]
+        print(json.dumps(doc, indent=2))
+        return 0
+
+    print(f"{args.instances} instances ({meta['running']} running), {args.runs} runs each, "
+          f"Python {meta['python']}, {meta['cpus']} CPUs")
+    print(f"{'command':<36} {'median':>8} {'p90':>8} {'min':>8} {'max':>8} {'x baseline':>11}")
+    for label, r in results.items():
+        print(f"{label:<36} {r['median_s'] * 1000:>6.0f}ms {r['p90_s'] * 1000:>6.0f}ms {r['min_s'] * 1000:>6.0f}ms "
+              f"{r['max_s'] * 1000:>6.0f}ms {r['ratio']:>10.1f}x")
+    if args.importtime:
+        print("\nslowest imports of `llama-orch ps` (cumulative, includes children):")
+        for cumulative, self_us, module in slowest:
+            print(f"{cumulative / 1000:>8.1f}ms  (self {self_us / 1000:>5.1f}ms) {module}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

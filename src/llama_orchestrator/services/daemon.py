@@ -1,0 +1,160 @@
+"""`llama-orch daemon run`: the supervisor in a loop, one per home.
+
+It holds ``state/daemon.lock`` for its whole life (a second daemon refuses to start), writes ``state/daemon.pid``,
+logs to ``state/daemon.log`` (rotated), adopts the instances that already run, starts the `autostart` ones, and
+ticks the supervisor until SIGTERM/SIGINT. On the way out it leaves every instance running: the next daemon
+adopts them, so a daemon crash or upgrade loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from llama_orchestrator import __version__
+from llama_orchestrator.adapters import process as proc
+from llama_orchestrator.adapters.config_files import load_config
+from llama_orchestrator.adapters.health_probe import probe_sync
+from llama_orchestrator.adapters.home import Home
+from llama_orchestrator.adapters.logfiles import rotate_if_needed
+from llama_orchestrator.adapters.store import InstanceRow
+from llama_orchestrator.domain.config import InstanceConfig
+from llama_orchestrator.domain.errors import OrchestratorError
+from llama_orchestrator.domain.health import ProbeOutcome
+from llama_orchestrator.services import daemon_control
+from llama_orchestrator.services.health import base_url
+from llama_orchestrator.services.instances import InstanceService
+from llama_orchestrator.services.supervisor import Supervisor
+
+log = logging.getLogger("llama_orchestrator.daemon")
+TICK_S = 0.5  # a process that exits is noticed within a second (SPEC §6)
+
+
+class DaemonAlreadyRunning(OrchestratorError):
+    pass
+
+
+class ServiceOps:
+    """``InstanceOps`` over the real InstanceService, with configs cached until their file changes."""
+
+    def __init__(self, service: InstanceService, client: httpx.Client) -> None:
+        self.service = service
+        self.client = client
+        self._configs: dict[str, tuple[tuple[int, int], InstanceConfig]] = {}
+        self._names: tuple[float, list[str]] = (-1.0, [])
+
+    def names(self) -> list[str]:
+        # The folder listing changes rarely; look at most once a second.
+        checked_at, names = self._names
+        if time.monotonic() - checked_at > 1.0:
+            self._names = (time.monotonic(), self.service.names())
+        return self._names[1]
+
+    def load(self, name: str) -> InstanceConfig:
+        path = self.service.home.config_path(name)
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._configs.get(name)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        config = load_config(path, expected_name=name)
+        self._configs[name] = (stamp, config)
+        return config
+
+    def refresh(self, name: str) -> InstanceRow:
+        return self.service.refresh(name)
+
+    def start(self, name: str) -> InstanceRow:
+        return self.service.start(name, by_person=False).row
+
+    def stop(self, name: str, timeout: float) -> InstanceRow:
+        return self.service.stop(name, timeout, by_user=False)
+
+    def probe(self, config: InstanceConfig) -> ProbeOutcome:
+        return probe_sync(self.client, base_url(config), config.healthcheck.path, config.healthcheck.timeout)
+
+    def update(self, name: str, only_if: dict[str, object] | None = None, **changes: object) -> bool:
+        return self.service.store.update(name, only_if=only_if, **changes)
+
+    def event(self, name: str, kind: str, message: str, ts: float) -> None:
+        log.info("%s %s: %s", name, kind, message)
+        self.service.store.add_event(name, kind, message, ts)
+
+    def rotate_logs(self, name: str, config: InstanceConfig) -> None:
+        limit = int(config.logs.max_size_mb * 1024 * 1024)
+        for stream in ("stdout", "stderr"):
+            if rotate_if_needed(self.service.home.log_path(name, stream), limit, config.logs.rotation):
+                log.info("%s: rotated %s.log", name, stream)
+
+
+def _setup_logging(home: Home) -> None:
+    handler = logging.handlers.RotatingFileHandler(
+        daemon_control.log_path(home), maxBytes=10 * 1024 * 1024, backupCount=3, encoding="utf-8"
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("llama_orchestrator")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def run_daemon(
+    home: Home,
+    *,
+    stop: threading.Event | None = None,
+    tick_s: float = TICK_S,
+    clock: Callable[[], float] = time.time,
+    install_signal_handlers: bool = True,
+) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT). Raises DaemonAlreadyRunning when another holds the lock."""
+    processes = proc.current()
+    home.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = processes.try_lock(daemon_control.lock_path(home))
+    if lock is None:
+        running = daemon_control.daemon_info(home)
+        where = f" (pid {running.pid})" if running else ""
+        raise DaemonAlreadyRunning(f"a daemon already runs for {home.root}{where}")
+    stop = stop or threading.Event()
+    try:
+        _setup_logging(home)
+        me = proc.handle_of(os.getpid())
+        daemon_control.write_pid_file(
+            home, daemon_control.DaemonInfo(me.pid, me.create_time, clock(), __version__)
+        )
+        if install_signal_handlers:
+            for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGBREAK", None)):
+                if signum is not None:
+                    signal.signal(signum, lambda *_: stop.set())
+        service = InstanceService(home, processes=processes, clock=clock)
+        # No keep-alive for probes: a connection held open to a server that then dies leaves its port in FIN-WAIT-2
+        # until we close our end, and the restarted server could not bind it.
+        probe_client = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+        with probe_client as client, ThreadPoolExecutor(max_workers=8, thread_name_prefix="orch") as pool:
+            supervisor = Supervisor(ServiceOps(service, client), lambda work: pool.submit(_logged, work))
+            service.store.add_event("-", "daemon", f"daemon started (pid {me.pid})", clock())
+            log.info("daemon started, pid %s, home %s", me.pid, home.root)
+            supervisor.boot(clock())
+            while not stop.wait(tick_s):
+                try:
+                    supervisor.tick(clock())
+                except Exception:  # noqa: BLE001 - one bad tick must not end supervision
+                    log.exception("supervisor tick failed")
+            service.store.add_event("-", "daemon", "daemon stopped; instances left running", clock())
+            log.info("daemon stopping; instances are left running")
+    finally:
+        daemon_control.pid_path(home).unlink(missing_ok=True)
+        lock.release()
+
+
+def _logged(work: Callable[[], object]) -> None:
+    try:
+        work()
+    except Exception:  # noqa: BLE001 - a worker's failure is logged; the loop carries on
+        log.exception("worker failed")

@@ -1,0 +1,285 @@
+"""The supervisor: one loop that watches every instance, probes its health and applies its restart policy.
+
+Shaped like honcho's manager: the loop thread owns all decisions. Slow work (a start, a stop, an HTTP probe) runs
+on worker threads, which post their results to one queue; each ``tick(now)`` first drains that queue, then steps
+every instance. Time is an argument and the operations sit behind ``InstanceOps``, so tests replay whole histories
+(crash loops, hangs, slow loads) with a fake clock and fake operations, instantly.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from llama_orchestrator.adapters.store import InstanceRow
+from llama_orchestrator.domain.config import InstanceConfig
+from llama_orchestrator.domain.errors import OrchestratorError
+from llama_orchestrator.domain.health import HealthTracker, ProbeOutcome
+from llama_orchestrator.domain.restart import ExitReason, RestartTracker, resume_on_daemon_start, should_restart
+from llama_orchestrator.domain.states import ACTIVE, Health, Status
+
+log = logging.getLogger("llama_orchestrator.supervisor")
+
+ProcessKey = tuple[int | None, float | None]  # (pid, create_time): which process a tracker belongs to
+
+
+class InstanceOps(Protocol):
+    """What the supervisor does to instances. The real one is ``ServiceOps``; tests pass a scripted fake."""
+
+    def names(self) -> list[str]: ...
+    def load(self, name: str) -> InstanceConfig: ...
+    def refresh(self, name: str) -> InstanceRow: ...
+    def start(self, name: str) -> InstanceRow: ...
+    def stop(self, name: str, timeout: float) -> InstanceRow: ...
+    def probe(self, config: InstanceConfig) -> ProbeOutcome: ...
+    def update(self, name: str, only_if: dict[str, object] | None = None, **changes: object) -> bool: ...
+    def event(self, name: str, kind: str, message: str, ts: float) -> None: ...
+    def rotate_logs(self, name: str, config: InstanceConfig) -> None: ...
+
+
+@dataclass
+class Watch:
+    """The supervisor's memory of one instance."""
+
+    key: ProcessKey = (None, None)
+    health: HealthTracker | None = None
+    restart: RestartTracker = field(default_factory=RestartTracker)
+    next_probe_at: float = 0.0
+    probing: bool = False
+    busy: bool = False  # a start or stop is in flight: no decision until it reports back
+    handled_exit: ProcessKey | None = None  # the exit already decided on (stay_down), so it is decided once
+    started_by_us: ProcessKey | None = None
+
+
+Dispatch = Callable[[Callable[[], object]], None]
+
+
+class Supervisor:
+    def __init__(self, ops: InstanceOps, dispatch: Dispatch, *, stop_timeout: float = 10.0) -> None:
+        self.ops = ops
+        self._dispatch = dispatch
+        self.stop_timeout = stop_timeout
+        self.watches: dict[str, Watch] = {}
+        self.inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+
+    # -- entry points ------------------------------------------------------------------------------------------
+
+    def boot(self, now: float) -> None:
+        """Adopt what runs, then start what should run: `autostart` instances, and per policy (Docker's rules)."""
+        for name in self.ops.names():
+            config = self._config(name)
+            if config is None:
+                continue
+            row = self.ops.refresh(name)
+            watch = self.watches.setdefault(name, Watch(restart=RestartTracker(attempts=row.restart_attempts)))
+            if row.status in ACTIVE:
+                self._adopt(name, watch, row, now, by_person=False)
+                self.ops.event(name, "adopted", f"supervising pid {row.pid}", now)
+            elif row.status in (Status.stopped, Status.exited) and (
+                config.autostart or resume_on_daemon_start(config.restart.policy, row.stopped_by_user)
+            ):
+                why = "autostart" if config.autostart else f"restart policy {config.restart.policy}"
+                self.ops.event(name, "autostart", f"starting at daemon start ({why})", now)
+                watch.handled_exit = (row.pid, row.create_time)
+                self._start(name, watch, attempt=None)
+
+    def tick(self, now: float) -> None:
+        self.drain(now)
+        names = self.ops.names()
+        for gone in set(self.watches) - set(names):
+            del self.watches[gone]
+        for name in names:
+            try:
+                self._step(name, now)
+            except OrchestratorError as exc:
+                log.warning("%s: %s", name, exc)
+
+    def drain(self, now: float) -> None:
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind, name, *rest = message
+            handler = getattr(self, f"_on_{kind}")
+            handler(name, now, *rest)
+
+    # -- one instance, one step --------------------------------------------------------------------------------
+
+    def _step(self, name: str, now: float) -> None:
+        watch = self.watches.setdefault(name, Watch())
+        if watch.busy:
+            return
+        config = self._config(name)
+        if config is None:
+            return
+        row = self.ops.refresh(name)
+        key: ProcessKey = (row.pid, row.create_time)
+        if row.status in (Status.starting, Status.running):
+            if watch.key != key:
+                self._adopt(name, watch, row, now, by_person=watch.started_by_us != key)
+            watch.restart = self._tick_restart(name, watch.restart, config, now)
+            if not watch.probing and now >= watch.next_probe_at:
+                watch.probing = True
+                self._dispatch(lambda: self.inbox.put(("probed", name, key, self.ops.probe(config))))
+            self.ops.rotate_logs(name, config)
+        elif row.status == Status.exited and watch.handled_exit != key:
+            self._decide_after_exit(name, watch, config, row, _exit_reason(row.exit_code), now)
+        elif row.status == Status.backoff and row.next_restart_at is not None and now >= row.next_restart_at:
+            self._start(name, watch, attempt=watch.restart.attempts)
+
+    def _adopt(self, name: str, watch: Watch, row: InstanceRow, now: float, *, by_person: bool) -> None:
+        """A process we have not seen: ours from a restart, a person's `up`, or one running before we started."""
+        key: ProcessKey = (row.pid, row.create_time)
+        if by_person and watch.restart.attempts:
+            watch.restart = RestartTracker()  # a person started it: the count begins again, as in Docker
+            self.ops.update(name, restart_attempts=0)
+        watch.key = key
+        watch.health = HealthTracker(started_at=row.started_at or now)
+        watch.next_probe_at = now
+        watch.probing = False
+
+    def _tick_restart(self, name: str, tracker: RestartTracker, config: InstanceConfig, now: float) -> RestartTracker:
+        after = tracker.on_tick(config.restart, now)
+        if after.attempts != tracker.attempts:
+            self.ops.update(name, restart_attempts=after.attempts)
+            self.ops.event(name, "reset", f"restart count reset after {config.restart.reset_after_seconds:g} s healthy", now)
+        return after
+
+    # -- health --------------------------------------------------------------------------------------------------
+
+    def _on_probed(self, name: str, now: float, key: ProcessKey, outcome: ProbeOutcome) -> None:
+        watch = self.watches.get(name)
+        config = self._config(name)
+        if watch is None or config is None:
+            return
+        watch.probing = False
+        if watch.key != key or watch.health is None or watch.busy:
+            return  # a probe of a process that is gone or being replaced
+        before = watch.health.health
+        watch.health = tracker = watch.health.observe(config.healthcheck, outcome, now)
+        watch.next_probe_at = now + config.healthcheck.interval
+        changes = {
+            "health": tracker.health,
+            "health_checked_at": now,
+            "health_latency_ms": outcome.latency_ms,
+            "health_error": None if tracker.health == Health.healthy else outcome.describe(),
+        }
+        pid = key[0]
+        if tracker.health == Health.healthy:
+            watch.restart = watch.restart.on_healthy(now)
+            if self.ops.update(name, only_if={"pid": pid, "status": Status.starting}, status=Status.running, **changes):
+                self.ops.event(name, "healthy", f"answering after {now - tracker.started_at:.1f} s", now)
+                return
+        else:
+            watch.restart = watch.restart.on_unhealthy()
+        self.ops.update(name, only_if={"pid": pid}, **changes)
+        if tracker.health != before and before not in (Health.unknown, Health.loading):
+            detail = "recovered" if tracker.health == Health.healthy else outcome.describe()
+            self.ops.event(name, "health", f"{before} -> {tracker.health}: {detail}", now)
+        if tracker.needs_restart:
+            if should_restart(config.restart.policy, ExitReason.unhealthy, stopped_by_user=False):
+                self.ops.event(
+                    name, "unhealthy", f"{tracker.consecutive_failures} failed health checks ({outcome.describe()}): restarting", now
+                )
+                self._stop_unhealthy(name, watch)
+            elif before != Health.unhealthy:
+                self.ops.event(name, "unhealthy", f"{outcome.describe()}; restart policy never: left running", now)
+
+    def _stop_unhealthy(self, name: str, watch: Watch) -> None:
+        watch.busy = True
+
+        def work() -> None:
+            try:
+                row = self.ops.stop(name, self.stop_timeout)
+                self.inbox.put(("stopped_unhealthy", name, row))
+            except Exception as exc:  # noqa: BLE001 - reported through the loop, which decides
+                self.inbox.put(("op_failed", name, f"stop failed: {exc}"))
+
+        self._dispatch(work)
+
+    def _on_stopped_unhealthy(self, name: str, now: float, row: InstanceRow) -> None:
+        watch = self.watches.get(name)
+        config = self._config(name)
+        if watch is None or config is None:
+            return
+        watch.busy = False
+        self._decide_after_exit(name, watch, config, row, ExitReason.unhealthy, now)
+
+    # -- exits and restarts --------------------------------------------------------------------------------------
+
+    def _decide_after_exit(
+        self, name: str, watch: Watch, config: InstanceConfig, row: InstanceRow, reason: ExitReason, now: float
+    ) -> None:
+        watch.handled_exit = (row.pid, row.create_time)
+        watch.key, watch.health = (None, None), None
+        decision = watch.restart.on_exit(config.restart, reason, row.stopped_by_user, now)
+        watch.restart = decision.tracker
+        if decision.action == "restart":
+            self.ops.update(
+                name, status=Status.backoff, next_restart_at=decision.restart_at, restart_attempts=decision.attempt
+            )
+            self.ops.event(
+                name,
+                "backoff",
+                f"{reason}: restart {decision.attempt} of {config.restart.max_retries} in {decision.delay:g} s",
+                now,
+            )
+        elif decision.action == "give_up":
+            self.ops.update(name, status=Status.failed, next_restart_at=None,
+                            last_error=f"gave up after {decision.attempt} restarts")
+            self.ops.event(name, "failed", f"{reason}: gave up after {decision.attempt} restarts", now)
+        elif decision.status == Status.stopped or reason == ExitReason.unhealthy:
+            self.ops.update(name, status=decision.status)
+
+    def _start(self, name: str, watch: Watch, attempt: int | None) -> None:
+        watch.busy = True
+
+        def work() -> None:
+            try:
+                row = self.ops.start(name)
+                self.inbox.put(("started", name, row, attempt))
+            except Exception as exc:  # noqa: BLE001 - a failed start is a failure like a crash: policy decides
+                self.inbox.put(("start_failed", name, str(exc), attempt))
+
+        self._dispatch(work)
+
+    def _on_started(self, name: str, now: float, row: InstanceRow, attempt: int | None) -> None:
+        watch = self.watches.setdefault(name, Watch())
+        watch.busy = False
+        watch.started_by_us = (row.pid, row.create_time)
+        if attempt is not None:
+            self.ops.update(name, restarts=row.restarts + 1, restart_attempts=attempt)
+            self.ops.event(name, "restarted", f"pid {row.pid} (restart {attempt})", now)
+
+    def _on_start_failed(self, name: str, now: float, message: str, attempt: int | None) -> None:
+        watch = self.watches.setdefault(name, Watch())
+        watch.busy = False
+        config = self._config(name)
+        if config is None:
+            return
+        self.ops.event(name, "start-failed", message, now)
+        row = self.ops.refresh(name)
+        self._decide_after_exit(name, watch, config, row, ExitReason.crashed, now)
+
+    def _on_op_failed(self, name: str, now: float, message: str) -> None:
+        watch = self.watches.setdefault(name, Watch())
+        watch.busy = False
+        self.ops.event(name, "error", message, now)
+
+    # -- configs ---------------------------------------------------------------------------------------------------
+
+    def _config(self, name: str) -> InstanceConfig | None:
+        try:
+            return self.ops.load(name)
+        except OrchestratorError as exc:
+            log.warning("%s: config does not load, not supervised: %s", name, exc)
+            return None
+
+
+def _exit_reason(exit_code: int | None) -> ExitReason:
+    # Unknown exit code (not our child, or killed): counts as a crash.
+    return ExitReason.clean if exit_code == 0 else ExitReason.crashed
