@@ -111,3 +111,16 @@ def write_new_config(path: Path, config: InstanceConfig) -> None:
     finally:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
+
+
+def load_settings(path: Path):
+    """``orchestrator.json``: the defaults when the file does not exist; ConfigError naming the field otherwise."""
+    from llama_orchestrator.domain.settings import Settings
+
+    if not path.exists():
+        return Settings()
+    document = read_document(path)
+    try:
+        return Settings.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(str(path), problems_from(exc, document)) from None

@@ -77,6 +77,12 @@ class LogsSection(_Strict):
     rotation: int = Field(5, ge=1, le=100, description="rotated files kept (.1 ... .N)")
 
 
+class ConcurrencySection(_Strict):
+    limit: int | None = Field(None, ge=1, le=1024, description="requests at once through the router (default: server.parallel)")
+    queue: int = Field(32, ge=0, le=100_000, description="requests that wait for a slot before the router answers 429")
+    queue_timeout: float = Field(60, gt=0, le=3600, description="seconds a queued request waits before a 429")
+
+
 class InstanceConfig(_Strict):
     """The canonical instance config. ``from_document`` accepts the seed dialects too."""
 
@@ -92,6 +98,12 @@ class InstanceConfig(_Strict):
     healthcheck: HealthcheckSection = Field(default_factory=HealthcheckSection)
     restart: RestartSection = Field(default_factory=RestartSection)
     logs: LogsSection = Field(default_factory=LogsSection)
+    # The router (SPEC §9): other names clients may ask for (instances sharing one are replicas), idle unload,
+    # and never-evict.
+    aliases: list[str] = Field(default_factory=list, description="other model names the router maps to this instance")
+    ttl: float | None = Field(None, gt=0, description="seconds without requests before the router stops it")
+    pinned: bool = Field(False, description="never stopped to make room for another model")
+    concurrency: ConcurrencySection = Field(default_factory=ConcurrencySection)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
@@ -102,6 +114,18 @@ class InstanceConfig(_Strict):
             if not key or "=" in key or "\0" in key:
                 raise ValueError(f"{key!r} is not a valid environment variable name")
         return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_text(cls, value: list[str]) -> list[str]:
+        for alias in value:
+            if not alias.strip() or len(alias) > 256:
+                raise ValueError(f"alias {alias!r} must be 1-256 characters")
+        return value
+
+    @property
+    def concurrency_limit(self) -> int:
+        return self.concurrency.limit or self.server.parallel
 
     @model_validator(mode="after")
     def _reserved_args(self) -> InstanceConfig:
