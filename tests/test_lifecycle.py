@@ -206,3 +206,17 @@ def test_unknown_instance_exits_3(cli: Cli) -> None:
         result = cli.run(*command)
         assert result.returncode == 3, (command, result.stderr)
         assert "no instance named 'nobody'" in result.stderr
+
+
+def test_init_profile_fills_machine_defaults_under_explicit_options(cli: Cli, tiny_model: Path) -> None:
+    import psutil as ps
+
+    cli.run("init", "cpu-one", "--model", str(tiny_model), "--profile", "cpu", check=True)
+    config = cli.json("describe", "cpu-one")["config"]
+    assert config["model"]["threads"] == (ps.cpu_count(logical=False) or os.cpu_count())
+    assert config["gpu"] == {"backend": "cpu", "layers": 0}
+    cli.run("init", "gpu-one", "--model", str(tiny_model), "--profile", "cuda", "--gpu-layers", "12", check=True)
+    gpu = cli.json("describe", "gpu-one")["config"]["gpu"]
+    assert gpu["backend"] == "cuda" and gpu["layers"] == 12, "the user's --gpu-layers wins over the profile's -1"
+    refused = cli.run("init", "bad", "--model", str(tiny_model), "--profile", "quantum")
+    assert refused.returncode == 2 and "unknown profile" in refused.stderr

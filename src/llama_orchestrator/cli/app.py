@@ -1,5 +1,11 @@
 """`llama-orch`: the command line. Commands parse, call a service, render; nothing else.
 
+Instance commands (up, down, restart, ps, logs, health, describe, events) call the instances port
+(``services.instances_port``), chosen once per run by ``instances()``: with ``--host URL`` the API of that node's
+daemon; else, when this home's daemon runs and serves its API (``api_url`` in its PID file), that API, so the CLI,
+the dashboard and remote use share one path; else the home itself (``LocalInstances``). Commands that edit files
+(init, rm, config) always act on the home and refuse ``--host``.
+
 Imports of anything heavier than typer happen inside the commands, so `--help` and `ps` start fast.
 Exit codes (one place: ``main``): 0 ok, 1 failed, 2 usage or invalid config, 3 not found.
 """
@@ -14,11 +20,14 @@ import typer
 
 if TYPE_CHECKING:
     from llama_orchestrator.services.instances import InstanceService
+    from llama_orchestrator.services.instances_port import InstancesPort
 
 app = typer.Typer(
     name="llama-orch",
     help="Docker-like control plane for llama.cpp llama-server instances.\n\n"
-    "Example: llama-orch init qwen --model ./qwen.gguf && llama-orch up qwen -d --wait && llama-orch ps",
+    "Example: llama-orch init qwen --model ./qwen.gguf && llama-orch up qwen -d --wait && llama-orch ps\n\n"
+    "Commands go through the daemon's HTTP API when the home's daemon runs (or to another node's with --host), "
+    "else they act on the home directly.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -35,12 +44,24 @@ HomeOption = Annotated[
     typer.Option("--home", envvar="LLAMA_ORCH_HOME", help="Home folder (default: $LLAMA_ORCH_HOME, else the "
                  "platform's user data folder).", show_default=False),
 ]
+HostOption = Annotated[
+    Optional[str],
+    typer.Option("--host", envvar="LLAMA_ORCH_HOST", help="Another node's daemon API, e.g. http://gpu-box:8000 "
+                 "(default: this home's daemon when it runs, else the home itself).", show_default=False),
+]
+ApiKeyOption = Annotated[
+    Optional[str],
+    typer.Option("--api-key", envvar="LLAMA_ORCH_API_KEY", help="Bearer key for the daemon's control API "
+                 "(default for this home's daemon: the first control key in orchestrator.json).", show_default=False),
+]
 _state: dict[str, object] = {}
 
 
 @app.callback()
-def _root(home: HomeOption = None) -> None:
+def _root(home: HomeOption = None, host: HostOption = None, api_key: ApiKeyOption = None) -> None:
     _state["home"] = home
+    _state["host"] = host or None
+    _state["api_key"] = api_key or None
 
 
 def service() -> InstanceService:
@@ -50,6 +71,63 @@ def service() -> InstanceService:
     if "service" not in _state:
         _state["service"] = InstanceService(Home.resolve(_state.get("home")))  # type: ignore[arg-type]
     return _state["service"]  # type: ignore[return-value]
+
+
+def instances() -> InstancesPort:
+    """Where commands act: ``--host``'s daemon; else this home's daemon when it serves its API; else the home."""
+    if "port" not in _state:
+        _state["port"] = _choose_port()
+    return _state["port"]  # type: ignore[return-value]
+
+
+def _choose_port() -> InstancesPort:
+    host, key = _state.get("host"), _state.get("api_key")
+    if host:
+        from llama_orchestrator.adapters.api_client import RemoteInstances
+
+        return RemoteInstances.connect(str(host), key)  # type: ignore[arg-type]
+    from llama_orchestrator.services import daemon_control
+    from llama_orchestrator.services.instances_port import LocalInstances
+
+    svc = service()
+    running = daemon_control.daemon_info(svc.home)
+    if running is not None and running.api_url:
+        from llama_orchestrator.adapters.api_client import ApiUnreachable, RemoteInstances
+
+        remote = RemoteInstances.connect(running.api_url, key or _local_control_key(svc))  # type: ignore[arg-type]
+        try:
+            remote.ping()
+            return remote
+        except ApiUnreachable as exc:
+            warn(f"the daemon (pid {running.pid}) does not answer on its API ({exc}); acting on the home directly")
+    return LocalInstances(svc)
+
+
+def _local_control_key(svc: InstanceService) -> str | None:
+    """This home's daemon: the CLI runs on the same machine and may read its keys."""
+    from llama_orchestrator.adapters.config_files import load_settings
+    from llama_orchestrator.domain.errors import ConfigError
+
+    try:
+        keys = load_settings(svc.home.settings_path).api.effective_control_keys
+    except ConfigError:
+        return None
+    return keys[0] if keys else None
+
+
+def local_only(command: str) -> None:
+    """Commands that edit files in the home run where the home is, never against another node."""
+    from llama_orchestrator.domain.errors import UsageError
+
+    if _state.get("host"):
+        raise UsageError(f"`{command}` edits files in the home of this machine and cannot act on --host "
+                         f"{_state['host']}: run it on that node")
+
+
+def checked_name(name: str) -> str:
+    from llama_orchestrator.adapters.home import Home
+
+    return Home(Path(".")).checked_name(name)  # the rule alone: no folder is touched
 
 
 def say(message: str) -> None:
@@ -67,28 +145,15 @@ def warn(message: str) -> None:
 def resolve_names(names: list[str], all_: bool, *, autostart_only: bool = False) -> list[str]:
     from llama_orchestrator.domain.errors import UsageError
 
-    svc = service()
     if all_:
         if names:
             raise UsageError("give instance names or --all, not both")
-        chosen = svc.names()
-        if autostart_only:
-            chosen = [n for n in chosen if _autostart(svc, n)]
-        return chosen
+        return instances().names(autostart_only=autostart_only)
     if not names:
         raise UsageError("name at least one instance, or use --all")
     for name in names:
-        svc.home.checked_name(name)
+        checked_name(name)
     return names
-
-
-def _autostart(svc: InstanceService, name: str) -> bool:
-    from llama_orchestrator.domain.errors import ConfigError
-
-    try:
-        return svc.load(name).autostart
-    except ConfigError:
-        return True  # `up --all` then reports the broken config instead of silently skipping it
 
 
 # -- init ------------------------------------------------------------------------------------------------------
@@ -101,9 +166,14 @@ def init(
     port: Annotated[Optional[int], typer.Option(help="Port (default: the first free one from 8001).")] = None,
     host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
     context_size: Annotated[int, typer.Option("--context-size", "-c", help="Context size in tokens.")] = 4096,
-    gpu_layers: Annotated[int, typer.Option("--gpu-layers", help="Layers on the GPU (0 = CPU, -1 = all).")] = 0,
-    backend: Annotated[str, typer.Option(help="auto, cpu, vulkan, cuda, metal or rocm.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: llama-server's choice).")] = None,
+    gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", help="Layers on the GPU (0 = CPU, -1 = all; "
+                                                      "default 0, or the profile's).", show_default=False)] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto, cpu, vulkan, cuda, metal or rocm (default auto, or "
+                                                   "the profile's).", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: llama-server's choice, or the "
+                                                   "profile's).")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Defaults for this machine: cpu, vulkan, cuda, metal or "
+                                                   "auto (threads from the core count, GPU layers, device).")] = None,
     parallel: Annotated[int, typer.Option(help="Concurrent request slots.")] = 1,
     binary: Annotated[Optional[str], typer.Option(help="llama-server: a registered name or a path.")] = None,
     restart: Annotated[str, typer.Option(help="always, on-failure, unless-stopped or never.")] = "on-failure",
@@ -120,6 +190,7 @@ def init(
     from llama_orchestrator.domain.config import InstanceConfig
     from llama_orchestrator.domain.errors import ConfigError, NotFoundError
 
+    local_only("init")
     svc = service()
     svc.home.checked_name(name)
     model_path = model.expanduser().absolute()
@@ -135,6 +206,16 @@ def init(
         "binary": binary,
         "args": arg or [],
     }
+    if profile is not None:
+        from llama_orchestrator.domain.profiles import merge_under, profile_defaults
+        from llama_orchestrator.services.system_service import gpu_overview
+
+        overview = gpu_overview(svc.home, binary=binary)
+        defaults = profile_defaults(profile, physical_cores=overview.physical_cores, devices=overview.report.devices,
+                                    platform=sys.platform)
+        document = merge_under(defaults, document)  # what the user typed wins over the profile
+    document["model"] = {k: v for k, v in document["model"].items() if v is not None}
+    document["gpu"] = {k: v for k, v in document["gpu"].items() if v is not None}
     try:
         config = InstanceConfig.from_document(document)
     except ValidationError as exc:
@@ -166,72 +247,64 @@ def up(
     """
     from llama_orchestrator.domain.errors import OrchestratorError, StartError
 
-    svc = service()
+    port = instances()
     chosen = resolve_names(names or [], all_, autostart_only=True)
     if all_ and not chosen:
-        chosen = svc.names()
+        chosen = port.names()
     failures: list[str] = []
-    started: list[str] = []
+    started: list[dict] = []
     for name in chosen:
         try:
-            outcome = svc.start(name)
+            outcome = port.start(name)
         except OrchestratorError as exc:
             if len(chosen) == 1:
                 raise
             failures.append(str(exc))
             continue
-        if outcome.already_running:
-            say(f"{name} is already {outcome.row.status} (pid {outcome.row.pid})")
+        if outcome["already_running"]:
+            say(f"{name} is already {outcome['status']} (pid {outcome['pid']})")
         else:
-            say(f"{name} starting (pid {outcome.row.pid}, port {outcome.row.port})")
-            started.append(name)
-    for name in list(started if detach or wait else []):
+            say(f"{name} starting (pid {outcome['pid']}, port {outcome['port']})")
+            started.append(outcome)
+    for outcome in list(started if detach or wait else []):
+        name = outcome["name"]
         try:
             if wait:
-                svc.wait_healthy(name, timeout)
+                port.wait(name, until="healthy", timeout=timeout)
                 say(f"{name} [green]healthy[/]")
             else:
-                svc.wait_early_exit(name)
+                port.wait(name, until="started", timeout=timeout)
         except StartError as exc:
             failures.append(str(exc))
-    if detach and started and not no_daemon:
-        _ensure_daemon_for(svc, started)
+    if detach and started and not no_daemon and port.origin == "local":
+        _ensure_daemon_for([o["name"] for o in started if o.get("restart_policy") != "never"])
     if failures:
         raise StartError("\n".join(failures))
     if not detach and chosen:
-        _attach(svc, chosen)
+        _attach(port, chosen)
 
 
-def _ensure_daemon_for(svc: InstanceService, names: list[str]) -> None:
+def _ensure_daemon_for(needing: list[str]) -> None:
     from llama_orchestrator.services import daemon_control
 
-    if daemon_control.daemon_info(svc.home) is not None:
+    home = service().home
+    if not needing or daemon_control.daemon_info(home) is not None:
         return
-    needing = [n for n in names if svc.load(n).restart.policy != "never"]
-    if needing:
-        info = daemon_control.start_daemon(svc.home)
-        say(f"daemon started (pid {info.pid}) to supervise {', '.join(needing)}")
+    info = daemon_control.start_daemon(home)
+    say(f"daemon started (pid {info.pid}) to supervise {', '.join(needing)}")
 
 
-def _attach(svc: InstanceService, names: list[str]) -> None:
+def _attach(port: InstancesPort, names: list[str]) -> None:
     """Stream the instances' logs until they all exit or Ctrl-C, which stops them."""
-    from llama_orchestrator.adapters.logfiles import follow
-    from llama_orchestrator.domain.states import ACTIVE
-
-    paths = {svc.home.log_path(n, s): n for n in names for s in ("stdout", "stderr")}
     width = max(len(n) for n in names)
-
-    def all_exited() -> bool:
-        return all(svc.refresh(n).status not in ACTIVE for n in names)
-
     try:
-        for path, line in follow(list(paths), stop=all_exited, from_end=False):
-            sys.stdout.write(f"{paths[path]:<{width}} | {line}\n")
+        for name, line in port.attach(names):
+            sys.stdout.write(f"{name:<{width}} | {line}\n")
             sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stderr.write("stopping...\n")
         for name in names:
-            svc.stop(name)
+            port.stop(name)
         return
     raise typer.Exit(1)
 
@@ -246,11 +319,10 @@ def down(
 
     Example: llama-orch down qwen
     """
-    svc = service()
+    port = instances()
     for name in resolve_names(names or [], all_):
-        before = svc.refresh(name)
-        svc.stop(name, timeout)
-        say(f"{name} stopped" if before.status in ("starting", "running", "stopping") else f"{name} was not running")
+        outcome = port.stop(name, timeout)
+        say(f"{name} stopped" if outcome["was_running"] else f"{name} was not running")
 
 
 @app.command()
@@ -264,14 +336,12 @@ def restart(
 
     Example: llama-orch restart qwen
     """
-    svc = service()
+    port = instances()
     for name in resolve_names(names, False):
-        svc.load(name)  # a broken config is reported before the running instance is stopped
-        svc.stop(name, timeout)
-        outcome = svc.start(name)
-        say(f"{name} restarted (pid {outcome.row.pid})")
+        outcome = port.restart(name, timeout=timeout)
+        say(f"{name} restarted (pid {outcome['pid']})")
         if wait:
-            svc.wait_healthy(name, wait_timeout)
+            port.wait(name, until="healthy", timeout=wait_timeout)
             say(f"{name} [green]healthy[/]")
 
 
@@ -287,39 +357,16 @@ def ps(
 
     Example: llama-orch ps --json
     """
-    import time
-
     from llama_orchestrator.cli import render
 
-    svc = service()
-    views = svc.views(include_orphans=all_)
-    _probe_starting(svc, views)
-    now = time.time()
+    records = instances().ps(include_orphans=all_)
     if json_:
-        render.print_json([render.ps_record(v, now) for v in views])
+        render.print_json(records)
         return
-    if not views:
+    if not records:
         say("no instances yet: create one with `llama-orch init NAME --model FILE.gguf`")
         return
-    render.console().print(render.ps_table(views, now))
-
-
-def _probe_starting(svc: InstanceService, views: list) -> None:
-    """Without a daemon nobody moves `starting` to `running`: one quick probe of those instances does."""
-    starting = [v for v in views if v.row.status == "starting" and v.config is not None]
-    if not starting:
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    from llama_orchestrator.services.health import check_once, default_probe
-
-    def quick(url: str, path: str, timeout: float):
-        return default_probe(url, path, min(timeout, 0.5))
-
-    with ThreadPoolExecutor(max_workers=min(8, len(starting))) as pool:
-        list(pool.map(lambda v: check_once(svc, v.name, v.config, v.row, probe=quick), starting))
-    for view in starting:
-        view.row = svc.refresh(view.name)
+    render.console().print(render.ps_table(records))
 
 
 @app.command()
@@ -334,31 +381,15 @@ def logs(
 
     Example: llama-orch logs qwen -f --tail 20
     """
-    from llama_orchestrator.adapters.logfiles import follow as follow_files
-    from llama_orchestrator.adapters.logfiles import tail
-    from llama_orchestrator.domain.errors import InstanceNotFound
-
-    svc = service()
-    home = svc.home
-    if not home.config_path(name).is_file() and not home.log_dir(name).is_dir():
-        raise InstanceNotFound(name)
-    streams = ["stderr"] if stderr and not stdout else ["stdout"] if stdout and not stderr else ["stdout", "stderr"]
-    paths = [home.log_path(name, s) for s in streams]
-    # Oldest-written first, so the freshest lines end the output, as in a terminal.
-    paths.sort(key=lambda p: p.stat().st_mtime if p.exists() else 0)
-    lines: list[str] = []
-    for path in paths:
-        lines += tail(path, tail_n)
-    for line in lines[-tail_n:] if tail_n > 0 else lines:
-        sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-    if follow:
-        try:
-            for _, line in follow_files(paths, stop=lambda: False):
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            pass
+    streams = ("stderr",) if stderr and not stdout else ("stdout",) if stdout and not stderr else ("stdout", "stderr")
+    lines = instances().logs(checked_name(name), tail=tail_n, streams=streams, follow=follow)
+    try:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        if not follow:
+            raise
 
 
 @app.command()
@@ -371,28 +402,9 @@ def health(
     Example: llama-orch health qwen
     """
     from llama_orchestrator.cli import render
-    from llama_orchestrator.domain.states import ACTIVE
-    from llama_orchestrator.services.health import check_once
 
-    svc = service()
-    chosen = names or [n for n in svc.names() if svc.refresh(n).status in ACTIVE]
-    records, unhealthy = [], False
-    for name in chosen:
-        config, row = svc.load(name), svc.refresh(name)
-        if row.status not in ACTIVE:
-            records.append({"name": name, "health": "not running", "status": row.status})
-            unhealthy = True
-            continue
-        result = check_once(svc, name, config, row)
-        unhealthy |= result.health != "healthy"
-        records.append({
-            "name": name,
-            "status": svc.refresh(name).status,
-            "health": str(result.health),
-            "response_ms": round(result.outcome.latency_ms, 1) if result.outcome.latency_ms is not None else None,
-            "detail": result.outcome.describe(),
-            "checked_at": render.timestamp(result.checked_at),
-        })
+    records = instances().health([checked_name(n) for n in names] if names else None)
+    unhealthy = any(r["health"] != "healthy" for r in records)
     if json_:
         render.print_json(records)
     else:
@@ -415,60 +427,13 @@ def describe(
 
     Example: llama-orch describe qwen
     """
-    import time
-
     from llama_orchestrator.cli import render
-    from llama_orchestrator.domain.errors import InstanceNotFound
 
-    svc = service()
-    view = svc.view(name)
-    if view.config is None and view.config_error is None:
-        raise InstanceNotFound(name)
-    gguf: dict | str | None = None
-    if view.config is not None:
-        from llama_orchestrator.adapters.gguf_meta import read_gguf_info
-
-        model = view.config.model_path(svc.home.config_path(name).parent)
-        try:
-            gguf = read_gguf_info(model).as_dict()
-        except FileNotFoundError:
-            gguf = f"model file not found: {model}"
-        except Exception as exc:  # noqa: BLE001 - any reader failure is shown, not fatal
-            gguf = f"cannot read GGUF metadata: {exc}"
-    events = svc.store.events(name, limit=15)
-    record = {
-        **render.ps_record(view, time.time()),
-        "config_path": str(view.config_path),
-        "config": view.config.to_document() if view.config else None,
-        "model_file": gguf,
-        "events": [{"time": render.timestamp(e.ts), "kind": e.kind, "message": e.message} for e in events],
-    }
+    record = instances().describe(checked_name(name))
     if json_:
         render.print_json(record)
         return
-    out = render.console()
-    out.print(f"[bold]{name}[/]  {render.status_text(view)}  health: {view.row.health}")
-    for key in ("pid", "port", "uptime_s", "restarts", "exit_code", "last_error"):
-        value = render.duration(record[key]) if key == "uptime_s" else record[key]
-        out.print(f"  {key:<10} {value if value is not None else '-'}")
-    out.print(f"\n[bold]Config[/] {record['config_path']}")
-    if view.config_error:
-        out.print(f"[red]{view.config_error}[/]")
-    else:
-        import json
-
-        out.print(json.dumps(record["config"], indent=2), markup=False)
-    out.print("\n[bold]Model file[/]")
-    if isinstance(gguf, dict):
-        for key, value in gguf.items():
-            if key == "size_bytes":
-                value = f"{value / 1e6:.1f} MB"
-            out.print(f"  {key:<15} {value}")
-    else:
-        out.print(f"  {gguf}")
-    out.print("\n[bold]Events[/]")
-    for event in record["events"] or [{"time": "", "kind": "", "message": "(none)"}]:
-        out.print(f"  {event['time']}  {event['kind']:<12} {event['message']}", markup=False)
+    render.print_describe(record)
 
 
 @app.command()
@@ -480,6 +445,7 @@ def rm(
 
     Example: llama-orch rm qwen --force
     """
+    local_only("rm")
     service().remove(name, force=force)
     say(f"{name} removed")
 
@@ -517,6 +483,7 @@ def _report_checks(names: Optional[list[str]], *, lint: bool, json_: bool) -> No
     from llama_orchestrator.cli import render
     from llama_orchestrator.services.validation import check_instances
 
+    local_only("config lint" if lint else "config validate")
     svc = service()
     reports = check_instances(svc, names or None, lint=lint)
     if json_:
@@ -560,6 +527,7 @@ def daemon_start() -> None:
     """
     from llama_orchestrator.services import daemon_control
 
+    local_only("daemon start")
     home = service().home
     running = daemon_control.daemon_info(home)
     if running is not None:
@@ -567,6 +535,7 @@ def daemon_start() -> None:
         return
     info = daemon_control.start_daemon(home)
     say(f"daemon started (pid {info.pid}); log: {daemon_control.log_path(home)}")
+    say(f"API: {info.api_url}" if info.api_url else "API: off (api.enabled is false in orchestrator.json)")
 
 
 @daemon_app.command("stop")
@@ -579,6 +548,7 @@ def daemon_stop(
     """
     from llama_orchestrator.services import daemon_control
 
+    local_only("daemon stop")
     stopped = daemon_control.stop_daemon(service().home, timeout=timeout)
     say("daemon stopped (instances left running)" if stopped else "no daemon was running")
 
@@ -594,6 +564,9 @@ def daemon_status(json_: Annotated[bool, typer.Option("--json", help="Machine-re
     from llama_orchestrator.cli import render
     from llama_orchestrator.services import daemon_control
 
+    if _state.get("host"):
+        _remote_daemon_status(json_)
+        return
     home = service().home
     info = daemon_control.daemon_info(home)
     record = {
@@ -602,14 +575,36 @@ def daemon_status(json_: Annotated[bool, typer.Option("--json", help="Machine-re
         "uptime_s": time.time() - info.started_at if info else None,
         "version": info.version if info else None,
         "log": str(daemon_control.log_path(home)),
+        "api_url": info.api_url if info else None,
     }
     if json_:
         render.print_json(record)
     elif info:
         say(f"daemon running (pid {info.pid}, up {render.duration(record['uptime_s'])}), log: {record['log']}")
+        if info.api_url:
+            say(f"API: {info.api_url}")
     else:
         say("daemon not running (start it with `llama-orch daemon start`)")
     if info is None:
+        raise typer.Exit(1)
+
+
+def _remote_daemon_status(json_: bool) -> None:
+    from llama_orchestrator.adapters.api_client import ApiUnreachable, RemoteInstances
+    from llama_orchestrator.cli import render
+
+    try:
+        record = {"running": True, **RemoteInstances.connect(str(_state["host"]), _state.get("api_key")).ping()}
+    except ApiUnreachable as exc:
+        record = {"running": False, "api_url": _state["host"], "error": str(exc)}
+    if json_:
+        render.print_json(record)
+    elif record["running"]:
+        say(f"daemon running at {record.get('api_url')} (pid {record.get('pid')}, "
+            f"up {render.duration(record.get('uptime_s'))}, version {record.get('version')})")
+    else:
+        say(f"daemon not reachable: {record['error']}")
+    if not record["running"]:
         raise typer.Exit(1)
 
 
@@ -621,6 +616,7 @@ def daemon_run() -> None:
     """
     from llama_orchestrator.services.daemon import run_daemon
 
+    local_only("daemon run")
     run_daemon(service().home)
 
 
@@ -640,28 +636,27 @@ def events(
 
     from llama_orchestrator.cli import render
 
-    svc = service()
+    port = instances()
     if name is not None:
-        svc.home.checked_name(name)
+        checked_name(name)
 
-    def show(batch) -> int:
+    def show(batch: list[dict]) -> int:
         last = 0
         for event in batch:
             if json_:
-                sys.stdout.write(json.dumps({"id": event.id, "time": event.ts, "instance": event.instance,
-                                             "kind": event.kind, "message": event.message}) + "\n")
+                sys.stdout.write(json.dumps(event) + "\n")
             else:
-                sys.stdout.write(f"{render.timestamp(event.ts)}  {event.instance:<16} {event.kind:<12} "
-                                 f"{event.message}\n")
-            last = event.id
+                sys.stdout.write(f"{render.timestamp(event['time'])}  {event['instance']:<16} {event['kind']:<12} "
+                                 f"{event['message']}\n")
+            last = event["id"]
         sys.stdout.flush()
         return last
 
-    last = show(svc.store.events(name, limit=limit))
+    last = show(port.events(name, limit=limit))
     try:
         while follow:
-            time.sleep(0.5)  # polling SQLite: other processes write the events
-            last = show(svc.store.events(name, limit=1000, after_id=last)) or last
+            time.sleep(0.5)  # polling: other processes write the events
+            last = show(port.events(name, limit=1000, after_id=last)) or last
     except KeyboardInterrupt:
         pass
 
@@ -679,6 +674,7 @@ def dashboard(
     """
     from llama_orchestrator.tui.app import run_dashboard
 
+    local_only("dashboard")
     run_dashboard(service(), refresh_s=refresh)
 
 

@@ -48,48 +48,40 @@ def timestamp(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-def status_text(view: InstanceView) -> str:
-    row = view.row
-    if view.config_error is not None:
-        return "invalid-config"
-    if row.status == "exited" and row.exit_code is not None:
-        return f"exited ({row.exit_code})"
-    return row.status
+def status_text(item: InstanceView | dict[str, Any]) -> str:
+    """The STATUS column: ``exited (CODE)``, ``invalid-config``, else the status. A view or a ps record."""
+    if isinstance(item, dict):
+        status, exit_code = item["status"], item.get("exit_code")
+    else:
+        if item.config_error is not None:
+            return "invalid-config"
+        status, exit_code = item.row.status, item.row.exit_code
+    if status == "exited" and exit_code is not None:
+        return f"exited ({exit_code})"
+    return status
 
 
 def ps_record(view: InstanceView, now: float) -> dict[str, Any]:
-    config, row = view.config, view.row
-    return {
-        "name": view.name,
-        "status": row.status if view.config_error is None else "invalid-config",
-        "health": row.health,
-        "pid": row.pid if row.status in ("starting", "running", "stopping") else None,
-        "port": config.server.port if config else row.port,
-        "host": config.server.host if config else None,
-        "backend": config.gpu.backend if config else None,
-        "model": config.model.path if config else None,
-        "uptime_s": view.uptime_s(now),
-        "restarts": row.restarts,
-        "exit_code": row.exit_code,
-        "started_at": row.started_at,
-        "last_error": row.last_error or (str(view.config_error) if view.config_error else None),
-    }
+    from llama_orchestrator.services.instances_port import ps_record as record
+
+    return record(view, now)
 
 
-def ps_table(views: list[InstanceView], now: float):
+def ps_table(records: list[dict[str, Any]] | list[InstanceView], now: float | None = None):
+    """The `ps` table of ps records (views are turned into records first)."""
     from rich.table import Table
 
+    now = time.time() if now is None else now
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("NAME", "STATUS", "HEALTH", "PID", "PORT", "BACKEND", "MODEL", "UPTIME", "RESTARTS"):
         table.add_column(column, no_wrap=column != "MODEL")
-    for view in views:
-        record = ps_record(view, now)
-        status = status_text(view)
+    for item in records:
+        record = item if isinstance(item, dict) else ps_record(item, now)
         health = record["health"] if record["status"] in ("starting", "running") else "-"
         model = record["model"] or "-"
         table.add_row(
-            view.name,
-            f"[{STATUS_STYLE.get(record['status'], 'red')}]{status}[/]",
+            record["name"],
+            f"[{STATUS_STYLE.get(record['status'], 'red')}]{status_text(record)}[/]",
             f"[{HEALTH_STYLE.get(health, 'dim')}]{health}[/]",
             str(record["pid"] or "-"),
             str(record["port"] or "-"),
@@ -99,6 +91,38 @@ def ps_table(views: list[InstanceView], now: float):
             str(record["restarts"]),
         )
     return table
+
+
+def print_describe(record: dict[str, Any]) -> None:
+    """`describe` for people: the state, the config, the model file's metadata, recent events."""
+    out = console()
+    out.print(f"[bold]{record['name']}[/]  {status_text(record)}  health: {record['health']}")
+    for key in ("pid", "port", "uptime_s", "restarts", "exit_code", "last_error"):
+        value = duration(record[key]) if key == "uptime_s" else record[key]
+        out.print(f"  {key:<10} {value if value is not None else '-'}")
+    out.print(f"\n[bold]Config[/] {record['config_path']}")
+    if record.get("config_error"):
+        out.print(f"[red]{escape(record['config_error'])}[/]")
+    else:
+        out.print(json.dumps(record["config"], indent=2), markup=False)
+    out.print("\n[bold]Model file[/]")
+    gguf = record["model_file"]
+    if isinstance(gguf, dict):
+        for key, value in gguf.items():
+            if key == "size_bytes":
+                value = f"{value / 1e6:.1f} MB"
+            out.print(f"  {key:<15} {value}")
+    else:
+        out.print(f"  {gguf}")
+    out.print("\n[bold]Events[/]")
+    for event in record["events"] or [{"time": "", "kind": "", "message": "(none)"}]:
+        out.print(f"  {event['time']}  {event['kind']:<12} {event['message']}", markup=False)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 def print_json(data: Any) -> None:

@@ -48,8 +48,9 @@ def resume_on_daemon_start(policy: RestartPolicyName, stopped_by_user: bool) -> 
     """Whether a starting daemon brings back an instance that is down but not failed.
 
     Docker's difference between the two: a person's stop holds while the daemon runs, but when the daemon starts
-    ``always`` comes back anyway and ``unless-stopped`` keeps the ``down``. ``on-failure`` and ``never`` instances
-    are restarted only after their own exits, never by the daemon starting.
+    ``always`` comes back anyway and ``unless-stopped`` keeps the ``down``. This is about instances that are
+    *stopped*; one found *exited* (it crashed while no daemon watched, or the machine rebooted under it) is judged
+    like any exit, by ``should_restart``, so ``on-failure`` brings it back too.
     """
     if policy == "always":
         return True

@@ -4,6 +4,11 @@ It holds ``state/daemon.lock`` for its whole life (a second daemon refuses to st
 logs to ``state/daemon.log`` (rotated), adopts the instances that already run, starts the `autostart` ones, and
 ticks the supervisor until SIGTERM/SIGINT. On the way out it leaves every instance running: the next daemon
 adopts them, so a daemon crash or upgrade loses nothing.
+
+When ``api.enabled`` (``orchestrator.json``), it serves the HTTP API and router (``api.server``) with uvicorn on
+a thread of its own, while the supervisor loop keeps the main thread and its signals. The API's socket is bound
+before the PID file is written: a taken port ends the daemon with a clear error instead of leaving one without an
+API, and a client that finds the PID file (with ``api_url``) finds the API answering.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import httpx
 
 from llama_orchestrator import __version__
 from llama_orchestrator.adapters import process as proc
-from llama_orchestrator.adapters.config_files import load_config
+from llama_orchestrator.adapters.config_files import load_config, load_settings
 from llama_orchestrator.adapters.health_probe import probe_sync
 from llama_orchestrator.adapters.home import Home
 from llama_orchestrator.adapters.logfiles import rotate_if_needed
@@ -103,6 +108,11 @@ def _setup_logging(home: Home) -> None:
     root = logging.getLogger("llama_orchestrator")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    # uvicorn's own loggers: startup, errors and one access line per request ("POST /api/instances/x/start").
+    server = logging.getLogger("uvicorn")
+    server.handlers[:] = [handler]
+    server.setLevel(logging.INFO)
+    server.propagate = False
 
 
 def run_daemon(
@@ -122,35 +132,82 @@ def run_daemon(
         where = f" (pid {running.pid})" if running else ""
         raise DaemonAlreadyRunning(f"a daemon already runs for {home.root}{where}")
     stop = stop or threading.Event()
+    api = None
     try:
         _setup_logging(home)
         me = proc.handle_of(os.getpid())
+        started_at = clock()
+        service = InstanceService(home, processes=processes, clock=clock)
+        try:
+            settings = load_settings(home.settings_path)
+            api, api_url = None, None
+            if settings.api.enabled:
+                api, api_url = _serve_api(home, service, settings, me.pid, started_at)
+        except OrchestratorError as exc:
+            log.error("daemon not started: %s", exc)
+            raise
         daemon_control.write_pid_file(
-            home, daemon_control.DaemonInfo(me.pid, me.create_time, clock(), __version__)
+            home, daemon_control.DaemonInfo(me.pid, me.create_time, started_at, __version__, api_url)
         )
         if install_signal_handlers:
             for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGBREAK", None)):
                 if signum is not None:
                     signal.signal(signum, lambda *_: stop.set())
-        service = InstanceService(home, processes=processes, clock=clock)
         # No keep-alive for probes: a connection held open to a server that then dies leaves its port in FIN-WAIT-2
         # until we close our end, and the restarted server could not bind it.
         probe_client = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
         with probe_client as client, ThreadPoolExecutor(max_workers=8, thread_name_prefix="orch") as pool:
             supervisor = Supervisor(ServiceOps(service, client), lambda work: pool.submit(_logged, work))
             service.store.add_event("-", "daemon", f"daemon started (pid {me.pid})", clock())
-            log.info("daemon started, pid %s, home %s", me.pid, home.root)
+            log.info("daemon started, pid %s, home %s, API %s", me.pid, home.root, api_url or "off")
             supervisor.boot(clock())
             while not stop.wait(tick_s):
                 try:
                     supervisor.tick(clock())
+                    service.reap_children()  # restarted instances are our children: no zombies
                 except Exception:  # noqa: BLE001 - one bad tick must not end supervision
                     log.exception("supervisor tick failed")
+            if api is not None:
+                api.stop()
+                api = None
             service.store.add_event("-", "daemon", "daemon stopped; instances left running", clock())
             log.info("daemon stopping; instances are left running")
     finally:
+        if api is not None:
+            api.stop()
         daemon_control.pid_path(home).unlink(missing_ok=True)
         lock.release()
+
+
+def _serve_api(home: Home, service: InstanceService, settings, pid: int, started_at: float):
+    """Bind the API's socket and serve the app on it; returns ``(ApiServer, url)``. ApiBindError for a taken port."""
+    from llama_orchestrator.api.server import ApiServer, bind_socket, make_app, make_router, url_for
+    from llama_orchestrator.services.instances_port import LocalInstances
+
+    api = settings.api
+    sock = bind_socket(api.host, api.port)
+    url = url_for(api.host, api.port)
+
+    def daemon_record() -> dict[str, object]:
+        return {
+            "pid": pid,
+            "version": __version__,
+            "started_at": started_at,
+            "uptime_s": max(0.0, time.time() - started_at),
+            "api_url": url,
+            "home": str(home.root),
+        }
+
+    try:
+        router = make_router(lambda: service, settings.router)
+        app = make_app(LocalInstances(service, probe_starting=False), api, router=router, daemon=daemon_record)
+        server = ApiServer(app, sock)
+        server.start()
+    except BaseException:
+        sock.close()
+        raise
+    log.info("HTTP API and router on %s (bound to %s:%s)", url, api.host, api.port)
+    return server, url
 
 
 def _logged(work: Callable[[], object]) -> None:

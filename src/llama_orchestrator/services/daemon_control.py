@@ -1,6 +1,6 @@
 """Starting, finding and stopping the daemon from another process (the CLI, the dashboard).
 
-The daemon writes ``state/daemon.pid`` (JSON: pid, create_time, started_at, version) while it holds the lock
+The daemon writes ``state/daemon.pid`` (JSON: pid, create_time, started_at, version, api_url) while it holds the lock
 ``state/daemon.lock``; the PID file alone is never trusted: the process must be alive with the same create time.
 """
 
@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from llama_orchestrator.adapters import process as proc
@@ -25,6 +25,8 @@ class DaemonInfo:
     create_time: float
     started_at: float
     version: str
+    # Where its HTTP API answers (None: serving none); pid files of older daemons lack it.
+    api_url: str | None = None
 
     @property
     def handle(self) -> proc.ProcessHandle:
@@ -58,8 +60,10 @@ def write_pid_file(home: Home, info: DaemonInfo) -> None:
 def daemon_info(home: Home) -> DaemonInfo | None:
     """The running daemon of this home, or None (no PID file, or its process is gone or is not the daemon)."""
     try:
-        info = DaemonInfo(**json.loads(pid_path(home).read_text()))
-    except (OSError, ValueError, TypeError):
+        data = json.loads(pid_path(home).read_text())
+        known = {f.name for f in fields(DaemonInfo)}
+        info = DaemonInfo(**{k: v for k, v in data.items() if k in known})
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
     return info if proc.is_alive(info.handle) else None
 

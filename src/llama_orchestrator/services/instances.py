@@ -167,6 +167,12 @@ class InstanceService:
             names = sorted(set(names) | set(self.store.all()))
         return [self.view(name) for name in names]
 
+    def reap_children(self) -> None:
+        """Collect the exit status of every child of ours that has ended, so none lingers as a zombie."""
+        for popen in list(self._children.values()):
+            if popen is not None:
+                popen.poll()
+
     def _reap(self, name: str, pid: int) -> int | None:
         popen = self._children.get(name)
         if popen is not None and getattr(popen, "pid", None) == pid:
@@ -225,7 +231,7 @@ class InstanceService:
             raise StartError(f"{name}: model file {str(model)!r} not found (model.path in {config_dir / 'config.json'})")
         if not os.access(model, os.R_OK):
             raise StartError(f"{name}: model file {str(model)!r} is not readable")
-        binary = resolve_binary(config.binary, self.home.registry_path)
+        binary = resolve_binary(config.binary, self.home.registry_path, backend=config.gpu.backend)
         if not is_port_free(config.server.port, config.server.host):
             raise StartError(
                 f"{name}: port {config.server.port} on {config.server.host} is already in use by another program "
@@ -365,11 +371,22 @@ class InstanceService:
 
 
 def _wait_gone(members: list, timeout: float) -> tuple[list, list]:
+    """Wait until every member has exited. A zombie counts as gone: its parent (maybe another process, such as the
+    daemon) reaps it whenever it looks; waiting for that would only delay the stop."""
     import psutil
 
-    if not members:
-        return [], []
-    return psutil.wait_procs(members, timeout=timeout)
+    def gone(member) -> bool:
+        try:
+            return not member.is_running() or member.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [m for m in members if not gone(m)]
+        if not alive or time.monotonic() >= deadline:
+            return [m for m in members if m not in alive], alive
+        psutil.wait_procs(alive, timeout=min(0.05, max(0.0, deadline - time.monotonic())))
 
 
 def _kill_quietly(member) -> None:

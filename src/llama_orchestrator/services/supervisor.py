@@ -127,6 +127,10 @@ class Supervisor:
                 self._dispatch(lambda: self.inbox.put(("probed", name, key, self.ops.probe(config))))
             self.ops.rotate_logs(name, config)
         elif row.status == Status.exited and watch.handled_exit != key:
+            if key not in (watch.key, watch.started_by_us):
+                # A process no tick saw running: a person's start that died at once. The count recorded at that
+                # start (0 after a person's `up`) is the truth, not what this watch remembers.
+                watch.restart = RestartTracker(attempts=row.restart_attempts)
             self._decide_after_exit(name, watch, config, row, _exit_reason(row.exit_code), now)
         elif row.status == Status.backoff and row.next_restart_at is not None and now >= row.next_restart_at:
             self._start(name, watch, attempt=watch.restart.attempts)
@@ -169,6 +173,10 @@ class Supervisor:
             "health_error": None if tracker.health == Health.healthy else outcome.describe(),
         }
         pid = key[0]
+        if tracker.health == Health.unknown:
+            # No verdict yet (refused inside the start period): keep what is recorded, e.g. the healthy that
+            # `up --wait` saw after this probe was sent.
+            return
         if tracker.health == Health.healthy:
             watch.restart = watch.restart.on_healthy(now)
             if self.ops.update(name, only_if={"pid": pid, "status": Status.starting}, status=Status.running, **changes):

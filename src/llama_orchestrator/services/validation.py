@@ -102,7 +102,7 @@ def _check_runtime(svc: InstanceService, config: InstanceConfig, report: CheckRe
     if not os.access(probe_dir, os.W_OK):
         report.errors.append(f"logs: folder {log_dir} is not writable")
     try:
-        binary = resolve_binary(config.binary, svc.home.registry_path)
+        binary = resolve_binary(config.binary, svc.home.registry_path, backend=config.gpu.backend)
     except OrchestratorError as exc:
         report.errors.append(f"binary: {exc}")
         return

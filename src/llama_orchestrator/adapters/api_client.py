@@ -1,0 +1,201 @@
+"""A small synchronous client of the daemon's control API, and ``RemoteInstances``: the instances port over it.
+
+Used by the CLI when the home's daemon serves its API, and with ``--host URL`` for another node's daemon. Errors
+come back as ``{"error": {"message", "type"}}`` with the status the API chose (``api.control``); they are raised
+here again as the project's errors, so exit codes stay the same as when the CLI works locally.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from llama_orchestrator.domain.errors import NotFoundError, OrchestratorError, StartError, UsageError
+from llama_orchestrator.services.instances_port import STREAMS, Record, WaitUntil
+
+DEFAULT_TIMEOUT_S = 30.0
+SLACK_S = 30.0  # a blocking call (start --wait, stop) answers within its own timeout; this much more for the trip
+
+
+class ApiUnreachable(OrchestratorError):
+    """No connection to the API at all (refused, no route, DNS): the daemon is not there."""
+
+
+def _error_for(status: int, message: str) -> OrchestratorError:
+    """The inverse of the API's error table (``api.control.STATUS_OF``): the same exit codes as a local call."""
+    if status == 404:
+        return NotFoundError(message)
+    if status in (400, 422):
+        return UsageError(message)
+    if status in (401, 403):
+        return UsageError(f"{message} (give the key with --api-key or LLAMA_ORCH_API_KEY)")
+    if status == 409:
+        return StartError(message)
+    return OrchestratorError(message)
+
+
+class ApiClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = normalize_url(base_url)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=5.0), transport=transport
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, *, params: dict | None = None, timeout: float | None = None) -> Any:
+        kwargs: dict[str, Any] = {"params": _clean(params)}
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=5.0)
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise OrchestratorError(f"the API at {self.base_url} did not answer {method} {path} in time") from None
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(f"cannot reach the API at {self.base_url}: {exc}") from None
+        self._check(response)
+        return response.json()
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, *, timeout: float | None = None, **params: Any) -> Any:
+        return self.request("POST", path, params=params, timeout=timeout)
+
+    def stream_lines(self, path: str, **params: Any) -> Iterator[str]:
+        """The lines of a streamed text/plain answer, as they arrive; no read timeout (a log may stay quiet)."""
+        try:
+            with self._http.stream(
+                "GET", path, params=_clean(params), timeout=httpx.Timeout(None, connect=5.0)
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._check(response)
+                yield from response.iter_lines()
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(f"lost the log stream from {self.base_url}: {exc}") from None
+
+    def _check(self, response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text.strip() or response.reason_phrase
+        raise _error_for(response.status_code, message)
+
+
+def normalize_url(url: str) -> str:
+    """``host:port`` or a full URL; no trailing slash."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def _clean(params: dict | None) -> dict:
+    out = {}
+    for key, value in (params or {}).items():
+        if value is None:
+            continue
+        out[key] = ("true" if value else "false") if isinstance(value, bool) else value
+    return out
+
+
+class RemoteInstances:
+    """``InstancesPort`` over a daemon's control API (``/api/...``)."""
+
+    def __init__(self, client: ApiClient) -> None:
+        self.client = client
+        self.origin = client.base_url
+
+    @classmethod
+    def connect(cls, url: str, api_key: str | None = None) -> RemoteInstances:
+        return cls(ApiClient(url, api_key))
+
+    def ping(self) -> dict:
+        return self.client.get("/api/daemon")
+
+    def names(self, *, autostart_only: bool = False) -> list[str]:
+        # A config that does not load counts as autostart, as locally: `up --all` then reports it.
+        wanted = [r for r in self.ps() if not autostart_only or r.get("autostart") or r["status"] == "invalid-config"]
+        return [r["name"] for r in wanted]
+
+    def ps(self, *, include_orphans: bool = False) -> list[Record]:
+        return self.client.get("/api/instances", all=include_orphans)
+
+    def describe(self, name: str) -> Record:
+        return self.client.get(f"/api/instances/{name}")
+
+    def start(self, name: str) -> Record:
+        return self.client.post(f"/api/instances/{name}/start")
+
+    def wait(self, name: str, *, until: WaitUntil, timeout: float) -> Record:
+        params = {"until": until, "timeout": timeout}
+        return self.client.request("POST", f"/api/instances/{name}/wait", params=params, timeout=timeout + SLACK_S)
+
+    def stop(self, name: str, timeout: float = 10.0) -> Record:
+        return self.client.request(
+            "POST", f"/api/instances/{name}/stop", params={"timeout": timeout}, timeout=timeout + SLACK_S
+        )
+
+    def restart(self, name: str, *, timeout: float = 10.0, wait: bool = False, wait_timeout: float = 120.0) -> Record:
+        params = {"timeout": timeout, "wait": wait, "wait_timeout": wait_timeout}
+        budget = timeout + (wait_timeout if wait else 0) + SLACK_S
+        return self.client.request("POST", f"/api/instances/{name}/restart", params=params, timeout=budget)
+
+    def health(self, names: list[str] | None = None) -> list[Record]:
+        if names is None:
+            names = [r["name"] for r in self.ps() if r["status"] in ("starting", "running", "stopping")]
+        return [self.client.get(f"/api/instances/{name}/health") for name in names]
+
+    def events(self, name: str | None = None, *, limit: int = 30, after_id: int = 0) -> list[Record]:
+        return self.client.get("/api/events", instance=name, limit=limit, after_id=after_id)
+
+    def logs(
+        self, name: str, *, tail: int = 50, streams: tuple[str, ...] = STREAMS, follow: bool = False
+    ) -> Iterator[str]:
+        stream = streams[0] if len(streams) == 1 else "both"
+        path = f"/api/instances/{name}/logs"
+        if not follow:
+            lines = self.client.get(path, tail=tail, stream=stream, format="json")
+            return iter(lines)
+        return self.client.stream_lines(path, tail=tail, stream=stream, follow=True)
+
+    def attach(self, names: list[str]) -> Iterator[tuple[str, str]]:
+        """One log stream per instance (the whole log, then new lines until it exits), merged as lines arrive."""
+        merged: queue.Queue[tuple[str, str] | tuple[str, None] | tuple[str, BaseException]] = queue.Queue()
+
+        def pump(name: str) -> None:
+            try:
+                for line in self.client.stream_lines(f"/api/instances/{name}/logs", tail=0, follow=True,
+                                                     until_exit=True):
+                    merged.put((name, line))
+                merged.put((name, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, which raises it
+                merged.put((name, exc))
+
+        for name in names:
+            threading.Thread(target=pump, args=(name,), daemon=True, name=f"attach-{name}").start()
+        running = len(names)
+        while running:
+            name, item = merged.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield name, item

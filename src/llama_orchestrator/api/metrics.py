@@ -1,0 +1,194 @@
+"""``/metrics``: Prometheus text format 0.0.4, every instance in one scrape, labelled ``instance``.
+
+Two sources: the instance records (status, health, restarts; what `ps` shows) and the router's per-instance
+statistics (requests by status code, latency histogram, tokens, queue, in flight). The router's statistics are read
+by attribute name (``services.router.InstanceStats``) and every one is optional, so a router with fewer or more
+counters never breaks a scrape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from llama_orchestrator.domain.states import Health, Status
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "llama_orch"
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]],
+               *, suffix_samples: Iterable[tuple[str, dict[str, str], float]] = ()) -> None:
+        full = f"{PREFIX}_{name}"
+        self.lines.append(f"# HELP {full} {help_text}")
+        self.lines.append(f"# TYPE {full} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{full}{_labels(labels)} {_number(value)}")
+        for suffix, labels, value in suffix_samples:
+            self.lines.append(f"{full}{suffix}{_labels(labels)} {_number(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{key}="{_escape(str(value))}"' for key, value in labels.items())
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(float(value))
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+def _get(obj: Any, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` that ``obj`` has (attribute or mapping key)."""
+    for name in names:
+        if isinstance(obj, Mapping):
+            if name in obj:
+                return obj[name]
+        elif hasattr(obj, name):
+            return getattr(obj, name)
+    return default
+
+
+def _histogram(stats: Any) -> tuple[float, int, list[tuple[float, int]]] | None:
+    """``(sum, count, cumulative buckets)`` of the router's duration histogram (``domain.routing.Histogram``:
+    ``buckets`` are the upper bounds, ``counts`` the cumulative counts, ``count`` the +Inf bucket)."""
+    hist = _get(stats, "duration")
+    if hist is None:
+        return None
+    total = float(_get(hist, "sum", default=0.0) or 0.0)
+    count = int(_get(hist, "count", default=0) or 0)
+    bounds = _get(hist, "buckets", default=()) or ()
+    counts = _get(hist, "counts", default=()) or ()
+    pairs = sorted((float(b), int(c)) for b, c in zip(bounds, counts, strict=False))
+    if not pairs or not math.isinf(pairs[-1][0]):
+        pairs.append((math.inf, count))
+    return total, count, pairs
+
+
+def render_metrics(
+    records: list[dict[str, Any]],
+    stats: Mapping[str, Any],
+    daemon: Mapping[str, Any],
+    *,
+    now: float,
+    router_now: float | None = None,
+) -> str:
+    """The whole scrape. ``records``: `ps` records; ``stats``: the router's ``InstanceStats`` by instance (may be
+    empty); ``router_now``: the router's clock now, against which its ``last_used`` times are read."""
+    out = _Writer()
+    version = str(daemon.get("version", ""))
+    out.family("daemon_info", "gauge", "The daemon: version and pid (value always 1).",
+               [({"version": version, "pid": str(daemon.get("pid", ""))}, 1)])
+    started = daemon.get("started_at")
+    if started:
+        out.family("daemon_start_time_seconds", "gauge", "Unix time the daemon started.", [({}, float(started))])
+        out.family("daemon_uptime_seconds", "gauge", "Seconds since the daemon started.",
+                   [({}, max(0.0, now - float(started)))])
+    names = sorted({r["name"] for r in records} | set(stats))
+    by_name = {r["name"]: r for r in records}
+    out.family("instances", "gauge", "Instances known to the daemon.", [({}, len(names))])
+
+    def each(value_of) -> list[tuple[dict[str, str], float]]:
+        samples = []
+        for name in names:
+            value = value_of(name)
+            if value is not None:
+                samples.append(({"instance": name}, value))
+        return samples
+
+    def record(name: str, key: str) -> Any:
+        return by_name.get(name, {}).get(key)
+
+    active = ("starting", "running", "stopping")
+    out.family("instance_up", "gauge", "1 while the instance's process runs (starting, running or stopping).",
+               each(lambda n: 1 if record(n, "status") in active else 0))
+    out.family("instance_healthy", "gauge", "1 when the last health check answered 200.",
+               each(lambda n: 1 if record(n, "health") == Health.healthy and record(n, "status") in active else 0))
+    out.family(
+        "instance_health", "gauge", "Health state of the instance: 1 for the current state, 0 for the others.",
+        [({"instance": n, "health": h.value}, 1 if record(n, "health") == h.value else 0)
+         for n in names for h in Health],
+    )
+    statuses = [s.value for s in Status] + ["invalid-config"]
+    out.family(
+        "instance_status", "gauge", "Lifecycle state of the instance: 1 for the current state, 0 for the others.",
+        [({"instance": n, "status": s}, 1 if record(n, "status") == s else 0) for n in names for s in statuses],
+    )
+    out.family("instance_restarts_total", "counter", "Restarts done by the supervisor.",
+               each(lambda n: int(record(n, "restarts") or 0)))
+    out.family("instance_uptime_seconds", "gauge", "Seconds since the current process started.",
+               each(lambda n: record(n, "uptime_s")))
+
+    def stat(name: str, *keys: str) -> Any:
+        return _get(stats[name], *keys) if name in stats else None
+
+    requests = []
+    for name in names:
+        codes = stat(name, "requests_total") or {}
+        for code, count in sorted(codes.items(), key=lambda kv: str(kv[0])):
+            requests.append(({"instance": name, "code": str(code)}, int(count)))
+    out.family("instance_requests_total", "counter",
+               "Requests the router relayed, by HTTP status code (499: the client left first).", requests)
+
+    histogram_lines: list[tuple[str, dict[str, str], float]] = []
+    for name in names:
+        hist = _histogram(stats[name]) if name in stats else None
+        if hist is None:
+            continue
+        total, count, buckets = hist
+        for bound, cumulative in buckets:
+            histogram_lines.append(("_bucket", {"instance": name, "le": _le(bound)}, cumulative))
+        histogram_lines.append(("_sum", {"instance": name}, total))
+        histogram_lines.append(("_count", {"instance": name}, count))
+    out.family("instance_request_duration_seconds", "histogram", "Time from request to the end of the answer.",
+               [], suffix_samples=histogram_lines)
+
+    out.family("instance_completion_tokens_total", "counter", "Completion tokens generated (from usage).",
+               each(lambda n: stat(n, "completion_tokens_total")))
+    out.family("instance_tokens_per_second", "gauge", "Generation speed of the last completed request.",
+               each(lambda n: stat(n, "last_tokens_per_second")))
+    out.family("instance_queue_depth", "gauge", "Requests waiting for a free slot.",
+               each(lambda n: stat(n, "queued")))
+    out.family("instance_in_flight", "gauge", "Requests being answered now.",
+               each(lambda n: stat(n, "in_flight")))
+    out.family("instance_loaded", "gauge", "1 when the router considers the model loaded.",
+               each(lambda n: None if stat(n, "loaded") is None else (1 if stat(n, "loaded") else 0)))
+
+    def idle(name: str) -> float | None:
+        last = stat(name, "last_used")
+        return None if last is None or router_now is None else max(0.0, router_now - float(last))
+
+    out.family("instance_idle_seconds", "gauge", "Seconds since the router last relayed a request to it.",
+               each(idle))
+    out.family("instance_on_demand_starts_total", "counter", "Starts the router made for a request.",
+               each(lambda n: stat(n, "starts_total")))
+    out.family("instance_evictions_total", "counter", "Stops the router made to make room for another model.",
+               each(lambda n: stat(n, "evictions_total")))
+    out.family("instance_ttl_unloads_total", "counter", "Stops the router made after `ttl` idle seconds.",
+               each(lambda n: stat(n, "ttl_unloads_total")))
+    return out.text()

@@ -1,0 +1,838 @@
+"""The OpenAI-compatible router's engine (SPEC §9): model name -> instance, on-demand starts, eviction, TTL,
+per-instance concurrency with a bounded queue, replica failover, and the counters behind /metrics.
+
+Everything here runs on one asyncio loop, so the bookkeeping (phases, in-flight counts, queues) needs no locks:
+a decision and the marks that make it visible to the next request happen with no ``await`` in between. The
+blocking InstanceService calls (start, wait_healthy, stop, refresh) run on a thread pool of our own, so a long
+start cannot starve the default executor other parts of the daemon use. The decisions themselves are the pure
+functions of ``domain.routing``; ``api.proxy`` is the HTTP front end.
+
+Upstream HTTP uses aiohttp (bench/asgi_choice.py: about 6x the requests per second of httpx.AsyncClient at
+concurrency 16 on the same proxy). Each instance gets its own ClientSession so that its pooled keep-alive
+connections can be dropped when it stops: a connection left open to a stopped server keeps its port busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from llama_orchestrator.domain.config import InstanceConfig
+from llama_orchestrator.domain.errors import OrchestratorError
+from llama_orchestrator.domain.routing import (
+    Admission,
+    Histogram,
+    ModelShape,
+    Replica,
+    Resident,
+    admit,
+    choose_evictions,
+    error_body,
+    estimate_memory_mb,
+    pick_replica,
+    retry_after_s,
+    sse_token_report,
+    token_report,
+)
+from llama_orchestrator.domain.settings import RouterSettings
+from llama_orchestrator.domain.states import ACTIVE, Health
+from llama_orchestrator.services.health import base_url
+from llama_orchestrator.services.instances import InstanceService
+
+log = logging.getLogger("llama_orchestrator.router")
+
+TICK_S = 0.5  # how often external changes (a CLI stop, a crash) are noticed and TTLs checked
+REPROBE_S = 1.0  # how often a replica taken out after a failure is probed again
+STOP_GRACE_S = 10.0
+CONNECT_ATTEMPTS = 3  # a connect error before any answer is retried (on another replica when there is one)
+TOKEN_BODY_MAX = 256 * 1024  # non-streamed answers up to this size are parsed for their token usage
+# Not forwarded: hop-by-hop headers, what aiohttp/uvicorn set themselves, and the client's key for *our* API.
+_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
+                  b"upgrade", b"host", b"content-length", b"accept-encoding", b"authorization"})
+_HOP_OUT = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
+
+
+class Phase(StrEnum):
+    stopped = "stopped"  # no process, as last seen
+    active = "active"  # a process runs that we have not seen healthy (started elsewhere, or failed a request)
+    starting = "starting"  # our start or health wait is in progress (inst.task)
+    ready = "ready"  # healthy: requests go straight through
+    stopping = "stopping"  # our stop is in progress (inst.task)
+
+
+LOADED = frozenset({Phase.active, Phase.starting, Phase.ready})
+
+
+class RouteError(Exception):
+    """An answer in OpenAI's error format: what went wrong, with the HTTP status that says so."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.retry_after = status, message, type_, code, retry_after
+
+    def body(self) -> bytes:
+        return json.dumps(error_body(self.message, self.type, self.code)).encode()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json")]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
+        return headers
+
+
+@dataclass
+class InstanceStats:
+    """One instance's counters for /metrics. ``duration`` is cumulative Prometheus-style (see Histogram)."""
+
+    requests_total: dict[int, int]  # by HTTP status; 499 = the client went away first
+    in_flight: int
+    queued: int
+    loaded: bool
+    last_used: float | None  # the router's clock (monotonic); None before the first request
+    duration: Histogram
+    completion_tokens_total: int
+    last_tokens_per_second: float | None
+    phase: str = "stopped"
+    up: bool = True  # False while taken out after a failure
+    starts_total: int = 0
+    evictions_total: int = 0
+    ttl_unloads_total: int = 0
+
+
+@dataclass
+class _Instance:
+    name: str
+    config: InstanceConfig
+    memory_mb: float = 0.0
+    phase: Phase = Phase.stopped
+    port: int | None = None  # the running process's port (the config may have changed since it started)
+    pid: int | None = None  # the process we saw healthy: another pid (a restart) must be seen healthy again
+    in_flight: int = 0
+    waiters: deque = field(default_factory=deque)  # futures of queued requests, FIFO
+    last_used: float | None = None
+    last_picked: float = 0.0
+    up: bool = True
+    task: asyncio.Task | None = None  # our start or stop in progress
+    reprobe: asyncio.Task | None = None
+    session: aiohttp.ClientSession | None = None
+    requests: dict[int, int] = field(default_factory=dict)
+    duration: Histogram = field(default_factory=Histogram)
+    tokens_total: int = 0
+    last_tps: float | None = None
+    starts: int = 0
+    evictions: int = 0
+    ttl_unloads: int = 0
+
+    @property
+    def limit(self) -> int:
+        return self.config.concurrency_limit
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or bool(self.waiters) or self.task is not None
+
+    def url(self) -> str:
+        config = self.config
+        if self.port is not None and self.port != config.server.port:
+            config = config.model_copy(update={"server": config.server.model_copy(update={"port": self.port})})
+        return base_url(config)
+
+
+class Router:
+    def __init__(
+        self,
+        service_factory: Callable[[], InstanceService],
+        settings: RouterSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        tick_s: float = TICK_S,
+    ) -> None:
+        self._factory = service_factory
+        self.settings = settings
+        self.clock = clock
+        self.tick_s = tick_s
+        self._instances: dict[str, _Instance] = {}
+        self._aliases: dict[str, list[str]] = {}
+        self._broken: dict[str, str] = {}  # instance name -> why its config does not load
+        self._service: InstanceService | None = None
+        self._service_lock = threading.Lock()
+        self._configs: dict[str, tuple[tuple[int, int], InstanceConfig]] = {}  # cache by file stamp (thread side)
+        self._memory: dict[tuple, float] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._maintainer: asyncio.Task | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self._last_reload = -1e9
+        self._changed: asyncio.Event | None = None  # set (and replaced) when capacity may have been freed
+        self._room_waiters = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="router")
+        self._reload_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        await self._reload()
+        self._maintainer = asyncio.create_task(self._maintain(), name="router-maintain")
+
+    async def shutdown(self) -> None:
+        """Stop our tasks and close connections. Instances keep running: the next daemon adopts them."""
+        tasks = [self._maintainer] + [i.reprobe for i in self._instances.values()]
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        for inst in self._instances.values():
+            await self._close_session(inst)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> dict[str, InstanceStats]:
+        return {
+            name: InstanceStats(
+                requests_total=dict(i.requests), in_flight=i.in_flight, queued=len(i.waiters),
+                loaded=i.phase in LOADED, last_used=i.last_used, duration=i.duration.copy(),
+                completion_tokens_total=i.tokens_total, last_tokens_per_second=i.last_tps, phase=str(i.phase),
+                up=i.up, starts_total=i.starts, evictions_total=i.evictions, ttl_unloads_total=i.ttl_unloads,
+            )
+            for name, i in self._instances.items()
+        }
+
+    async def models(self) -> list[dict[str, Any]]:
+        """What /v1/models lists: every instance name, then every alias, once each."""
+        if not self._instances:
+            await self._reload(min_age=0.5)
+        data = []
+        for name, inst in sorted(self._instances.items()):
+            data.append(_model_entry(name, [name], inst.phase in LOADED))
+        for alias, names in sorted(self._aliases.items()):
+            if alias not in self._instances:
+                loaded = any(self._instances[n].phase in LOADED for n in names)
+                data.append(_model_entry(alias, names, loaded))
+        return data
+
+    # -- the request path ------------------------------------------------------------------------------------
+
+    async def forward(
+        self, model: str | None, method: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> Upstream:
+        """Send a whole request to an instance serving ``model`` and return its open answer.
+
+        Raises RouteError. A connect error before any answer is retried, on another replica when there is one.
+        """
+        started = self.clock()
+        failed: set[str] = set()
+        last_error = ""
+        inst = None
+        for attempt in range(CONNECT_ATTEMPTS):
+            inst = await self._route(model, failed)
+            resp = await self._exchange(inst, started, method, path, headers, body, retry=True, quiet=attempt == 0)
+            if isinstance(resp, aiohttp.ClientResponse):
+                return Upstream(self, inst, resp, started)
+            failed.add(inst.name)
+            last_error = resp
+        assert inst is not None
+        error = RouteError(502, f"instance {inst.name!r} did not answer: {last_error}", "server_error",
+                           "upstream_unreachable")
+        self._record(inst, error.status, started)
+        raise error
+
+    async def passthrough(
+        self, name: str, method: str, path: str, headers: Iterable[tuple[bytes, bytes]],
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> Upstream:
+        """`/upstream/<name>/...`: one instance by name, any method and path, the body streamed; no retry."""
+        inst = self._instances.get(name)
+        if inst is None:
+            await self._reload(min_age=0.5)
+            inst = self._instances.get(name)
+        if inst is None:
+            raise RouteError(404, f"no instance named {name!r}; instances: {', '.join(sorted(self._instances))}",
+                             "invalid_request_error", "instance_not_found")
+        started = self.clock()
+        resp = await self._exchange(inst, started, method, path, headers, body, keep_length=True)
+        if isinstance(resp, str):
+            error = RouteError(502, f"instance {name!r} did not answer: {resp}", "server_error",
+                               "upstream_unreachable")
+            self._record(inst, error.status, started)
+            raise error
+        return Upstream(self, inst, resp, started)
+
+    async def _exchange(self, inst: _Instance, started: float, method: str, path: str, headers, body,
+                        keep_length: bool = False, retry: bool = False, quiet: bool = False,
+                        ) -> aiohttp.ClientResponse | str:
+        """Admit, make ready, send. Returns the response, or why to try again (the slot is then released).
+
+        With ``retry`` (the body is in memory), a 503 is a reason to try again too: llama-server answers 503 while
+        it loads, e.g. after the supervisor restarted it behind our back, and the client must not see that.
+        """
+        await self._admit(inst, started)
+        try:
+            await self._ensure_ready(inst, started)
+            inst.last_used = self.clock()
+            session = self._session(inst)
+            resp = await session.request(method, inst.url() + path, headers=self._upstream_headers(
+                inst, headers, keep_length), data=body, allow_redirects=False)
+        except RouteError as error:
+            self._release(inst)
+            self._record(inst, error.status, started)
+            raise
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            self._release(inst)
+            why = f"{type(exc).__name__}: {exc}"
+            if retry and quiet and not isinstance(exc, aiohttp.ClientConnectorError):
+                return why  # an established keep-alive connection the server had just closed: simply retry
+            self._mark_down(inst, why, connect=True)
+            return why
+        except BaseException as exc:
+            self._release(inst)
+            if isinstance(exc, asyncio.CancelledError):
+                self._record(inst, 499, started)  # the client left before the answer began
+            raise
+        if retry and resp.status == 503:
+            resp.release()
+            self._release(inst)
+            self._mark_down(inst, "HTTP 503 (loading)", connect=True)
+            return "HTTP 503"
+        if resp.status >= 500:
+            self._mark_down(inst, f"HTTP {resp.status}", connect=False)
+        return resp
+
+    def _upstream_headers(self, inst: _Instance, headers, keep_length: bool) -> dict[str, str]:
+        out = {}
+        for key, value in headers:
+            key = key.lower()
+            if key not in _HOP or (keep_length and key == b"content-length"):
+                out[key.decode("latin-1")] = value.decode("latin-1")
+        out["accept-encoding"] = "identity"  # relay bytes as they come: compressed streams arrive in lumps
+        key = _arg_value(inst.config.args, "--api-key")
+        if key:
+            out["authorization"] = f"Bearer {key}"
+        return out
+
+    # -- routing ---------------------------------------------------------------------------------------------
+
+    async def _route(self, model: str | None, failed: set[str]) -> _Instance:
+        names = self._resolve(model)
+        if not names:
+            await self._reload(min_age=0.5)  # a config added a moment ago
+            names = self._resolve(model)
+        if not names and model in self._broken:
+            raise RouteError(503, f"instance {model!r} cannot be used: {self._broken[model]}", "server_error",
+                             "config_invalid")
+        if not names:
+            known = sorted(set(self._instances) | set(self._aliases))
+            if model is None:
+                raise RouteError(400, f"the request names no model; known models: {', '.join(known) or 'none'}",
+                                 "invalid_request_error", "model_required")
+            raise RouteError(404, f"model {model!r} not found; known models: {', '.join(known) or 'none'}",
+                             "invalid_request_error", "model_not_found")
+        candidates = [self._instances[n] for n in names]
+        if len(candidates) == 1:
+            chosen = candidates[0]
+        else:
+            replicas = [Replica(i.name, i.in_flight, len(i.waiters), i.limit, i.phase in LOADED,
+                                i.up and i.name not in failed, i.phase in LOADED or self._startable(i),
+                                i.last_picked) for i in candidates]
+            chosen = self._instances[pick_replica(replicas)]
+        chosen.last_picked = self.clock()
+        return chosen
+
+    def _startable(self, inst: _Instance) -> bool:
+        try:
+            return self._plan(inst) is not None
+        except RouteError:
+            return False
+
+    def _resolve(self, model: str | None) -> list[str]:
+        if model is None:
+            return list(self._instances) if len(self._instances) == 1 else []
+        if model in self._instances:
+            return [model]
+        return self._aliases.get(model, [])
+
+    # -- admission -------------------------------------------------------------------------------------------
+
+    async def _admit(self, inst: _Instance, started: float) -> None:
+        queue = inst.config.concurrency
+        decision = admit(in_flight=inst.in_flight, limit=inst.limit, queued=len(inst.waiters), queue_max=queue.queue)
+        if decision is Admission.run:
+            inst.in_flight += 1
+            return
+        if decision is Admission.reject:
+            self._busy(inst, started, f"{inst.name}: all {inst.limit} slots are busy and {queue.queue} requests wait")
+        ticket = asyncio.get_running_loop().create_future()
+        inst.waiters.append(ticket)
+        try:
+            await asyncio.wait_for(ticket, queue.queue_timeout)  # _release hands its slot over to us
+        except TimeoutError:
+            self._busy(inst, started, f"{inst.name}: no slot free after {queue.queue_timeout:g} s in the queue")
+        except asyncio.CancelledError:
+            if ticket.done() and not ticket.cancelled():
+                self._release(inst)  # the slot came just as the client left: pass it on
+            self._record(inst, 499, started)
+            raise
+        finally:
+            if ticket in inst.waiters:
+                inst.waiters.remove(ticket)
+
+    def _busy(self, inst: _Instance, started: float, message: str) -> None:
+        wait = retry_after_s(queued=len(inst.waiters), limit=inst.limit, typical_s=inst.duration.mean())
+        self._record(inst, 429, started)
+        raise RouteError(429, message, "rate_limit_error", "queue_full", retry_after=wait)
+
+    def _release(self, inst: _Instance) -> None:
+        while inst.waiters:
+            ticket = inst.waiters.popleft()
+            if not ticket.done():
+                ticket.set_result(None)  # the slot passes straight to the next in line
+                return
+        inst.in_flight -= 1
+        if inst.in_flight == 0:
+            self._notify()
+
+    # -- starting and evicting -------------------------------------------------------------------------------
+
+    async def _ensure_ready(self, inst: _Instance, started: float) -> None:
+        """Return once ``inst`` is healthy: start it (making room first) or wait for the start in progress."""
+        start_deadline = started + self.settings.start_timeout
+        room_deadline = started + inst.config.concurrency.queue_timeout
+        while inst.phase is not Phase.ready:
+            if self.clock() >= start_deadline:
+                raise RouteError(503, f"{inst.name} is not ready after {self.settings.start_timeout:g} s "
+                                 "(router.start_timeout)", "server_error", "starting", retry_after=5)
+            if inst.task is not None:
+                await self._await_task(inst, start_deadline)
+            elif inst.phase is Phase.active:
+                self._begin_start(inst, [])
+            else:
+                victims = self._plan(inst)
+                if victims is None:
+                    await self._wait_for_room(inst, room_deadline)
+                else:
+                    self._begin_start(inst, victims)
+
+    async def _await_task(self, inst: _Instance, deadline: float) -> None:
+        task = inst.task
+        assert task is not None
+        remaining = deadline - self.clock()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            # shield: a client that gives up must not cancel the start others wait for
+            await asyncio.wait_for(asyncio.shield(task), remaining)
+        except TimeoutError:
+            raise RouteError(503, f"{inst.name} is still starting after {self.settings.start_timeout:g} s "
+                             "(router.start_timeout); try again shortly", "server_error", "starting",
+                             retry_after=5) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the start is the client's answer
+            if task.get_name() == "stop":
+                return  # a failed stop: the loop looks again at what runs
+            raise RouteError(503, f"{inst.name} could not be started: {exc}", "server_error",
+                             "start_failed") from None
+
+    def _plan(self, inst: _Instance) -> list[str] | None:
+        """Who to evict so ``inst`` fits; None when it does not fit now. Raises when it can never fit."""
+        budget = self.settings.memory_budget_mb
+        if self.settings.max_loaded is None and budget is None:
+            return []
+        if budget is not None and inst.memory_mb > budget:
+            raise RouteError(503, f"{inst.name} needs about {inst.memory_mb:g} MiB, more than "
+                             f"router.memory_budget_mb ({budget:g})", "server_error", "model_too_large")
+        residents = [Resident(i.name, i.last_used or 0.0, i.busy, i.config.pinned, i.memory_mb)
+                     for i in self._instances.values() if i is not inst and i.phase in LOADED]
+        return choose_evictions(residents, max_loaded=self.settings.max_loaded, budget_mb=budget,
+                                need_mb=inst.memory_mb)
+
+    async def _wait_for_room(self, inst: _Instance, deadline: float) -> None:
+        remaining = deadline - self.clock()
+        changed = self._changed
+        assert changed is not None
+        self._room_waiters += 1
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(changed.wait(), remaining)
+        except TimeoutError:
+            raise RouteError(503, f"no room to start {inst.name}: the loaded instances are busy or pinned "
+                             "(router.max_loaded / memory_budget_mb)", "server_error", "no_capacity",
+                             retry_after=5) from None
+        finally:
+            self._room_waiters -= 1
+
+    def _notify(self) -> None:
+        if self._changed is not None and self._room_waiters:  # an Event per wake-up, only when someone waits
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def _begin_start(self, inst: _Instance, victims: list[str]) -> None:
+        for name in victims:
+            self._instances[name].evictions += 1
+            self._begin_stop(self._instances[name], f"evicted to make room for {inst.name}")
+        inst.phase = Phase.starting
+        inst.task = _background(self._start(inst), "start")
+
+    async def _start(self, inst: _Instance) -> None:
+        try:
+            # Stops in progress finish first: evicted models leave memory before the next one loads.
+            stops = [i.task for i in self._instances.values() if i.phase is Phase.stopping and i.task]
+            await asyncio.gather(*stops, return_exceptions=True)
+            await self._close_session(inst)  # connections to an earlier process of this instance are stale
+            # by_person: a request asking for the model is a fresh start, not the supervisor's restart
+            outcome = await self._call(lambda s: s.start(inst.name, by_person=True))
+            if not outcome.already_running:
+                inst.starts += 1
+                log.info("router: started %s on demand", inst.name)
+            row = await self._wait_healthy(inst)
+            inst.port, inst.pid, inst.phase, inst.up = row.port, row.pid, Phase.ready, True
+        except BaseException:
+            await self._settle(inst)
+            raise
+        finally:
+            inst.task = None
+            self._notify()
+
+    async def _wait_healthy(self, inst: _Instance):
+        """wait_healthy in slices of a second: a thread blocked for the whole start_timeout would hold up the
+        daemon's exit (the pool's threads are joined then); between slices this task can be cancelled."""
+        deadline = self.clock() + self.settings.start_timeout
+        while True:
+            slice_s = max(0.1, min(1.0, deadline - self.clock()))
+            try:
+                return await self._call(lambda s: s.wait_healthy(inst.name, slice_s))
+            except OrchestratorError:
+                row = await self._call(lambda s: s.refresh(inst.name))
+                if row.status not in ACTIVE or self.clock() >= deadline:
+                    raise  # it exited (the error has its stderr), or the time is up
+                # still starting: next slice
+
+    def _begin_stop(self, inst: _Instance, why: str) -> asyncio.Task:
+        inst.phase = Phase.stopping
+        inst.task = _background(self._stop(inst, why), "stop")
+        return inst.task
+
+    async def _stop(self, inst: _Instance, why: str) -> None:
+        try:
+            await self._close_session(inst)
+            # by_user: the supervisor must not restart what the router unloaded; a request starts it again.
+            await self._call(lambda s: s.stop(inst.name, STOP_GRACE_S, by_user=True))
+            log.info("router: stopped %s (%s)", inst.name, why)
+            inst.phase = Phase.stopped
+        except BaseException:
+            await self._settle(inst)
+            raise
+        finally:
+            inst.task = None
+            self._notify()
+
+    async def _settle(self, inst: _Instance) -> None:
+        """After a start or stop went wrong: the phase is what actually runs."""
+        try:
+            row = await self._call(lambda s: s.refresh(inst.name))
+            inst.phase = Phase.active if row.status in ACTIVE else Phase.stopped
+        except BaseException:  # noqa: BLE001 - cancelled or broken: the next tick looks again
+            inst.phase = Phase.stopped
+
+    # -- failures --------------------------------------------------------------------------------------------
+
+    def _mark_down(self, inst: _Instance, why: str, *, connect: bool) -> None:
+        """Take a failing instance out of the replica rotation until a health probe succeeds again."""
+        log.warning("router: %s failed (%s); taken out until healthy", inst.name, why)
+        inst.up = False
+        if connect and inst.phase is Phase.ready:
+            inst.phase = Phase.active  # the next request for it checks the process (and starts it if gone)
+        if inst.reprobe is None or inst.reprobe.done():
+            inst.reprobe = asyncio.create_task(self._reprobe(inst), name=f"reprobe-{inst.name}")
+
+    async def _reprobe(self, inst: _Instance) -> None:
+        while not inst.up:
+            await asyncio.sleep(REPROBE_S)
+            if inst.phase is Phase.stopped:
+                inst.up = True  # nothing to probe: a request starts it afresh
+                return
+            if inst.task is not None:
+                continue  # a start decides; it sets up when healthy
+            try:
+                path = inst.config.healthcheck.path
+                async with self._session(inst).get(inst.url() + path, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    healthy = r.status == 200
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                healthy = False
+            if healthy:
+                inst.up = True
+                if inst.phase is Phase.active:
+                    inst.phase = Phase.ready
+                self._notify()
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------
+
+    def _finish(self, inst: _Instance, status: int, started: float, tokens: Any) -> None:
+        self._release(inst)
+        self._record(inst, status, started)
+        if tokens is not None:
+            inst.tokens_total += tokens.completion_tokens or 0
+            if tokens.tokens_per_second is not None:
+                inst.last_tps = tokens.tokens_per_second
+
+    def _record(self, inst: _Instance, status: int, started: float) -> None:
+        now = self.clock()
+        inst.last_used = now
+        inst.requests[status] = inst.requests.get(status, 0) + 1
+        inst.duration.observe(max(0.0, now - started))
+
+    def _session(self, inst: _Instance) -> aiohttp.ClientSession:
+        if inst.session is None or inst.session.closed:
+            inst.session = aiohttp.ClientSession(
+                # keep-alive shorter than llama-server's own 5 s, so we never reuse a connection it is closing
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                skip_auto_headers=("User-Agent",),
+            )
+        return inst.session
+
+    async def _close_session(self, inst: _Instance) -> None:
+        session, inst.session = inst.session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    async def _call(self, work: Callable[[InstanceService], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: work(self._get_service()))
+
+    def _get_service(self) -> InstanceService:
+        # One service for all our threads: its Store serialises SQLite behind a lock, and the process that
+        # spawned a server (and so can reap it and read its exit code) is the one that refreshes it.
+        with self._service_lock:
+            if self._service is None:
+                self._service = self._factory()
+            return self._service
+
+    # -- the background task: configs, external changes, TTL -------------------------------------------------
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                await self._reload()
+                self._unload_idle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad tick must not end the maintenance
+                log.exception("router maintenance failed")
+
+    async def _reload(self, min_age: float = 0.0) -> None:
+        """Re-read configs and process states (one trip to the thread pool) and apply them."""
+        assert self._reload_lock is not None
+        async with self._reload_lock:
+            if self.clock() - self._last_reload < min_age:
+                return
+            configs, rows, memory, self._broken = await self._call(self._read_all)
+            self._last_reload = self.clock()
+        for name in list(self._instances):
+            inst = self._instances[name]
+            if name not in configs and not inst.busy:
+                await self._close_session(inst)
+                del self._instances[name]
+        aliases: dict[str, list[str]] = {}
+        for name, config in configs.items():
+            inst = self._instances.get(name)
+            if inst is None:
+                inst = self._instances[name] = _Instance(name, config)
+            inst.config, inst.memory_mb = config, memory.get(name, 0.0)
+            for alias in config.aliases:
+                aliases.setdefault(alias, []).append(name)
+            self._observe(inst, rows[name])
+        self._aliases = aliases
+
+    def _observe(self, inst: _Instance, row) -> None:
+        if inst.task is not None:
+            return  # our own start/stop owns the phase until it reports
+        if row.status in ACTIVE:
+            inst.port = row.port
+            if inst.phase is Phase.ready and row.pid != inst.pid:
+                inst.phase = Phase.active  # restarted behind our back (supervisor, CLI): check before use
+            if inst.phase is Phase.stopped:
+                inst.phase = Phase.active  # started by someone else (CLI, autostart): TTL counts from now
+                inst.last_used = inst.last_used if inst.last_used is not None else self.clock()
+            elif inst.phase is Phase.ready and row.health == Health.unhealthy and inst.up:
+                self._mark_down(inst, "the supervisor found it unhealthy", connect=False)
+        elif inst.phase in LOADED:
+            inst.phase = Phase.stopped
+            _background(self._close_session(inst), "close")
+            self._notify()
+
+    def _unload_idle(self) -> None:
+        now = self.clock()
+        for inst in self._instances.values():
+            ttl = inst.config.ttl
+            if ttl is None or inst.phase not in (Phase.active, Phase.ready) or inst.busy:
+                continue
+            if inst.last_used is not None and now - inst.last_used >= ttl:
+                inst.ttl_unloads += 1
+                self._begin_stop(inst, f"idle for {ttl:g} s (ttl)")
+
+    def _read_all(self, service: InstanceService) -> tuple[dict[str, InstanceConfig], dict, dict, dict[str, str]]:
+        """Thread side: every config that loads (cached by file stamp), its state, and its memory estimate."""
+        configs, rows, memory, broken = {}, {}, {}, {}
+        for name in service.names():
+            path = service.home.config_path(name)
+            try:
+                stat = path.stat()
+                stamp = (stat.st_mtime_ns, stat.st_size)
+                cached = self._configs.get(name)
+                config = cached[1] if cached and cached[0] == stamp else service.load(name)
+                self._configs[name] = (stamp, config)
+            except OrchestratorError as exc:
+                broken[name] = str(exc)  # `validate` and `ps` report it too; a request for it says so
+                continue
+            except OSError:
+                continue  # removed while we looked
+            configs[name] = config
+            rows[name] = service.refresh(name)
+            if self.settings.memory_budget_mb is not None:
+                memory[name] = self._estimate(config.model_path(path.parent), config.model.context_size)
+        return configs, rows, memory, broken
+
+    def _estimate(self, model: Path, context_size: int) -> float:
+        try:
+            stat = model.stat()
+        except OSError:
+            return 0.0
+        key = (str(model), stat.st_mtime_ns, stat.st_size, context_size)
+        if key not in self._memory:
+            self._memory[key] = estimate_memory_mb(stat.st_size, context_size, _model_shape(model))
+        return self._memory[key]
+
+
+class Upstream:
+    """An instance's answer being relayed. ``close()`` must be called: it frees the slot and records the stats."""
+
+    def __init__(self, router: Router, inst: _Instance, resp: aiohttp.ClientResponse, started: float) -> None:
+        self._router, self._inst, self._resp, self._started = router, inst, resp, started
+        self.instance = inst.name
+        self.status = resp.status
+        self.headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _HOP_OUT]
+        self.headers.append((b"x-llama-orch-instance", inst.name.encode()))
+        content_type = resp.headers.get("content-type", "")
+        self._sse = self.event_stream = content_type.startswith("text/event-stream")
+        if self._sse and resp.connection is not None and resp.connection.protocol is not None:
+            # llama-server closes the connection after a stream although it announced keep-alive; pooled, it
+            # would fail the next request sent on it. So a stream's connection is never reused.
+            resp.connection.protocol.force_close()
+        self._json = content_type.startswith("application/json") and (resp.content_length or 0) <= TOKEN_BODY_MAX
+        self._tail: deque[bytes] = deque(maxlen=3)  # the last chunks of a stream hold its usage/timings
+        self._kept: list[bytes] = []
+        self._complete = False
+        self._closed = False
+
+    @property
+    def small(self) -> bool:
+        """A complete answer of known, small size (not a stream): sent on in one piece, one send fewer."""
+        length = self._resp.content_length
+        return not self._sse and length is not None and length <= TOKEN_BODY_MAX
+
+    async def read(self) -> bytes:
+        body = await self._resp.read()
+        if self._json:
+            self._kept.append(body)
+        self._complete = True
+        return body
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives: each chunk is yielded as soon as the upstream sent it."""
+        sse, kept, budget = self._sse, self._kept, TOKEN_BODY_MAX if self._json else 0
+        async for chunk in self._resp.content.iter_any():
+            if sse:
+                self._tail.append(chunk)
+            elif budget > 0:
+                kept.append(chunk)
+                budget -= len(chunk)
+                if budget <= 0:
+                    kept.clear()  # too big to be worth parsing for the token count
+            yield chunk
+        self._complete = True
+
+    async def close(self, *, client_gone: bool = False) -> None:
+        """Finish: a partly read answer closes its connection, which makes llama-server stop generating."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._complete:
+            self._resp.release()
+        else:
+            self._resp.close()
+        # A client may hang up as soon as it has read `data: [DONE]`, before the stream's end: it got everything.
+        delivered = self._complete or (self._sse and bool(self._tail) and b"data: [DONE]" in self._tail[-1])
+        elapsed = self._router.clock() - self._started
+        tokens = None
+        if delivered:
+            try:
+                if self._sse:
+                    tokens = sse_token_report(b"".join(self._tail), elapsed_s=elapsed)
+                elif self._json and self._kept:
+                    tokens = token_report(json.loads(b"".join(self._kept)), elapsed_s=elapsed)
+            except ValueError:
+                tokens = None
+        status = self.status if delivered else 499 if client_gone else 502
+        self._router._finish(self._inst, status, self._started, tokens)  # noqa: SLF001 - the router's own class
+
+
+def _background(coro, name: str) -> asyncio.Task:
+    task = asyncio.create_task(coro, name=name)
+    # Nobody may be left to await it (every client gave up): retrieve the exception so it is not reported twice.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
+def _model_entry(model_id: str, instances: list[str], loaded: bool) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "llama-orchestrator",
+            "instances": instances, "loaded": loaded}
+
+
+def _arg_value(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _model_shape(path: Path) -> ModelShape | None:
+    """n_layer etc. from the GGUF metadata, for the KV cache estimate; None when the file does not say."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path), "r")
+
+        def value(key: str):
+            f = reader.fields.get(key)
+            v = f.contents() if f is not None else None
+            return max(v) if isinstance(v, list) and v else v  # per-layer arrays: the largest
+
+        arch = value("general.architecture")
+        n_layer, n_embd, n_head = (value(f"{arch}.{k}") for k in
+                                   ("block_count", "embedding_length", "attention.head_count"))
+        if not (n_layer and n_embd and n_head):
+            return None
+        return ModelShape(int(n_layer), int(n_embd), int(n_head), _int(value(f"{arch}.attention.head_count_kv")),
+                          _int(value(f"{arch}.attention.key_length")), _int(value(f"{arch}.attention.value_length")))
+    except Exception:  # noqa: BLE001 - any unreadable file falls back to the default per-token estimate
+        return None
+
+
+def _int(value) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
