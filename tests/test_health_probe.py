@@ -191,3 +191,33 @@ def test_real_server_that_never_answers_times_out(run: Runner) -> None:
         outcome = run(None, base=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=0.2)
     assert (outcome.status_code, outcome.error) == (None, "timed out (ReadTimeout)")
     assert outcome.latency_ms is not None and 150 <= outcome.latency_ms < 5000
+
+
+def test_the_light_probe_speaks_to_a_real_server_and_falls_back() -> None:
+    """The daemon's http.client probe, against real sockets: status, latency, /v1/health fallback, refused."""
+    import http.server
+    import threading
+
+    from llama_orchestrator.adapters.health_probe import probe_light
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self.send_response({"/v1/health": 200, "/loading": 503}.get(self.path, 404))
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        fallback = probe_light(url, "/health", 2.0)
+        assert fallback.status_code == 200 and fallback.latency_ms is not None
+        assert probe_light(url, "/loading", 2.0).status_code == 503
+    finally:
+        server.shutdown()
+        server.server_close()
+    refused = probe_light(url, "/health", 2.0)
+    assert refused.status_code is None and refused.error.startswith("cannot connect")

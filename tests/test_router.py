@@ -3,6 +3,7 @@ llama-servers started and stopped by the router itself. Real processes, real soc
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -147,7 +148,7 @@ def test_streaming_is_relayed_chunk_by_chunk(cli, tiny_model, fake_binary, serve
         events = list(sse_events(response))
     tokens = [t for t, e in events if isinstance(e, dict) and e["choices"][0]["delta"].get("content")]
     assert len(tokens) == 8 and events[-1][1] == "[DONE]"
-    gaps = [b - a for a, b in zip(tokens, tokens[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(tokens)]
     # Each token arrived about a token delay after the previous one, not all at once at the end.
     assert sum(1 for g in gaps if g > 0.08) >= 6, gaps
     stats = served.stats("alpha")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import sys
 from collections.abc import Iterable
 
@@ -27,6 +28,8 @@ def is_port_free(port: int, host: str = "127.0.0.1") -> bool:
 def _someone_listens(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.2)
+        # Closed with a reset: this check must not itself leave a TIME_WAIT that blocks the server's bind.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 

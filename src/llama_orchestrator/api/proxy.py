@@ -148,10 +148,13 @@ async def _relay(upstream: Upstream, send: Send, watch: _Watch) -> None:
         try:
             await emit({"type": "http.response.start", "status": upstream.status, "headers": upstream.headers})
             if upstream.small:
-                await emit({"type": "http.response.body", "body": await upstream.read()})
+                body = await upstream.read()
+                await upstream.close()  # counted before the client sees the end, so /metrics never lags
+                await emit({"type": "http.response.body", "body": body})
                 return
             async for chunk in upstream.chunks():
                 await emit({"type": "http.response.body", "body": chunk, "more_body": True})
+            await upstream.close()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             if client_gone or not upstream.event_stream:
                 raise  # a cut connection is the honest answer for a broken non-stream body

@@ -22,12 +22,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 
 from llama_orchestrator import __version__
 from llama_orchestrator.adapters import process as proc
 from llama_orchestrator.adapters.config_files import load_config, load_settings
-from llama_orchestrator.adapters.health_probe import probe_sync
+from llama_orchestrator.adapters.health_probe import probe_light
 from llama_orchestrator.adapters.home import Home
 from llama_orchestrator.adapters.logfiles import rotate_if_needed
 from llama_orchestrator.adapters.store import InstanceRow
@@ -41,6 +40,7 @@ from llama_orchestrator.services.supervisor import Supervisor
 
 log = logging.getLogger("llama_orchestrator.daemon")
 TICK_S = 0.5  # a process that exits is noticed within a second (SPEC §6)
+ROTATION_CHECK_S = 0.5
 
 
 class DaemonAlreadyRunning(OrchestratorError):
@@ -50,9 +50,9 @@ class DaemonAlreadyRunning(OrchestratorError):
 class ServiceOps:
     """``InstanceOps`` over the real InstanceService, with configs cached until their file changes."""
 
-    def __init__(self, service: InstanceService, client: httpx.Client) -> None:
+    def __init__(self, service: InstanceService) -> None:
         self.service = service
-        self.client = client
+        self._rotation_checked: dict[str, float] = {}
         self._configs: dict[str, tuple[tuple[int, int], InstanceConfig]] = {}
         self._names: tuple[float, list[str]] = (-1.0, [])
 
@@ -84,7 +84,7 @@ class ServiceOps:
         return self.service.stop(name, timeout, by_user=False)
 
     def probe(self, config: InstanceConfig) -> ProbeOutcome:
-        return probe_sync(self.client, base_url(config), config.healthcheck.path, config.healthcheck.timeout)
+        return probe_light(base_url(config), config.healthcheck.path, config.healthcheck.timeout)
 
     def update(self, name: str, only_if: dict[str, object] | None = None, **changes: object) -> bool:
         return self.service.store.update(name, only_if=only_if, **changes)
@@ -94,6 +94,11 @@ class ServiceOps:
         self.service.store.add_event(name, kind, message, ts)
 
     def rotate_logs(self, name: str, config: InstanceConfig) -> None:
+        # Twice a second is enough to keep the size bound; a stat of two files per instance per pass is not free.
+        now = time.monotonic()
+        if now - self._rotation_checked.get(name, 0.0) < ROTATION_CHECK_S:
+            return
+        self._rotation_checked[name] = now
         limit = int(config.logs.max_size_mb * 1024 * 1024)
         for stream in ("stdout", "stderr"):
             if rotate_if_needed(self.service.home.log_path(name, stream), limit, config.logs.rotation):
@@ -153,15 +158,23 @@ def run_daemon(
             for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGBREAK", None)):
                 if signum is not None:
                     signal.signal(signum, lambda *_: stop.set())
-        # No keep-alive for probes: a connection held open to a server that then dies leaves its port in FIN-WAIT-2
-        # until we close our end, and the restarted server could not bind it.
-        probe_client = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
-        with probe_client as client, ThreadPoolExecutor(max_workers=8, thread_name_prefix="orch") as pool:
-            supervisor = Supervisor(ServiceOps(service, client), lambda work: pool.submit(_logged, work))
+        # Workers wake the loop when they post a result (a probe answered, a start finished), so it acts on it at
+        # once instead of at the next tick; the tick still bounds how late an exit is noticed.
+        wake = threading.Event()
+
+        def dispatch(work: Callable[[], object]) -> None:
+            pool.submit(_logged, work).add_done_callback(lambda _: wake.set())
+
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="orch") as pool:
+            supervisor = Supervisor(ServiceOps(service), dispatch)
             service.store.add_event("-", "daemon", f"daemon started (pid {me.pid})", clock())
             log.info("daemon started, pid %s, home %s, API %s", me.pid, home.root, api_url or "off")
             supervisor.boot(clock())
-            while not stop.wait(tick_s):
+            while not stop.is_set():
+                wake.wait(tick_s)
+                wake.clear()
+                if stop.is_set():
+                    break
                 try:
                     supervisor.tick(clock())
                     service.reap_children()  # restarted instances are our children: no zombies

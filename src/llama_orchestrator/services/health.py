@@ -38,12 +38,9 @@ def base_url(config: InstanceConfig) -> str:
 
 
 def default_probe(url: str, path: str, timeout: float) -> ProbeOutcome:
-    import httpx
+    from llama_orchestrator.adapters.health_probe import probe_light
 
-    from llama_orchestrator.adapters.health_probe import probe_sync
-
-    with httpx.Client() as client:
-        return probe_sync(client, url, path, timeout)
+    return probe_light(url, path, timeout)
 
 
 def judge_single(outcome: ProbeOutcome, in_start_period: bool) -> Health:

@@ -20,11 +20,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,22 +33,21 @@ from llama_orchestrator.domain.errors import OrchestratorError
 from llama_orchestrator.domain.routing import (
     Admission,
     Histogram,
-    ModelShape,
     Replica,
     Resident,
+    TokenReport,
     admit,
     choose_evictions,
     error_body,
-    estimate_memory_mb,
     pick_replica,
     retry_after_s,
-    sse_token_report,
-    token_report,
 )
 from llama_orchestrator.domain.settings import RouterSettings
 from llama_orchestrator.domain.states import ACTIVE, Health
 from llama_orchestrator.services.health import base_url
 from llama_orchestrator.services.instances import InstanceService
+from llama_orchestrator.services.router_catalog import Catalog, Snapshot
+from llama_orchestrator.services.upstream import Upstream, new_session, upstream_headers
 
 log = logging.getLogger("llama_orchestrator.router")
 
@@ -57,11 +55,7 @@ TICK_S = 0.5  # how often external changes (a CLI stop, a crash) are noticed and
 REPROBE_S = 1.0  # how often a replica taken out after a failure is probed again
 STOP_GRACE_S = 10.0
 CONNECT_ATTEMPTS = 3  # a connect error before any answer is retried (on another replica when there is one)
-TOKEN_BODY_MAX = 256 * 1024  # non-streamed answers up to this size are parsed for their token usage
-# Not forwarded: hop-by-hop headers, what aiohttp/uvicorn set themselves, and the client's key for *our* API.
-_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
-                  b"upgrade", b"host", b"content-length", b"accept-encoding", b"authorization"})
-_HOP_OUT = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
+START_RETRY_S = 10.0  # a replica whose start failed is not chosen to be started again for this long
 
 
 class Phase(StrEnum):
@@ -116,13 +110,15 @@ class _Instance:
     name: str
     config: InstanceConfig
     memory_mb: float = 0.0
-    phase: Phase = Phase.stopped
+    _phase: Phase = Phase.stopped
+    epoch: int = 0  # counts phase changes: a snapshot read before one must not undo it
     port: int | None = None  # the running process's port (the config may have changed since it started)
     pid: int | None = None  # the process we saw healthy: another pid (a restart) must be seen healthy again
     in_flight: int = 0
     waiters: deque = field(default_factory=deque)  # futures of queued requests, FIFO
     last_used: float | None = None
     last_picked: float = 0.0
+    start_failed_at: float | None = None
     up: bool = True
     task: asyncio.Task | None = None  # our start or stop in progress
     reprobe: asyncio.Task | None = None
@@ -134,6 +130,15 @@ class _Instance:
     starts: int = 0
     evictions: int = 0
     ttl_unloads: int = 0
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: Phase) -> None:
+        self._phase = value
+        self.epoch += 1
 
     @property
     def limit(self) -> int:
@@ -168,8 +173,7 @@ class Router:
         self._broken: dict[str, str] = {}  # instance name -> why its config does not load
         self._service: InstanceService | None = None
         self._service_lock = threading.Lock()
-        self._configs: dict[str, tuple[tuple[int, int], InstanceConfig]] = {}  # cache by file stamp (thread side)
-        self._memory: dict[tuple, float] = {}
+        self._catalog = Catalog()
         self._pool: ThreadPoolExecutor | None = None
         self._maintainer: asyncio.Task | None = None
         self._reload_lock: asyncio.Lock | None = None
@@ -236,9 +240,15 @@ class Router:
         inst = None
         for attempt in range(CONNECT_ATTEMPTS):
             inst = await self._route(model, failed)
-            resp = await self._exchange(inst, started, method, path, headers, body, retry=True, quiet=attempt == 0)
+            try:
+                resp = await self._exchange(inst, started, method, path, headers, body, retry=True,
+                                            quiet=attempt == 0)
+            except RouteError as error:
+                if error.code != "start_failed" or not self._others(model, failed | {inst.name}):
+                    raise
+                resp = error.message  # a replica that cannot start: another one can answer
             if isinstance(resp, aiohttp.ClientResponse):
-                return Upstream(self, inst, resp, started)
+                return self._upstream(inst, resp, started)
             failed.add(inst.name)
             last_error = resp
         assert inst is not None
@@ -266,7 +276,13 @@ class Router:
                                "upstream_unreachable")
             self._record(inst, error.status, started)
             raise error
-        return Upstream(self, inst, resp, started)
+        return self._upstream(inst, resp, started)
+
+    def _upstream(self, inst: _Instance, resp: aiohttp.ClientResponse, started: float) -> Upstream:
+        def finish(status: int, tokens: TokenReport | None) -> None:
+            self._finish(inst, status, started, tokens)
+
+        return Upstream(resp, inst.name, started, self.clock, finish)
 
     async def _exchange(self, inst: _Instance, started: float, method: str, path: str, headers, body,
                         keep_length: bool = False, retry: bool = False, quiet: bool = False,
@@ -281,8 +297,8 @@ class Router:
             await self._ensure_ready(inst, started)
             inst.last_used = self.clock()
             session = self._session(inst)
-            resp = await session.request(method, inst.url() + path, headers=self._upstream_headers(
-                inst, headers, keep_length), data=body, allow_redirects=False)
+            resp = await session.request(method, inst.url() + path, data=body, allow_redirects=False,
+                                         headers=upstream_headers(headers, inst.config.args, keep_length))
         except RouteError as error:
             self._release(inst)
             self._record(inst, error.status, started)
@@ -307,18 +323,6 @@ class Router:
         if resp.status >= 500:
             self._mark_down(inst, f"HTTP {resp.status}", connect=False)
         return resp
-
-    def _upstream_headers(self, inst: _Instance, headers, keep_length: bool) -> dict[str, str]:
-        out = {}
-        for key, value in headers:
-            key = key.lower()
-            if key not in _HOP or (keep_length and key == b"content-length"):
-                out[key.decode("latin-1")] = value.decode("latin-1")
-        out["accept-encoding"] = "identity"  # relay bytes as they come: compressed streams arrive in lumps
-        key = _arg_value(inst.config.args, "--api-key")
-        if key:
-            out["authorization"] = f"Bearer {key}"
-        return out
 
     # -- routing ---------------------------------------------------------------------------------------------
 
@@ -348,7 +352,12 @@ class Router:
         chosen.last_picked = self.clock()
         return chosen
 
+    def _others(self, model: str | None, excluded: set[str]) -> bool:
+        return any(name not in excluded for name in self._resolve(model))
+
     def _startable(self, inst: _Instance) -> bool:
+        if inst.start_failed_at is not None and self.clock() - inst.start_failed_at < START_RETRY_S:
+            return False  # don't send every request to a replica whose start has just failed
         try:
             return self._plan(inst) is not None
         except RouteError:
@@ -497,7 +506,9 @@ class Router:
                 log.info("router: started %s on demand", inst.name)
             row = await self._wait_healthy(inst)
             inst.port, inst.pid, inst.phase, inst.up = row.port, row.pid, Phase.ready, True
+            inst.start_failed_at = None
         except BaseException:
+            inst.start_failed_at = self.clock()
             await self._settle(inst)
             raise
         finally:
@@ -511,7 +522,7 @@ class Router:
         while True:
             slice_s = max(0.1, min(1.0, deadline - self.clock()))
             try:
-                return await self._call(lambda s: s.wait_healthy(inst.name, slice_s))
+                return await self._call(lambda s, t=slice_s: s.wait_healthy(inst.name, t))
             except OrchestratorError:
                 row = await self._call(lambda s: s.refresh(inst.name))
                 if row.status not in ACTIVE or self.clock() >= deadline:
@@ -578,7 +589,7 @@ class Router:
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
-    def _finish(self, inst: _Instance, status: int, started: float, tokens: Any) -> None:
+    def _finish(self, inst: _Instance, status: int, started: float, tokens: TokenReport | None) -> None:
         self._release(inst)
         self._record(inst, status, started)
         if tokens is not None:
@@ -594,13 +605,7 @@ class Router:
 
     def _session(self, inst: _Instance) -> aiohttp.ClientSession:
         if inst.session is None or inst.session.closed:
-            inst.session = aiohttp.ClientSession(
-                # keep-alive shorter than llama-server's own 5 s, so we never reuse a connection it is closing
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
-                auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                skip_auto_headers=("User-Agent",),
-            )
+            inst.session = new_session()
         return inst.session
 
     async def _close_session(self, inst: _Instance) -> None:
@@ -639,23 +644,28 @@ class Router:
         async with self._reload_lock:
             if self.clock() - self._last_reload < min_age:
                 return
-            configs, rows, memory, self._broken = await self._call(self._read_all)
+            # What our own starts and stops change while the snapshot is read is newer than the snapshot.
+            epochs = {name: inst.epoch for name, inst in self._instances.items()}
+            with_memory = self.settings.memory_budget_mb is not None
+            snap = await self._call(lambda s: self._catalog.read(s, with_memory=with_memory))
             self._last_reload = self.clock()
+            self._apply(snap, epochs)
+
+    def _apply(self, snap: Snapshot, epochs: dict[str, int]) -> None:
         for name in list(self._instances):
-            inst = self._instances[name]
-            if name not in configs and not inst.busy:
-                await self._close_session(inst)
-                del self._instances[name]
+            if name not in snap.configs and not self._instances[name].busy:
+                _background(self._close_session(self._instances.pop(name)), "close")
         aliases: dict[str, list[str]] = {}
-        for name, config in configs.items():
+        for name, config in snap.configs.items():
             inst = self._instances.get(name)
             if inst is None:
                 inst = self._instances[name] = _Instance(name, config)
-            inst.config, inst.memory_mb = config, memory.get(name, 0.0)
+            inst.config, inst.memory_mb = config, snap.memory_mb.get(name, 0.0)
             for alias in config.aliases:
                 aliases.setdefault(alias, []).append(name)
-            self._observe(inst, rows[name])
-        self._aliases = aliases
+            if epochs.get(name, inst.epoch) == inst.epoch:
+                self._observe(inst, snap.rows[name])
+        self._aliases, self._broken = aliases, snap.broken
 
     def _observe(self, inst: _Instance, row) -> None:
         if inst.task is not None:
@@ -684,111 +694,6 @@ class Router:
                 inst.ttl_unloads += 1
                 self._begin_stop(inst, f"idle for {ttl:g} s (ttl)")
 
-    def _read_all(self, service: InstanceService) -> tuple[dict[str, InstanceConfig], dict, dict, dict[str, str]]:
-        """Thread side: every config that loads (cached by file stamp), its state, and its memory estimate."""
-        configs, rows, memory, broken = {}, {}, {}, {}
-        for name in service.names():
-            path = service.home.config_path(name)
-            try:
-                stat = path.stat()
-                stamp = (stat.st_mtime_ns, stat.st_size)
-                cached = self._configs.get(name)
-                config = cached[1] if cached and cached[0] == stamp else service.load(name)
-                self._configs[name] = (stamp, config)
-            except OrchestratorError as exc:
-                broken[name] = str(exc)  # `validate` and `ps` report it too; a request for it says so
-                continue
-            except OSError:
-                continue  # removed while we looked
-            configs[name] = config
-            rows[name] = service.refresh(name)
-            if self.settings.memory_budget_mb is not None:
-                memory[name] = self._estimate(config.model_path(path.parent), config.model.context_size)
-        return configs, rows, memory, broken
-
-    def _estimate(self, model: Path, context_size: int) -> float:
-        try:
-            stat = model.stat()
-        except OSError:
-            return 0.0
-        key = (str(model), stat.st_mtime_ns, stat.st_size, context_size)
-        if key not in self._memory:
-            self._memory[key] = estimate_memory_mb(stat.st_size, context_size, _model_shape(model))
-        return self._memory[key]
-
-
-class Upstream:
-    """An instance's answer being relayed. ``close()`` must be called: it frees the slot and records the stats."""
-
-    def __init__(self, router: Router, inst: _Instance, resp: aiohttp.ClientResponse, started: float) -> None:
-        self._router, self._inst, self._resp, self._started = router, inst, resp, started
-        self.instance = inst.name
-        self.status = resp.status
-        self.headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _HOP_OUT]
-        self.headers.append((b"x-llama-orch-instance", inst.name.encode()))
-        content_type = resp.headers.get("content-type", "")
-        self._sse = self.event_stream = content_type.startswith("text/event-stream")
-        if self._sse and resp.connection is not None and resp.connection.protocol is not None:
-            # llama-server closes the connection after a stream although it announced keep-alive; pooled, it
-            # would fail the next request sent on it. So a stream's connection is never reused.
-            resp.connection.protocol.force_close()
-        self._json = content_type.startswith("application/json") and (resp.content_length or 0) <= TOKEN_BODY_MAX
-        self._tail: deque[bytes] = deque(maxlen=3)  # the last chunks of a stream hold its usage/timings
-        self._kept: list[bytes] = []
-        self._complete = False
-        self._closed = False
-
-    @property
-    def small(self) -> bool:
-        """A complete answer of known, small size (not a stream): sent on in one piece, one send fewer."""
-        length = self._resp.content_length
-        return not self._sse and length is not None and length <= TOKEN_BODY_MAX
-
-    async def read(self) -> bytes:
-        body = await self._resp.read()
-        if self._json:
-            self._kept.append(body)
-        self._complete = True
-        return body
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives: each chunk is yielded as soon as the upstream sent it."""
-        sse, kept, budget = self._sse, self._kept, TOKEN_BODY_MAX if self._json else 0
-        async for chunk in self._resp.content.iter_any():
-            if sse:
-                self._tail.append(chunk)
-            elif budget > 0:
-                kept.append(chunk)
-                budget -= len(chunk)
-                if budget <= 0:
-                    kept.clear()  # too big to be worth parsing for the token count
-            yield chunk
-        self._complete = True
-
-    async def close(self, *, client_gone: bool = False) -> None:
-        """Finish: a partly read answer closes its connection, which makes llama-server stop generating."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._complete:
-            self._resp.release()
-        else:
-            self._resp.close()
-        # A client may hang up as soon as it has read `data: [DONE]`, before the stream's end: it got everything.
-        delivered = self._complete or (self._sse and bool(self._tail) and b"data: [DONE]" in self._tail[-1])
-        elapsed = self._router.clock() - self._started
-        tokens = None
-        if delivered:
-            try:
-                if self._sse:
-                    tokens = sse_token_report(b"".join(self._tail), elapsed_s=elapsed)
-                elif self._json and self._kept:
-                    tokens = token_report(json.loads(b"".join(self._kept)), elapsed_s=elapsed)
-            except ValueError:
-                tokens = None
-        status = self.status if delivered else 499 if client_gone else 502
-        self._router._finish(self._inst, status, self._started, tokens)  # noqa: SLF001 - the router's own class
-
 
 def _background(coro, name: str) -> asyncio.Task:
     task = asyncio.create_task(coro, name=name)
@@ -802,37 +707,3 @@ def _model_entry(model_id: str, instances: list[str], loaded: bool) -> dict[str,
             "instances": instances, "loaded": loaded}
 
 
-def _arg_value(args: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _model_shape(path: Path) -> ModelShape | None:
-    """n_layer etc. from the GGUF metadata, for the KV cache estimate; None when the file does not say."""
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path), "r")
-
-        def value(key: str):
-            f = reader.fields.get(key)
-            v = f.contents() if f is not None else None
-            return max(v) if isinstance(v, list) and v else v  # per-layer arrays: the largest
-
-        arch = value("general.architecture")
-        n_layer, n_embd, n_head = (value(f"{arch}.{k}") for k in
-                                   ("block_count", "embedding_length", "attention.head_count"))
-        if not (n_layer and n_embd and n_head):
-            return None
-        return ModelShape(int(n_layer), int(n_embd), int(n_head), _int(value(f"{arch}.attention.head_count_kv")),
-                          _int(value(f"{arch}.attention.key_length")), _int(value(f"{arch}.attention.value_length")))
-    except Exception:  # noqa: BLE001 - any unreadable file falls back to the default per-token estimate
-        return None
-
-
-def _int(value) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and value > 0 else None
