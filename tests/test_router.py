@@ -111,6 +111,12 @@ def test_models_lists_names_and_aliases_and_unknown_is_404(cli, tiny_model, fake
     assert error["type"] == "invalid_request_error" and error["code"] == "model_not_found"
     assert "alpha" in error["message"] and "shared" in error["message"]
 
+    (cli.home / "instances" / "broken").mkdir()
+    (cli.home / "instances" / "broken" / "config.json").write_text('{"name": "broken", "model": {}}')
+    broken = served.client.post(CHAT, json=chat("broken"))
+    assert broken.status_code == 503 and broken.json()["error"]["code"] == "config_invalid"
+    assert "model.path" in broken.json()["error"]["message"]
+
     bad = served.client.post(CHAT, content=b"[not json")
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
     assert served.client.get("/upstream/nope/health").status_code == 404
@@ -174,6 +180,25 @@ def test_a_client_that_disconnects_frees_the_slot_at_once(cli, tiny_model, fake_
     assert served.stats("alpha").requests_total == {499: 1}
     reply = served.client.post(CHAT, json=chat("alpha", max_tokens=2))
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_client_that_gives_up_on_a_non_streamed_answer_frees_its_slot(cli, tiny_model, fake_binary, serve) -> None:
+    add(cli, tiny_model, fake_binary, "alpha", "--fake-token-delay", "0.2", "--fake-tokens", "50")
+    served = serve()
+    assert served.client.post(CHAT, json=chat("alpha", max_tokens=1)).status_code == 200  # started
+    with pytest.raises(httpx.ReadTimeout):
+        served.client.post(CHAT, json=chat("alpha"), timeout=0.5)
+    wait_until(lambda: served.stats("alpha").in_flight == 0, 2, message="the slot freed")
+    assert served.stats("alpha").requests_total == {200: 1, 499: 1}
+
+
+def test_ttl_never_unloads_an_instance_with_a_request_in_flight(cli, tiny_model, fake_binary, serve) -> None:
+    add(cli, tiny_model, fake_binary, "alpha", "--fake-token-delay", "0.1", "--fake-tokens", "20", ttl=0.3)
+    served = serve()
+    with served.client.stream("POST", CHAT, json=chat("alpha", stream=True)) as response:
+        events = [e for _, e in sse_events(response)]  # 2 s, much longer than the ttl
+    assert events[-1] == "[DONE]" and len(events) == 23
+    wait_until(lambda: served.status("alpha") == "stopped", 10, message="unloaded once idle")
 
 
 def test_ttl_stops_an_idle_instance(cli, tiny_model, fake_binary, serve) -> None:

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 SCHEMA_VERSION = 2
@@ -88,8 +88,14 @@ _COLUMNS = [f.name for f in fields(InstanceRow)]
 
 
 class Store:
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0, cache_s: float = 0.0) -> None:
+        """``cache_s`` > 0 (the daemon): rows are read from a cache that is dropped whenever another process has
+        written (SQLite's ``data_version``), looked at most every ``cache_s`` seconds, and on every own write."""
         self.path = path
+        self._cache_s = cache_s
+        self._cache: dict[str, InstanceRow] | None = None
+        self._cache_checked = 0.0
+        self._cache_version = -1
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN ourselves, so each transaction is exactly as long as we say.
         self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
@@ -107,6 +113,7 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._cache = None  # our own writes do not change data_version for this connection
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -135,8 +142,21 @@ class Store:
     # -- instances ---------------------------------------------------------------------------------------------
 
     def get(self, name: str) -> InstanceRow | None:
+        if self._cache_s > 0:
+            row = self._cached_rows().get(name)
+            return replace(row) if row is not None else None
         rows = self._query("SELECT * FROM instances WHERE name = ?", (name,))
         return _to_row(rows[0]) if rows else None
+
+    def _cached_rows(self) -> dict[str, InstanceRow]:
+        now = time.monotonic()
+        if self._cache is None or now - self._cache_checked >= self._cache_s:
+            self._cache_checked = now
+            version = self._query("PRAGMA data_version")[0][0]
+            if self._cache is None or version != self._cache_version:
+                self._cache_version = version
+                self._cache = {r["name"]: _to_row(r) for r in self._query("SELECT * FROM instances")}
+        return self._cache
 
     def all(self) -> dict[str, InstanceRow]:
         return {r["name"]: _to_row(r) for r in self._query("SELECT * FROM instances ORDER BY name")}

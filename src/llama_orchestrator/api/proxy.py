@@ -49,11 +49,14 @@ def make_proxy_app(router: Router) -> ASGIApp:
 async def _http(router: Router, scope: Scope, receive: Receive, send: Send) -> None:
     path: str = scope["path"]
     method: str = scope["method"]
+    # Forwarded as the client wrote it: the decoded path would turn an escaped %2F into a real slash.
+    raw = (scope.get("raw_path") or path.encode()).decode("latin-1")
     query = scope.get("query_string") or b""
-    target = path + ("?" + query.decode("latin-1") if query else "")
+    suffix = "?" + query.decode("latin-1") if query else ""
+    target = raw + suffix
     if path.startswith("/upstream/"):
-        name, _, rest = path[len("/upstream/"):].partition("/")
-        rest_target = "/" + rest + ("?" + query.decode("latin-1") if query else "")
+        name = path[len("/upstream/"):].partition("/")[0]
+        rest_target = "/" + raw[len("/upstream/"):].partition("/")[2] + suffix
         await _guarded(scope, receive, send, lambda watch: _passthrough(router, name, method, rest_target, scope,
                                                                          receive, send, watch))
         return

@@ -29,7 +29,7 @@ from llama_orchestrator.adapters.config_files import load_config, load_settings
 from llama_orchestrator.adapters.health_probe import probe_light
 from llama_orchestrator.adapters.home import Home
 from llama_orchestrator.adapters.logfiles import rotate_if_needed
-from llama_orchestrator.adapters.store import InstanceRow
+from llama_orchestrator.adapters.store import InstanceRow, Store
 from llama_orchestrator.domain.config import InstanceConfig
 from llama_orchestrator.domain.errors import OrchestratorError
 from llama_orchestrator.domain.health import ProbeOutcome
@@ -142,7 +142,8 @@ def run_daemon(
         _setup_logging(home)
         me = proc.handle_of(os.getpid())
         started_at = clock()
-        service = InstanceService(home, processes=processes, clock=clock)
+        # The loop reads every row twice a second; a row cache dropped on any write keeps that off SQLite.
+        service = InstanceService(home, store=Store(home.db_path, cache_s=0.2), processes=processes, clock=clock)
         try:
             settings = load_settings(home.settings_path)
             api, api_url = None, None
@@ -170,13 +171,20 @@ def run_daemon(
             service.store.add_event("-", "daemon", f"daemon started (pid {me.pid})", clock())
             log.info("daemon started, pid %s, home %s, API %s", me.pid, home.root, api_url or "off")
             supervisor.boot(clock())
+            # A full pass every tick (exits are noticed within it); in between, the loop wakes for what is due
+            # (a probe at its interval, the end of a backoff) or for a worker's result, and steps only those.
+            next_full_tick = clock()
             while not stop.is_set():
-                wake.wait(tick_s)
+                due = min(next_full_tick, supervisor.next_due() or next_full_tick)
+                wake.wait(max(0.0, due - clock()))
                 wake.clear()
                 if stop.is_set():
                     break
+                full = clock() >= next_full_tick
+                if full:
+                    next_full_tick = clock() + tick_s
                 try:
-                    supervisor.tick(clock())
+                    supervisor.tick(clock(), only_news=not full)
                     service.reap_children()  # restarted instances are our children: no zombies
                 except Exception:  # noqa: BLE001 - one bad tick must not end supervision
                     log.exception("supervisor tick failed")

@@ -43,7 +43,7 @@ from llama_orchestrator.domain.routing import (
     retry_after_s,
 )
 from llama_orchestrator.domain.settings import RouterSettings
-from llama_orchestrator.domain.states import ACTIVE, Health
+from llama_orchestrator.domain.states import ACTIVE, Health, Status
 from llama_orchestrator.services.health import base_url
 from llama_orchestrator.services.instances import InstanceService
 from llama_orchestrator.services.router_catalog import Catalog, Snapshot
@@ -177,7 +177,7 @@ class Router:
         self._pool: ThreadPoolExecutor | None = None
         self._maintainer: asyncio.Task | None = None
         self._reload_lock: asyncio.Lock | None = None
-        self._last_reload = -1e9
+        self._last_reload = -1e9  # when the last read of the configs began
         self._changed: asyncio.Event | None = None  # set (and replaced) when capacity may have been freed
         self._room_waiters = 0
 
@@ -214,8 +214,7 @@ class Router:
 
     async def models(self) -> list[dict[str, Any]]:
         """What /v1/models lists: every instance name, then every alias, once each."""
-        if not self._instances:
-            await self._reload(min_age=0.5)
+        await self._reload(since=self.clock())  # rare, and a config added a moment ago must be listed
         data = []
         for name, inst in sorted(self._instances.items()):
             data.append(_model_entry(name, [name], inst.phase in LOADED))
@@ -264,7 +263,7 @@ class Router:
         """`/upstream/<name>/...`: one instance by name, any method and path, the body streamed; no retry."""
         inst = self._instances.get(name)
         if inst is None:
-            await self._reload(min_age=0.5)
+            await self._reload(since=self.clock())
             inst = self._instances.get(name)
         if inst is None:
             raise RouteError(404, f"no instance named {name!r}; instances: {', '.join(sorted(self._instances))}",
@@ -329,7 +328,7 @@ class Router:
     async def _route(self, model: str | None, failed: set[str]) -> _Instance:
         names = self._resolve(model)
         if not names:
-            await self._reload(min_age=0.5)  # a config added a moment ago
+            await self._reload(since=self.clock())  # a config added a moment ago
             names = self._resolve(model)
         if not names and model in self._broken:
             raise RouteError(503, f"instance {model!r} cannot be used: {self._broken[model]}", "server_error",
@@ -570,6 +569,8 @@ class Router:
     async def _reprobe(self, inst: _Instance) -> None:
         while not inst.up:
             await asyncio.sleep(REPROBE_S)
+            if self._instances.get(inst.name) is not inst:
+                return  # its config was removed
             if inst.phase is Phase.stopped:
                 inst.up = True  # nothing to probe: a request starts it afresh
                 return
@@ -638,17 +639,20 @@ class Router:
             except Exception:  # noqa: BLE001 - one bad tick must not end the maintenance
                 log.exception("router maintenance failed")
 
-    async def _reload(self, min_age: float = 0.0) -> None:
-        """Re-read configs and process states (one trip to the thread pool) and apply them."""
+    async def _reload(self, *, since: float | None = None) -> None:
+        """Re-read configs and process states (one trip to the thread pool) and apply them.
+
+        ``since``: unless a read began after that moment (many requests for unknown models share one read).
+        """
         assert self._reload_lock is not None
         async with self._reload_lock:
-            if self.clock() - self._last_reload < min_age:
+            if since is not None and self._last_reload >= since:
                 return
+            self._last_reload = self.clock()
             # What our own starts and stops change while the snapshot is read is newer than the snapshot.
             epochs = {name: inst.epoch for name, inst in self._instances.items()}
             with_memory = self.settings.memory_budget_mb is not None
             snap = await self._call(lambda s: self._catalog.read(s, with_memory=with_memory))
-            self._last_reload = self.clock()
             self._apply(snap, epochs)
 
     def _apply(self, snap: Snapshot, epochs: dict[str, int]) -> None:
@@ -666,17 +670,20 @@ class Router:
             if epochs.get(name, inst.epoch) == inst.epoch:
                 self._observe(inst, snap.rows[name])
         self._aliases, self._broken = aliases, snap.broken
+        self._notify()  # an external stop or a config change (pinned, limits) may have made room
 
     def _observe(self, inst: _Instance, row) -> None:
         if inst.task is not None:
             return  # our own start/stop owns the phase until it reports
-        if row.status in ACTIVE:
+        # `stopping` (a `down` from the CLI, a supervisor restart) counts as gone: a request starts it again, and
+        # the start waits on the instance's lock until that stop is over.
+        if row.status in ACTIVE and row.status != Status.stopping:
             inst.port = row.port
             if inst.phase is Phase.ready and row.pid != inst.pid:
                 inst.phase = Phase.active  # restarted behind our back (supervisor, CLI): check before use
             if inst.phase is Phase.stopped:
-                inst.phase = Phase.active  # started by someone else (CLI, autostart): TTL counts from now
-                inst.last_used = inst.last_used if inst.last_used is not None else self.clock()
+                inst.phase = Phase.active  # started by someone else (CLI, autostart): its TTL counts from now
+                inst.last_used = self.clock()
             elif inst.phase is Phase.ready and row.health == Health.unhealthy and inst.up:
                 self._mark_down(inst, "the supervisor found it unhealthy", connect=False)
         elif inst.phase in LOADED:

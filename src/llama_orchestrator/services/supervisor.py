@@ -23,6 +23,7 @@ from llama_orchestrator.domain.states import ACTIVE, Health, Status
 
 log = logging.getLogger("llama_orchestrator.supervisor")
 
+HEALTH_SAVE_S = 5.0
 ProcessKey = tuple[int | None, float | None]  # (pid, create_time): which process a tracker belongs to
 
 
@@ -52,6 +53,17 @@ class Watch:
     busy: bool = False  # a start or stop is in flight: no decision until it reports back
     handled_exit: ProcessKey | None = None  # the exit already decided on (stay_down), so it is decided once
     started_by_us: ProcessKey | None = None
+    restart_at: float | None = None  # when a backoff ends
+    health_saved: tuple[Health, float] | None = None  # what was last written, and when
+
+    def due_at(self) -> float | None:
+        """When this instance next needs a step of its own (a probe, or the end of a backoff)."""
+        if self.busy:
+            return None
+        times = [self.restart_at] if self.restart_at is not None else []
+        if self.health is not None and not self.probing:
+            times.append(self.next_probe_at)
+        return min(times) if times else None
 
 
 Dispatch = Callable[[Callable[[], object]], None]
@@ -86,24 +98,38 @@ class Supervisor:
                 watch.handled_exit = (row.pid, row.create_time)
                 self._start(name, watch, attempt=None)
 
-    def tick(self, now: float) -> None:
-        self.drain(now)
+    def tick(self, now: float, *, only_news: bool = False) -> None:
+        """Handle what the workers posted, then step every instance (or, with ``only_news``, just the ones those
+        messages were about: a worker's result wakes the loop early, and that should not cost a full pass)."""
+        touched = self.drain(now)
         names = self.ops.names()
         for gone in set(self.watches) - set(names):
             del self.watches[gone]
+        if only_news:
+            touched |= {n for n, w in self.watches.items() if (w.due_at() or float("inf")) <= now}
         for name in names:
+            if only_news and name not in touched:
+                continue
             try:
                 self._step(name, now)
             except OrchestratorError as exc:
                 log.warning("%s: %s", name, exc)
 
-    def drain(self, now: float) -> None:
+    def next_due(self) -> float | None:
+        """The earliest time an instance needs a step before the next regular pass."""
+        times = [t for t in (w.due_at() for w in self.watches.values()) if t is not None]
+        return min(times) if times else None
+
+    def drain(self, now: float) -> set[str]:
+        """Handle every posted message; returns the names of the instances they were about."""
+        touched: set[str] = set()
         while True:
             try:
                 message = self.inbox.get_nowait()
             except queue.Empty:
-                return
+                return touched
             kind, name, *rest = message
+            touched.add(name)
             handler = getattr(self, f"_on_{kind}")
             handler(name, now, *rest)
 
@@ -142,6 +168,7 @@ class Supervisor:
             watch.restart = RestartTracker()  # a person started it: the count begins again, as in Docker
             self.ops.update(name, restart_attempts=0)
         watch.key = key
+        watch.health_saved = None
         watch.health = HealthTracker(started_at=row.started_at or now)
         watch.next_probe_at = now
         watch.probing = False
@@ -184,7 +211,13 @@ class Supervisor:
                 return
         else:
             watch.restart = watch.restart.on_unhealthy()
-        self.ops.update(name, only_if={"pid": pid}, **changes)
+        # Every probe's result is kept in memory; the state file gets it when the verdict changes, and otherwise
+        # every HEALTH_SAVE_S (the "last check" others read): twenty instances probed every second would
+        # otherwise be twenty writes a second.
+        saved = watch.health_saved
+        if saved is None or saved[0] != tracker.health or now - saved[1] >= HEALTH_SAVE_S:
+            if self.ops.update(name, only_if={"pid": pid}, **changes):
+                watch.health_saved = (tracker.health, now)
         if tracker.health != before and before not in (Health.unknown, Health.loading):
             detail = "recovered" if tracker.health == Health.healthy else outcome.describe()
             self.ops.event(name, "health", f"{before} -> {tracker.health}: {detail}", now)
@@ -227,6 +260,7 @@ class Supervisor:
         decision = watch.restart.on_exit(config.restart, reason, row.stopped_by_user, now)
         watch.restart = decision.tracker
         if decision.action == "restart":
+            watch.restart_at = decision.restart_at
             self.ops.update(
                 name, status=Status.backoff, next_restart_at=decision.restart_at, restart_attempts=decision.attempt
             )
@@ -244,7 +278,7 @@ class Supervisor:
             self.ops.update(name, status=decision.status)
 
     def _start(self, name: str, watch: Watch, attempt: int | None) -> None:
-        watch.busy = True
+        watch.busy, watch.restart_at = True, None
 
         def work() -> None:
             try:

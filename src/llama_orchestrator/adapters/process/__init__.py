@@ -62,13 +62,44 @@ class HeldLock(Protocol):
     def release(self) -> None: ...
 
 
+# Linux fast path: once a handle was verified with psutil, remember its raw start time (field 22 of
+# /proc/<pid>/stat, in clock ticks since boot); later checks read that one file and compare, instead of building a
+# psutil.Process and reading the file twice. The daemon checks every instance twice a second.
+_VERIFIED_START_TICKS: dict[ProcessHandle, bytes] = {}
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after its closing one.
+    return data[data.rfind(b")") + 2:].split()
+
+
 def is_alive(handle: ProcessHandle) -> bool:
     """True when the PID runs *and* is the process we started (same create time); zombies count as dead."""
+    known = _VERIFIED_START_TICKS.get(handle)
+    if known is not None:
+        fields = _stat_fields(handle.pid)
+        # fields[0] is the state (field 3), fields[19] the start time (field 22).
+        if fields is None or len(fields) < 20 or fields[19] != known:
+            _VERIFIED_START_TICKS.pop(handle, None)
+            return False
+        return fields[0] not in (b"Z", b"X")
     try:
         proc = psutil.Process(handle.pid)
         if abs(proc.create_time() - handle.create_time) > CREATE_TIME_TOLERANCE:
             return False
-        return proc.status() != psutil.STATUS_ZOMBIE
+        alive = proc.status() != psutil.STATUS_ZOMBIE
+        if alive and sys.platform.startswith("linux"):
+            fields = _stat_fields(handle.pid)
+            if fields is not None and len(fields) >= 20:
+                if len(_VERIFIED_START_TICKS) > 10_000:
+                    _VERIFIED_START_TICKS.clear()
+                _VERIFIED_START_TICKS[handle] = fields[19]
+        return alive
     except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
         return False
 
