@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
@@ -90,7 +92,9 @@ def serve_router(home: str, port: int) -> None:
 # -- load --------------------------------------------------------------------------------------------------------
 
 
-async def scenarios(url: str, seconds: float, tokens: int) -> dict[str, float]:
+async def scenarios(url: str, seconds: float, tokens: int, router_process=None) -> dict[str, float]:
+    """Every scenario against ``url``. With ``router_process`` (a psutil.Process), also the router's CPU time per
+    small request and per streamed token: steadier than latencies on a machine whose other work comes and goes."""
     import aiohttp
 
     endpoint = url + "/v1/chat/completions"
@@ -112,10 +116,17 @@ async def scenarios(url: str, seconds: float, tokens: int) -> dict[str, float]:
                 return body.count(b'"delta":{"content"') + body.count(b'"delta": {"content"')
             return json.loads(body)["usage"]["completion_tokens"]
 
+        cpu: dict[str, float] = {}
+
+        def cpu_s() -> float:
+            times = router_process.cpu_times() if router_process else None
+            return times.user + times.system if times else 0.0
+
         async def rate(payload: dict, workers: int) -> tuple[float, float]:
             """(requests/s, tokens/s) with ``workers`` clients back to back for ``seconds``."""
             deadline = time.perf_counter() + seconds
             done = [0, 0]
+            cpu_before = cpu_s()
 
             async def worker() -> None:
                 while time.perf_counter() < deadline:
@@ -126,6 +137,9 @@ async def scenarios(url: str, seconds: float, tokens: int) -> dict[str, float]:
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(workers)))
             elapsed = time.perf_counter() - t0
+            used_us = (cpu_s() - cpu_before) * 1e6
+            cpu[f"{'stream' if payload.get('stream') else 'small' if payload is small else 'long'} c{workers}"] = (
+                used_us / max(1, done[1] if payload.get("stream") else done[0]))
             return done[0] / elapsed, done[1] / elapsed
 
         for _ in range(10):
@@ -136,7 +150,7 @@ async def scenarios(url: str, seconds: float, tokens: int) -> dict[str, float]:
             t0 = time.perf_counter()
             await one(small)
             latencies.append((time.perf_counter() - t0) * 1000)
-        return {
+        result = {
             "small p50 ms": statistics.median(latencies),
             "small req/s c1": (await rate(small, 1))[0],
             "small req/s c16": (await rate(small, 16))[0],
@@ -145,6 +159,10 @@ async def scenarios(url: str, seconds: float, tokens: int) -> dict[str, float]:
             "non-stream tok/s c1": (await rate(long, 1))[1],
             "non-stream tok/s c16": (await rate(long, 16))[1],
         }
+        if router_process is not None:
+            result["router CPU us/request (small c1)"] = cpu["small c1"]
+            result["router CPU us/token (stream c16)"] = cpu["stream c16"]
+        return result
 
 
 # -- main --------------------------------------------------------------------------------------------------------
@@ -185,6 +203,7 @@ def main() -> int:
             "args": ["--fake-tokens", str(args.tokens)] if args.fake else [],
         }))
         router = subprocess.Popen([PY, __file__, "--serve-router", str(home), str(router_port)])
+        router_process = psutil.Process(router.pid)
         service = InstanceService(Home(home))
         try:
             wait_port(router_port)
@@ -194,19 +213,24 @@ def main() -> int:
             for round_ in range(args.rounds):
                 # alternate who goes first: llama-server's prompt cache and the machine's other load drift
                 for name in (["direct", "router"] if round_ % 2 == 0 else ["router", "direct"]):
-                    runs[name].append(asyncio.run(scenarios(targets[name], args.seconds, args.tokens)))
+                    measured = router_process if name == "router" else None
+                    runs[name].append(asyncio.run(scenarios(targets[name], args.seconds, args.tokens, measured)))
         finally:
             router.terminate()
             router.wait(10)
             service.stop("bench", 10)
     result = {name: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} for name, rounds in runs.items()}
+    cpu_rows = {k: result["router"].pop(k) for k in list(result["router"]) if k.startswith("router CPU")}
     if args.json:
-        print(json.dumps({"server": "fake" if args.fake else "llama-server", **result}, indent=2))
+        print(json.dumps({"server": "fake" if args.fake else "llama-server", **result, "router_cpu": cpu_rows},
+                         indent=2))
         return 0
     direct, routed = result["direct"], result["router"]
-    print(f"{'scenario':<22} {'direct':>10} {'router':>10} {'router/direct':>14}")
+    print(f"{'scenario (median of rounds)':<22} {'direct':>10} {'router':>10} {'router/direct':>14}")
     for key in direct:
         print(f"{key:<22} {direct[key]:10.2f} {routed[key]:10.2f} {routed[key] / direct[key]:14.1%}")
+    for key, value in cpu_rows.items():
+        print(f"{key:<36} {value:8.0f}")
     added = routed["small p50 ms"] - direct["small p50 ms"]
     print(f"added at the median for a small request: {added:.2f} ms "
           f"({'fake' if args.fake else 'llama-server'}, tiny model, {os.cpu_count()} CPUs, {args.rounds} rounds)")

@@ -299,3 +299,14 @@ def test_stale_probe_results_of_a_replaced_process_are_ignored() -> None:
     sup.inbox.put(("probed", "m", old_key, REFUSED))
     sup.drain(ops.now)
     assert ops.rows["m"].health != "unhealthy" and "health" not in ops.kinds("m")
+
+
+def test_nothing_is_due_for_an_instance_a_person_stopped() -> None:
+    """A stopped instance needs no step of its own: the daemon loop sleeps until its next regular pass."""
+    ops, sup = world(config())
+    ops.run("m")
+    advance(ops, sup, 2)
+    assert sup.next_due() is not None
+    ops.rows["m"] = replace(ops.rows["m"], status="stopped", stopped_by_user=True)
+    advance(ops, sup, 3)
+    assert sup.next_due() is None

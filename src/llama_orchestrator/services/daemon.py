@@ -41,6 +41,7 @@ from llama_orchestrator.services.supervisor import Supervisor
 log = logging.getLogger("llama_orchestrator.daemon")
 TICK_S = 0.5  # a process that exits is noticed within a second (SPEC §6)
 ROTATION_CHECK_S = 0.5
+MIN_PAUSE_S = 0.02
 
 
 class DaemonAlreadyRunning(OrchestratorError):
@@ -176,7 +177,8 @@ def run_daemon(
             next_full_tick = clock()
             while not stop.is_set():
                 due = min(next_full_tick, supervisor.next_due() or next_full_tick)
-                wake.wait(max(0.0, due - clock()))
+                # At least MIN_PAUSE_S between passes: a watch that stays "due" must never make the loop spin.
+                wake.wait(max(MIN_PAUSE_S, due - clock()))
                 wake.clear()
                 if stop.is_set():
                     break

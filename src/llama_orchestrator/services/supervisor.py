@@ -144,6 +144,7 @@ class Supervisor:
             return
         row = self.ops.refresh(name)
         key: ProcessKey = (row.pid, row.create_time)
+        seen = watch.key
         if row.status in (Status.starting, Status.running):
             if watch.key != key:
                 self._adopt(name, watch, row, now, by_person=watch.started_by_us != key)
@@ -152,8 +153,14 @@ class Supervisor:
                 watch.probing = True
                 self._dispatch(lambda: self.inbox.put(("probed", name, key, self.ops.probe(config))))
             self.ops.rotate_logs(name, config)
-        elif row.status == Status.exited and watch.handled_exit != key:
-            if key not in (watch.key, watch.started_by_us):
+        else:
+            # Not running (a person stopped it, or it is down for good): nothing to probe. Without this the
+            # watch would stay "due" forever and the loop would spin.
+            watch.key, watch.health = (None, None), None
+            if row.status != Status.backoff:
+                watch.restart_at = None
+        if row.status == Status.exited and watch.handled_exit != key:
+            if key not in (seen, watch.started_by_us):
                 # A process no tick saw running: a person's start that died at once. The count recorded at that
                 # start (0 after a person's `up`) is the truth, not what this watch remembers.
                 watch.restart = RestartTracker(attempts=row.restart_attempts)
