@@ -51,7 +51,8 @@ from llama_orchestrator.services.upstream import Upstream, new_session, upstream
 
 log = logging.getLogger("llama_orchestrator.router")
 
-TICK_S = 0.5  # how often external changes (a CLI stop, a crash) are noticed and TTLs checked
+TICK_S = 1.0  # how often external changes (a CLI stop, a crash) are noticed and TTLs checked (the supervisor
+# refreshes every instance twice a second already; this is the router's own, cheaper view)
 REPROBE_S = 1.0  # how often a replica taken out after a failure is probed again
 STOP_GRACE_S = 10.0
 CONNECT_ATTEMPTS = 3  # a connect error before any answer is retried (on another replica when there is one)
