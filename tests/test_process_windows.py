@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import subprocess
 import sys
-import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 import pytest
+
+import helpers
 
 from llama_orchestrator.adapters import process as process_pkg
 from llama_orchestrator.adapters.process import ProcessHandle, handle_of, is_alive
@@ -43,13 +45,8 @@ PARENT = (
 ALL_FLAGS = 0x00000200 | 0x08000000 | 0x01000000
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll ``condition`` until true; fail after ``timeout``. The short pause is the poll interval, not a guess."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
+# The suite's one condition wait (tests/helpers.py), with this file's longer default deadline.
+wait_until = functools.partial(helpers.wait_until, timeout=20.0)
 
 
 class Procs:
