@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MIGRATIONS = {
     1: """
     CREATE TABLE instances (
@@ -50,6 +50,11 @@ _MIGRATIONS = {
     2: """
     ALTER TABLE instances ADD COLUMN restart_attempts INTEGER NOT NULL DEFAULT 0;
     """,
+    # The config the process was started with (domain.drift): its hash for `ps`, its copy for `describe`.
+    3: """
+    ALTER TABLE instances ADD COLUMN config_hash TEXT;
+    ALTER TABLE instances ADD COLUMN config_json TEXT;
+    """,
 }
 
 
@@ -73,6 +78,8 @@ class InstanceRow:
     health_error: str | None = None
     updated_at: float = 0.0
     restart_attempts: int = 0
+    config_hash: str | None = None  # domain.drift.fingerprint of the config the process runs
+    config_json: str | None = None
 
 
 @dataclass(frozen=True)

@@ -76,3 +76,23 @@ def check_once(
     if became_running:
         service.store.add_event(name, "healthy", f"answering on port {config.server.port}", now)
     return CheckResult(health, outcome, now)
+
+
+def quick_probe(url: str, path: str, timeout: float) -> ProbeOutcome:
+    """A probe for someone waiting on the screen: at most half a second."""
+    return default_probe(url, path, min(timeout, 0.5))
+
+
+def probe_starting(service: InstanceService, views: list, probe: Probe = quick_probe) -> None:
+    """One quick probe of the `starting` instances among ``views`` moves those that answer to `running` now (``ps``,
+    the dashboard): without a daemon nobody else would, and the daemon's own probe may be an interval away.
+    Updates each probed view's row in place."""
+    starting = [v for v in views if v.row.status == Status.starting and v.config is not None]
+    if not starting:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, len(starting))) as pool:
+        list(pool.map(lambda v: check_once(service, v.name, v.config, v.row, probe=probe), starting))
+    for view in starting:
+        view.row = service.store.get(view.name) or view.row

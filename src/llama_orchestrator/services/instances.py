@@ -29,6 +29,7 @@ from llama_orchestrator.domain.errors import (
     StartError,
     UsageError,
 )
+from llama_orchestrator.domain.drift import fingerprint
 from llama_orchestrator.domain.launch import build_launch
 from llama_orchestrator.domain.states import ACTIVE, Health, Status
 
@@ -217,6 +218,8 @@ class InstanceService:
             if by_person:
                 row.restart_attempts = 0
             row.health_checked_at = row.health_latency_ms = row.health_error = None
+            recorded = fingerprint(config)
+            row.config_hash, row.config_json = recorded.hash, recorded.document
             self.store.put(row, now)
             self.store.add_event(name, "started", f"pid {row.pid} on port {config.server.port}", now)
         del log_dir

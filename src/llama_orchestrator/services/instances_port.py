@@ -134,26 +134,11 @@ class LocalInstances:
     def ps(self, *, include_orphans: bool = False) -> list[Record]:
         views = self.service.views(include_orphans=include_orphans)
         if self.probe_starting:
-            self._probe_starting(views)
+            from llama_orchestrator.services.health import probe_starting
+
+            probe_starting(self.service, views)
         now = time.time()
         return [ps_record(v, now) for v in views]
-
-    def _probe_starting(self, views: list[InstanceView]) -> None:
-        starting = [v for v in views if v.row.status == "starting" and v.config is not None]
-        if not starting:
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        from llama_orchestrator.services.health import check_once, default_probe
-
-        def quick(url: str, path: str, timeout: float):
-            return default_probe(url, path, min(timeout, 0.5))
-
-        svc = self.service
-        with ThreadPoolExecutor(max_workers=min(8, len(starting))) as pool:
-            list(pool.map(lambda v: check_once(svc, v.name, v.config, v.row, probe=quick), starting))
-        for view in starting:
-            view.row = svc.refresh(view.name)
 
     def describe(self, name: str) -> Record:
         from llama_orchestrator.domain.errors import InstanceNotFound

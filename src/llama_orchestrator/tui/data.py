@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from llama_orchestrator.cli.render import HEALTH_STYLE, STATUS_STYLE, duration, status_text, timestamp
 from llama_orchestrator.domain.errors import InstanceNotFound
 from llama_orchestrator.domain.states import ACTIVE, Status
+from llama_orchestrator.services.health import probe_starting, quick_probe
 
 if TYPE_CHECKING:
     from llama_orchestrator.adapters.home import Home
@@ -213,12 +213,6 @@ def line_for(view: InstanceView, usage: Usage | None, now: float) -> InstanceLin
 # -- the backend the UI calls from its workers --------------------------------------------------------------------
 
 
-def _quick_probe(url: str, path: str, timeout: float):
-    from llama_orchestrator.services.health import default_probe
-
-    return default_probe(url, path, min(timeout, 0.5))
-
-
 def _daemon_info(home: Home) -> DaemonInfo | None:
     from llama_orchestrator.services.daemon_control import daemon_info
 
@@ -235,7 +229,7 @@ class Backend:
         sampler: Sampler | None = None,
         clock: Callable[[], float] = time.time,
         daemon: Callable[[Home], DaemonInfo | None] = _daemon_info,
-        probe: Probe | None = _quick_probe,
+        probe: Probe | None = quick_probe,
         format_time: Callable[[float], str] = clock_time,
         stop_timeout: float = 10.0,
     ) -> None:
@@ -254,7 +248,8 @@ class Backend:
     def snapshot(self, after_event_id: int = 0, *, events: int = 50) -> Snapshot:
         daemon = self.daemon(self.home)
         views = self.service.views() if daemon is None else self._recorded_views()
-        self._probe_starting(views)
+        if self.probe is not None:
+            probe_starting(self.service, views, self.probe)
         now = self.clock()
         alive: set[tuple[int, float]] = set()
         lines = []
@@ -289,22 +284,6 @@ class Backend:
             return InstanceView(name, row, None, exc, path)
         except InstanceNotFound:
             return None  # removed since it was listed
-
-    def _probe_starting(self, views: list[InstanceView]) -> None:
-        """One quick probe of `starting` instances moves those that answer to `running` now (as `ps` does): without
-        a daemon nobody else would, and the daemon's own probe may be a health-check interval away."""
-        starting = [v for v in views if v.row.status == Status.starting and v.config is not None]
-        if not starting or self.probe is None:
-            return
-        from llama_orchestrator.services.health import check_once
-
-        def check(view: InstanceView) -> None:
-            check_once(self.service, view.name, view.config, view.row, probe=self.probe)
-
-        with ThreadPoolExecutor(max_workers=min(8, len(starting))) as pool:
-            list(pool.map(check, starting))
-        for view in starting:
-            view.row = self.service.store.get(view.name) or view.row
 
     def _event_line(self, event: Event) -> EventLine:
         return EventLine(event.id, self.format_time(event.ts), event.instance, event.kind, event.message)
