@@ -35,6 +35,8 @@ class Daemon:
     def client(self, key: str | None = "control", timeout: float = 60) -> httpx.Client:
         token = self.keys.get(key) if key else None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # State-changing /api calls must be JSON (api.server's browser rules), as the CLI's client sends them.
+        headers["Content-Type"] = "application/json"
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def log(self) -> str:
@@ -43,7 +45,9 @@ class Daemon:
 
 def start_daemon(cli: Cli, **api: object) -> Daemon:
     port = free_port()
-    (cli.home / "orchestrator.json").write_text(json.dumps({"api": {"port": port, **api}}))
+    settings = cli.home / "orchestrator.json"
+    settings.write_text(json.dumps({"api": {"port": port, **api}}))
+    settings.chmod(0o600)  # it may hold keys: a settings file with keys that others can read is refused
     cli.daemon = True
     result = cli.run("daemon", "start", check=True)
     url = f"http://127.0.0.1:{port}"

@@ -69,12 +69,12 @@ def seed_three(home: Path, model: Path) -> InstanceService:
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(instance_doc(name, model, 18081 + index, Path("llama-server"))))
     me = psutil.Process()
-    service.store.update(
-        "alpha", status="running", health="healthy", pid=me.pid, create_time=me.create_time(), port=18081,
+    service.store.transition(
+        "alpha", None, "running", health="healthy", pid=me.pid, create_time=me.create_time(), port=18081,
         started_at=NOW - 3725, health_checked_at=NOW - 2, health_latency_ms=3.0,
     )  # fmt: skip
-    service.store.update("beta", status="stopped", stopped_at=NOW - 600, exit_code=0)
-    service.store.update("gamma", status="backoff", restarts=3, exit_code=3, last_error="exited with code 3")
+    service.store.transition("beta", None, "stopped", stopped_at=NOW - 600, exit_code=0)
+    service.store.transition("gamma", None, "backoff", restarts=3, exit_code=3, last_error="exited with code 3")
     for offset, name, kind, message in [
         (-3725, "alpha", "started", "pid 4242 on port 18081"),
         (-3720, "alpha", "healthy", "answering on port 18081"),
@@ -231,7 +231,7 @@ def test_refresh_updates_cells_in_place_and_keeps_the_cursor(home: Path, tiny_mo
             await pilot.press("down", "down")
             assert app.selected() == "gamma"
             rows_before = list(table.rows)
-            service.store.update("beta", status="failed", last_error="gave up after 5 restarts")
+            service.store.transition("beta", None, "failed", last_error="gave up after 5 restarts")
             service.store.add_event("beta", "failed", "crashed: gave up after 5 restarts", NOW)
             await pilot.press("r")
             await until(pilot, lambda: cell(app, "beta", "status") == "failed", what="beta failed")

@@ -238,7 +238,8 @@ def test_spawn_passes_exact_popen_arguments(wp: WindowsProcesses, api: FakeApi, 
     assert "shell" not in kwargs
     assert "start_new_session" not in kwargs  # a POSIX notion; Windows uses the creation flags
     for stream, path in ((kwargs["stdout"], out), (kwargs["stderr"], err)):
-        assert stream.name == str(path) and stream.mode == "ab"
+        # Which file: the contents below say (the opener of 0600 logs may leave ``name`` an fd number).
+        assert stream.mode == "ab"
         assert stream.closed  # our copies are closed once the child has its own (rotation must not see us hold it)
 
     popen = spawned.popen
@@ -516,3 +517,62 @@ def test_real_api_taskkill_never_raises(monkeypatch: pytest.MonkeyPatch) -> None
         subprocess, "run", lambda argv, **kwargs: (_ for _ in ()).throw(subprocess.TimeoutExpired(argv, 10))
     )
     RealWinApi().taskkill(4242)
+
+
+# -- the OS scan: marked processes, psutil faked ------------------------------------------------------------------
+
+
+class FakeProcess:
+    """What scan reads of a psutil.Process; ``environ`` may raise like psutil does for another user's process."""
+
+    def __init__(self, pid: int, ppid: int, env: dict[str, str] | Exception, status: str = "running") -> None:
+        self.pid, self._ppid, self._env, self._status = pid, ppid, env, status
+
+    def environ(self) -> dict[str, str]:
+        if isinstance(self._env, Exception):
+            raise self._env
+        return self._env
+
+    def ppid(self) -> int:
+        return self._ppid
+
+    def status(self) -> str:
+        return self._status
+
+    def create_time(self) -> float:
+        return 1000.0 + self.pid
+
+
+def test_scan_finds_the_top_marked_process_of_each_instance_on_windows() -> None:
+    home = r"C:\Users\Ann\llama-home"
+    table = [
+        # Windows: any case for names and paths, either slash.
+        FakeProcess(10, 1, {"Llama_Orch_Instance": "qwen", "llama_orch_instance_home": "c:/users/ann/LLAMA-HOME"}),
+        FakeProcess(11, 10, {"LLAMA_ORCH_INSTANCE": "qwen", "LLAMA_ORCH_INSTANCE_HOME": home}),  # its child
+        FakeProcess(20, 1, {"LLAMA_ORCH_INSTANCE": "phi", "LLAMA_ORCH_INSTANCE_HOME": home}),
+        FakeProcess(21, 20, {"LLAMA_ORCH_INSTANCE": "phi", "LLAMA_ORCH_INSTANCE_HOME": home}, status="zombie"),
+        FakeProcess(30, 1, {"LLAMA_ORCH_INSTANCE": "qwen", "LLAMA_ORCH_INSTANCE_HOME": r"D:\other-home"}),
+        FakeProcess(40, 1, {"LLAMA_ORCH_INSTANCE_HOME": home}),  # no instance: not ours (e.g. a shell)
+        FakeProcess(50, 1, psutil.AccessDenied(50)),  # another user's: skipped
+        FakeProcess(60, 1, psutil.NoSuchProcess(60)),  # gone meanwhile
+        # A child whose marked parent died: Windows does not re-parent, its ppid is no marked process.
+        FakeProcess(70, 999, {"LLAMA_ORCH_INSTANCE": "gemma", "LLAMA_ORCH_INSTANCE_HOME": home}),
+    ]
+    wp = WindowsProcesses(api=None, process_iter=lambda: iter(table))  # type: ignore[arg-type]
+    found = wp.scan(Path(home))
+    assert [(f.name, f.pid, f.create_time) for f in found] == [
+        ("gemma", 70, 1070.0), ("phi", 20, 1020.0), ("qwen", 10, 1010.0),
+    ]
+    assert found[0].handle == ProcessHandle(70, 1070.0)
+
+
+def test_scan_on_posix_compares_names_and_paths_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llama_orchestrator.adapters.process.posix import PosixProcesses
+
+    table = [
+        FakeProcess(10, 1, {"LLAMA_ORCH_INSTANCE": "a", "LLAMA_ORCH_INSTANCE_HOME": "/srv/home"}),
+        FakeProcess(11, 1, {"llama_orch_instance": "b", "LLAMA_ORCH_INSTANCE_HOME": "/srv/home"}),
+        FakeProcess(12, 1, {"LLAMA_ORCH_INSTANCE": "c", "LLAMA_ORCH_INSTANCE_HOME": "/SRV/home"}),
+    ]
+    monkeypatch.setattr(psutil, "process_iter", lambda *a, **k: iter(table))
+    assert [f.name for f in PosixProcesses().scan(Path("/srv/home"))] == ["a"]

@@ -3,6 +3,7 @@ llama-servers started and stopped by the router itself. Real processes, real soc
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import threading
@@ -21,6 +22,7 @@ from helpers import free_port, wait_until
 from llama_orchestrator.adapters.home import Home
 from llama_orchestrator.adapters.process import ProcessHandle
 from llama_orchestrator.api.proxy import make_proxy_app
+from llama_orchestrator.domain.router_phases import TRANSITIONS, Phase
 from llama_orchestrator.domain.settings import RouterSettings
 from llama_orchestrator.services.instances import InstanceService
 from llama_orchestrator.services.router import InstanceStats, Router
@@ -50,11 +52,13 @@ class Served:
 
 
 @pytest.fixture
-def serve(home: Path) -> Iterator[Callable[..., Served]]:
+def serve(home: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Served]]:
     servers: list[tuple[uvicorn.Server, threading.Thread, httpx.Client]] = []
+    taken: list[tuple[str, Phase, Phase]] = []
 
     def start(**settings: object) -> Served:
-        router = Router(lambda: InstanceService(Home(home)), RouterSettings(**settings), tick_s=0.1)
+        router = Router(lambda: InstanceService(Home(home)), RouterSettings(**settings), tick_s=0.1,
+                        on_phase=lambda name, old, new: taken.append((name, old, new)))
         port = free_port()
         config = uvicorn.Config(make_proxy_app(router), host="127.0.0.1", port=port, loop="uvloop",
                                 http="httptools", lifespan="on", log_level="warning")
@@ -75,6 +79,10 @@ def serve(home: Path) -> Iterator[Callable[..., Served]]:
     service = InstanceService(Home(home))
     for name in service.names():
         service.stop(name, 5)
+    # Every phase change the router made went through its table; none was refused as a bug.
+    assert all((old, new) in TRANSITIONS for _, old, new in taken), taken
+    bugs = [r.getMessage() for r in caplog.records if "router phase bug" in r.getMessage()]
+    assert bugs == []
 
 
 def add(cli: Cli, tiny_model: Path, fake_binary: Path, name: str, *fake_args: str, **extra: object) -> int:
@@ -397,3 +405,22 @@ def test_upstream_passthrough_any_path_streamed(cli, tiny_model, fake_binary, se
     assert events[-1] == "[DONE]" and len(events) >= 9
     sized = served.client.post("/upstream/alpha/v1/embeddings", json={"input": "hello"})
     assert sized.status_code == 200 and len(sized.json()["data"][0]["embedding"]) == 16
+
+
+def test_a_session_replaced_under_a_stream_is_closed_only_after_it(cli, tiny_model, fake_binary, serve) -> None:
+    # The router replaces an instance's connection pool when it (re)starts it or sees it gone; a stream still
+    # relayed through the old pool must finish, not hang: the old pool is closed once nothing is in flight.
+    add(cli, tiny_model, fake_binary, "alpha", "--fake-token-delay", "0.1", "--fake-tokens", "10")
+    served = serve()
+    router = served.router
+    with served.client.stream("POST", CHAT, json=chat("alpha", stream=True), timeout=10) as response:
+        stream = sse_events(response)
+        next(stream)
+        inst = router._instances["alpha"]
+        old = inst.session
+        asyncio.run_coroutine_threadsafe(router._close_session(inst), router._loop).result(5)
+        assert inst.session is None  # new requests get a new pool
+        rest = [e for _, e in stream]
+    assert rest[-1] == "[DONE]" and len(rest) >= 10
+    wait_until(lambda: old.closed, 5, message="the retired session closed once idle")
+    assert served.stats("alpha").requests_total == {200: 1}

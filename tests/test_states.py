@@ -1,4 +1,4 @@
-"""The transition table: the edges SPEC §5 needs are there, nothing else is, and no state is a trap."""
+"""The transition table's shape: every status has a row, every status is reachable, none is a trap."""
 
 from __future__ import annotations
 
@@ -9,35 +9,10 @@ from pathlib import Path
 import pytest
 
 from llama_orchestrator.domain import states
-from llama_orchestrator.domain.states import ACTIVE, TRANSITIONS, Health, Status, is_active, is_valid_transition
+from llama_orchestrator.domain.states import ACTIVE, TRANSITIONS, Health, Status, is_active
 
-S = Status
-ALLOWED = {
-    (S.stopped, S.starting),
-    (S.starting, S.running),
-    (S.starting, S.stopping),
-    (S.starting, S.exited),
-    (S.starting, S.failed),
-    (S.running, S.stopping),
-    (S.running, S.exited),
-    (S.stopping, S.stopped),
-    (S.stopping, S.exited),
-    (S.exited, S.starting),
-    (S.exited, S.backoff),
-    (S.exited, S.failed),
-    (S.exited, S.stopped),
-    (S.backoff, S.starting),
-    (S.backoff, S.stopped),
-    (S.backoff, S.failed),
-    (S.failed, S.starting),
-    (S.failed, S.stopped),
-}
-ALL_PAIRS = [(a, b) for a in Status for b in Status]
-
-
-@pytest.mark.parametrize(("current", "new"), ALL_PAIRS, ids=[f"{a}->{b}" for a, b in ALL_PAIRS])
-def test_transition_table(current: Status, new: Status) -> None:
-    assert is_valid_transition(current, new) == ((current, new) in ALLOWED)
+# Whether the code keeps to the table is tested against the code's own writes: tests/test_transitions.py drives every
+# row of it. Here: the table's own shape.
 
 
 def test_every_status_has_a_row() -> None:
@@ -91,3 +66,4 @@ def test_states_is_a_leaf_module() -> None:
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+

@@ -11,6 +11,7 @@ from llama_orchestrator.adapters.store import InstanceRow
 from llama_orchestrator.domain.config import InstanceConfig
 from llama_orchestrator.domain.errors import StartError
 from llama_orchestrator.domain.health import ProbeOutcome
+from llama_orchestrator.domain.states import Status, is_valid_transition
 from llama_orchestrator.services.supervisor import Supervisor
 
 OK = ProbeOutcome(200, latency_ms=1.0)
@@ -30,6 +31,7 @@ class FakeOps:
         self.calls: list[tuple[str, str]] = []
         self.next_pid = 100
         self.now = 0.0
+        self.edges: list[tuple[Status, Status]] = []  # every status change the supervisor made
 
     # scripted world ----------------------------------------------------------------------------------------------
     def run(self, name: str) -> None:
@@ -64,19 +66,36 @@ class FakeOps:
         return self.rows[name]
 
     def stop(self, name: str, timeout: float) -> InstanceRow:
+        # The supervisor stops only unhealthy instances: InstanceService.stop(by_user=False) ends `exited`.
         self.calls.append(("stop", name))
-        self.rows[name] = replace(self.rows[name], status="stopped", stopped_at=self.now)
+        self.rows[name] = replace(self.rows[name], status="exited", stopped_at=self.now, exit_code=None)
         return self.rows[name]
 
-    def probe(self, config: InstanceConfig) -> ProbeOutcome:
+    def probe(self, config: InstanceConfig, port: int | None) -> ProbeOutcome:
         queue = self.probes[config.name]
         return queue.popleft() if queue else OK
 
     def update(self, name: str, only_if: dict | None = None, **changes: object) -> bool:
+        assert "status" not in changes, "status changes go through transition"
         row = self.rows[name]
         if only_if and any(getattr(row, k) != v for k, v in only_if.items()):
             return False
         self.rows[name] = replace(row, **changes)
+        return True
+
+    def transition(self, name, expected, new, *, event=None, only_if=None, now=None, **changes) -> bool:
+        """Store.transition's contract: CAS on the status and only_if, then the table; the edge is recorded."""
+        row = self.rows[name]
+        allowed = {Status(expected)} if isinstance(expected, str) else {Status(e) for e in expected}
+        current = Status(row.status)
+        if current not in allowed or any(getattr(row, k) != v for k, v in (only_if or {}).items()):
+            return False
+        if current != new:
+            assert is_valid_transition(current, new), f"the supervisor took {current} -> {new}"
+            self.edges.append((current, Status(new)))
+        self.rows[name] = replace(row, status=str(new), **changes)
+        if event is not None:
+            self.events.append((self.now if now is None else now, name, *event))
         return True
 
     def event(self, name: str, kind: str, message: str, ts: float) -> None:
@@ -310,3 +329,40 @@ def test_nothing_is_due_for_an_instance_a_person_stopped() -> None:
     ops.rows["m"] = replace(ops.rows["m"], status="stopped", stopped_by_user=True)
     advance(ops, sup, 3)
     assert sup.next_due() is None
+
+
+def test_one_instance_failing_its_step_pauses_no_other() -> None:
+    ops, sup = world(config("bad"), config("good"))
+    ops.run("bad")
+    ops.run("good")
+    advance(ops, sup, 1)
+    real_refresh = ops.refresh
+
+    def refresh(name: str) -> InstanceRow:
+        if name == "bad":
+            raise FileNotFoundError("instances/bad/config.json")  # e.g. removed half way through a step
+        return real_refresh(name)
+
+    ops.refresh = refresh  # type: ignore[method-assign]
+    ops.crash("good")
+    advance(ops, sup, 2)
+    assert ops.rows["good"].status == "backoff", "the other instance was still supervised"
+
+
+def test_the_supervisor_takes_only_table_edges_across_a_whole_history() -> None:
+    """A crash loop to `failed`, a person's start, an unhealthy restart: every status write is a table edge (the
+    fake's transition asserts it) and the ones this history needs are taken."""
+    ops, sup = world(config(restart={"max_retries": 1, "backoff_seconds": 1}))
+    ops.run("m")
+    advance(ops, sup, 1)
+    ops.crash("m")
+    advance(ops, sup, 3)  # backoff, restarted
+    ops.crash("m")
+    advance(ops, sup, 4)  # gave up
+    assert ops.rows["m"].status == "failed"
+    ops.run("m")  # a person's `up`
+    ops.probes["m"].extend([REFUSED] * 20)
+    advance(ops, sup, 30)
+    assert {(Status.starting, Status.running), (Status.exited, Status.backoff), (Status.exited, Status.failed)} <= set(
+        ops.edges
+    ), ops.edges

@@ -15,10 +15,11 @@ from typing import Any
 import httpx
 
 from llama_orchestrator.domain.errors import NotFoundError, OrchestratorError, StartError, UsageError
-from llama_orchestrator.services.instances_port import STREAMS, Record, WaitUntil
+from llama_orchestrator.services.instances_port import STREAMS, Recreate, Record, WaitUntil
 
 DEFAULT_TIMEOUT_S = 30.0
 SLACK_S = 30.0  # a blocking call (start --wait, stop) answers within its own timeout; this much more for the trip
+DRAIN_ALLOWANCE_S = 60.0  # LocalInstances.recreate's drain_timeout
 
 
 class ApiUnreachable(OrchestratorError):
@@ -56,8 +57,16 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, *, params: dict | None = None, timeout: float | None = None) -> Any:
+    def request(
+        self, method: str, path: str, *, params: dict | None = None, timeout: float | None = None, json: Any = None
+    ) -> Any:
         kwargs: dict[str, Any] = {"params": _clean(params)}
+        if json is not None:
+            kwargs["json"] = json
+        elif method not in ("GET", "HEAD"):
+            # The daemon takes state-changing calls only as JSON (or with a key): no web page can send those
+            # without a CORS preflight, which it refuses for foreign origins.
+            kwargs["headers"] = {"Content-Type": "application/json"}
         if timeout is not None:
             kwargs["timeout"] = httpx.Timeout(timeout, connect=5.0)
         try:
@@ -157,6 +166,18 @@ class RemoteInstances:
         budget = timeout + (wait_timeout if wait else 0) + SLACK_S
         return self.client.request("POST", f"/api/instances/{name}/restart", params=params, timeout=budget)
 
+    def plan(self, names: list[str], *, recreate: Recreate = "changed") -> list[Record]:
+        return self.client.request("POST", "/api/plan", json={"names": names, "recreate": recreate})
+
+    def recreate(self, name: str, *, wait: bool = False, timeout: float = 120.0, stop_timeout: float = 10.0) -> Record:
+        body = {"wait": wait, "timeout": timeout, "stop_timeout": stop_timeout}
+        # A recreate may drain (in-flight requests finish) and always waits for replicas: allow for all of it.
+        budget = stop_timeout + timeout + DRAIN_ALLOWANCE_S + SLACK_S
+        return self.client.request("POST", f"/api/instances/{name}/recreate", json=body, timeout=budget)
+
+    def reload(self) -> Record:
+        return self.client.request("POST", "/api/daemon/reload", json={})
+
     def health(self, names: list[str] | None = None) -> list[Record]:
         if names is None:
             names = [r["name"] for r in self.ps() if r["status"] in ("starting", "running", "stopping")]
@@ -176,13 +197,15 @@ class RemoteInstances:
         return self.client.stream_lines(path, tail=tail, stream=stream, follow=True)
 
     def attach(self, names: list[str]) -> Iterator[tuple[str, str]]:
-        """One log stream per instance (the whole log, then new lines until it exits), merged as lines arrive."""
+        """One log stream per instance (the lines written from when it opens, until the instance exits), merged as
+        lines arrive. The streams open when iteration begins (after `up` started the instances): a line written in
+        between is not shown, as it would be by the local port, which places its cursors at the call."""
         merged: queue.Queue[tuple[str, str] | tuple[str, None] | tuple[str, BaseException]] = queue.Queue()
 
         def pump(name: str) -> None:
             try:
                 for line in self.client.stream_lines(f"/api/instances/{name}/logs", tail=0, follow=True,
-                                                     until_exit=True):
+                                                     until_exit=True, new_only=True):
                     merged.put((name, line))
                 merged.put((name, None))
             except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, which raises it

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from llama_orchestrator.adapters.home import make_private_dir, readable_by_others
 from llama_orchestrator.domain.config import InstanceConfig, normalize_dialects
 from llama_orchestrator.domain.errors import ConfigError, ConfigProblem
 
@@ -93,8 +94,9 @@ def _suggestion(loc: list[str]) -> str:
 
 def write_new_config(path: Path, config: InstanceConfig) -> None:
     """Write a config that must not exist yet, atomically: no half-written file, no overwrite, even in a race."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     text = json.dumps(config.to_document(), indent=2) + "\n"
+    # mkstemp makes the file 0600: an instance's env may hold tokens.
     fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -121,6 +123,18 @@ def load_settings(path: Path):
         return Settings()
     document = read_document(path)
     try:
-        return Settings.model_validate(document)
+        settings = Settings.model_validate(document)
     except ValidationError as exc:
         raise ConfigError(str(path), problems_from(exc, document)) from None
+    _refuse_open_keys(path, settings)
+    return settings
+
+
+def _refuse_open_keys(path: Path, settings) -> None:
+    """Keys in a file others can read are keys others have: refuse it, as ssh refuses an open private key."""
+    if not (settings.api.api_keys or settings.api.control_keys):
+        return
+    mode = readable_by_others(path)
+    if mode is not None:
+        raise ConfigError(str(path), [ConfigProblem(
+            "api", f"holds keys but its permissions {mode:04o} let other users read it: run `chmod 600 {path}`")])

@@ -5,16 +5,35 @@ when no orchestrator process runs. Rotation is therefore copy-then-truncate, as 
 writer's file offset follows the truncation because of O_APPEND. Whoever is around rotates: every start, and the
 daemon on every tick. A few lines written between the copy and the truncate can be lost; that is the price of
 not sitting in the log path.
+
+Every reader here costs what it returns, not what the file holds: ``tail`` reads backwards in fixed blocks until
+it has its lines, and a line longer than ``line_cap`` bytes is returned cut, with a marker that says how long it
+was (``… [line cut: 52428800 bytes]``). Finding where a long line starts means scanning its blocks for a newline
+(linear in the line, 40 ms for 50 MB); its body is never kept past the cap. Memory stays bounded by the cap and
+the block size, whatever one line holds. These functions block on file I/O: async callers run them in a thread
+(``api.control`` does), the dashboard in its workers.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from llama_orchestrator.adapters.home import private_opener
+
+BLOCK_BYTES = 64 * 1024
+LINE_CAP_BYTES = 16 * 1024  # a llama-server log line is rarely over 1 KiB; a prompt dumped with -v can be MBs
+READ_BUDGET_BYTES = 4 * 1024 * 1024  # one LogCursor.read_lines call reads at most this much
+WHOLE_READ_BYTES = 4 * 1024 * 1024  # a tail whose lines span at most this much is read in one piece
+
+
+def cut_marker(length: int) -> str:
+    """What replaces the end of a line longer than the cap; ``length`` is the whole line's size in bytes."""
+    return f"… [line cut: {length} bytes]"
 
 
 def rotate_if_needed(path: Path, max_bytes: int, keep: int) -> bool:
@@ -28,40 +47,148 @@ def rotate_if_needed(path: Path, max_bytes: int, keep: int) -> bool:
         older = path.with_name(f"{path.name}.{index}")
         if older.exists():
             os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+    rotated = path.with_name(f"{path.name}.1")
     with open(path, "r+b") as live:
-        with open(path.with_name(f"{path.name}.1"), "wb") as copy:
+        # The copy is as private as the log it copies (0600): logs can hold prompts and tokens.
+        with open(rotated, "wb", opener=private_opener) as copy:
             shutil.copyfileobj(live, copy, 1024 * 1024)
         live.truncate(0)
     return True
 
 
-def tail(path: Path, lines: int) -> list[str]:
-    """The last ``lines`` lines of a text file (all of them when lines <= 0), read from the end."""
-    if not path.exists():
+def _decode(data: bytes) -> str:
+    line = data[:-1] if data.endswith(b"\r") else data  # CRLF from Windows builds
+    return line.decode("utf-8", errors="replace")
+
+
+def _decode_cut(head: bytes, length: int) -> str:
+    # The cap may fall inside a multi-byte character: a non-final incremental decode holds its first bytes back
+    # instead of showing a replacement mark.
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    return f"{text}{cut_marker(length)}"
+
+
+def _slice(data: bytes, start: int, end: int, line_cap: int) -> str:
+    if end - start <= line_cap:
+        return _decode(data[start:end])
+    return _decode_cut(data[start:start + line_cap], end - start)
+
+
+def _line_at(handle, start: int, end: int, line_cap: int) -> str:
+    """The line in bytes [start, end) of ``handle``, cut at ``line_cap`` bytes (only those are read)."""
+    length = end - start
+    handle.seek(start)
+    if length <= line_cap:
+        return _decode(handle.read(length))
+    return _decode_cut(handle.read(line_cap), length)
+
+
+def _line_spans(handle, end: int, wanted: int) -> list[tuple[int, int]]:
+    """``(start, end)`` byte spans of the last ``wanted`` lines before ``end``, oldest first.
+
+    Reads backwards one block at a time and keeps only newline positions: a 50 MB line costs 800 reads of 64 KiB
+    and no more memory than one block."""
+    spans: list[tuple[int, int]] = []
+    line_end = end
+    position = end
+    while position > 0 and len(spans) < wanted:
+        start = max(0, position - BLOCK_BYTES)
+        handle.seek(start)
+        block = handle.read(position - start)
+        cut = len(block)
+        while len(spans) < wanted:
+            newline = block.rfind(b"\n", 0, cut)
+            if newline < 0:
+                break
+            spans.append((start + newline + 1, line_end))
+            line_end = start + newline
+            cut = newline
+        position = start
+    if position == 0 and len(spans) < wanted:
+        spans.append((0, line_end))  # the first line of the file
+    spans.reverse()
+    return spans
+
+
+def tail(path: Path, lines: int, *, line_cap: int = LINE_CAP_BYTES) -> list[str]:
+    """The last ``lines`` lines of a text file (all of them when lines <= 0), each cut at ``line_cap`` bytes."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
         return []
-    if lines <= 0:
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
-    with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        end = handle.tell()
-        block, data = 8192, b""
-        while end > 0 and data.count(b"\n") <= lines:
-            start = max(0, end - block)
-            handle.seek(start)
-            data = handle.read(end - start) + data
-            end = start
-    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+    with handle:
+        end = handle.seek(0, os.SEEK_END)
+        if end == 0:
+            return []
+        if lines <= 0:
+            handle.seek(0)
+            splitter = LineSplitter(line_cap)
+            out = []
+            while chunk := handle.read(BLOCK_BYTES):
+                out += splitter.feed(chunk)
+            return out + splitter.flush()
+        handle.seek(end - 1)
+        if handle.read(1) == b"\n":
+            end -= 1  # a final newline ends the last line; it does not start an empty one
+        spans = _line_spans(handle, end, lines)
+        if end - spans[0][0] <= WHOLE_READ_BYTES:
+            # Many short lines: one read and slices, rather than a seek and a read per line.
+            handle.seek(spans[0][0])
+            data, base = handle.read(end - spans[0][0]), spans[0][0]
+            return [_slice(data, start - base, stop - base, line_cap) for start, stop in spans]
+        return [_line_at(handle, start, stop, line_cap) for start, stop in spans]
+
+
+class LineSplitter:
+    """Bytes in, complete lines out, each cut at ``line_cap`` bytes; holds at most ``line_cap`` bytes of the line
+    in progress, however long it grows."""
+
+    def __init__(self, line_cap: int = LINE_CAP_BYTES) -> None:
+        self.line_cap = line_cap
+        self._head = b""  # the first bytes of the line in progress (at most line_cap)
+        self._length = 0  # its length so far, bytes past the cap included
+
+    def feed(self, chunk: bytes) -> list[str]:
+        out = []
+        start = 0
+        while (newline := chunk.find(b"\n", start)) >= 0:
+            self._add(chunk[start:newline])
+            out.append(self._take())
+            start = newline + 1
+        self._add(chunk[start:])
+        return out
+
+    def flush(self) -> list[str]:
+        """The unterminated last line, if any (the end of a file that is not being written any more)."""
+        return [self._take()] if self._length else []
+
+    def _add(self, piece: bytes) -> None:
+        room = self.line_cap - len(self._head)
+        if room > 0:
+            self._head += piece[:room]
+        self._length += len(piece)
+
+    def _take(self) -> str:
+        head, length = self._head, self._length
+        self._head, self._length = b"", 0
+        if length <= self.line_cap:
+            return _decode(head)
+        return _decode_cut(head, length)
 
 
 class LogCursor:
-    """Reads what was appended to a log file since the last call; survives truncation and recreation."""
+    """Reads what was appended to a log file since the last call; survives truncation and recreation.
 
-    def __init__(self, path: Path, *, from_end: bool = True) -> None:
+    Lines are cut at ``line_cap`` bytes; one call reads at most ``READ_BUDGET_BYTES`` (``at_end`` says whether
+    more is waiting), so a flood is returned in bounded batches."""
+
+    def __init__(self, path: Path, *, from_end: bool = True, line_cap: int = LINE_CAP_BYTES) -> None:
         self.path = path
         self._from_end = from_end
         self._handle = None
         self._position = 0
-        self._pending = b""
+        self._splitter = LineSplitter(line_cap)
+        self.at_end = True
 
     def read_lines(self) -> list[str]:
         if self._handle is None:
@@ -78,18 +205,28 @@ class LogCursor:
             # Truncated by rotation, or replaced: start again at the beginning of the live file.
             self.close()
             self._from_end = False
+            self._splitter = LineSplitter(self._splitter.line_cap)
             return self.read_lines()
         self._handle.seek(self._position)
-        chunk = self._handle.read()
+        out: list[str] = []
+        budget = READ_BUDGET_BYTES
+        while budget > 0 and (chunk := self._handle.read(min(BLOCK_BYTES, budget))):
+            out += self._splitter.feed(chunk)
+            budget -= len(chunk)
         self._position = self._handle.tell()
-        self._pending += chunk
-        *complete, self._pending = self._pending.split(b"\n")
-        return [line.decode("utf-8", errors="replace") for line in complete]
+        self.at_end = self._position >= os.fstat(self._handle.fileno()).st_size
+        return out
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def read_new_lines(cursors: list[LogCursor]) -> tuple[list[tuple[Path, str]], bool]:
+    """One pass over ``cursors``: ``(path, line)`` of what was appended, and whether any of them has more to read."""
+    lines = [(cursor.path, line) for cursor in cursors for line in cursor.read_lines()]
+    return lines, not all(cursor.at_end for cursor in cursors)
 
 
 def follow(
@@ -99,12 +236,9 @@ def follow(
     cursors = [LogCursor(p, from_end=from_end) for p in paths]
     try:
         while True:
-            got = False
-            for cursor in cursors:
-                for line in cursor.read_lines():
-                    got = True
-                    yield cursor.path, line
-            if got:
+            lines, behind = read_new_lines(cursors)
+            yield from lines
+            if lines or behind:
                 continue
             if stop():
                 # One last read: lines written just before the stop condition became true.
@@ -116,3 +250,4 @@ def follow(
     finally:
         for cursor in cursors:
             cursor.close()
+

@@ -3,17 +3,36 @@
 Several processes write here at once (CLI commands, the daemon, the dashboard). Every write is one short
 ``BEGIN IMMEDIATE`` transaction and the busy timeout is long, so writers queue instead of failing with
 "database is locked"; readers never block writers in WAL mode.
+
+Status changes go through one method, ``transition``: compare-and-swap on the current status, checked against
+``domain.states.TRANSITIONS``, the event written in the same transaction. An edge outside the table is a bug: it is
+logged and refused, never written.
+
+The database is a cache of what the configs and the OS say (SPEC §13): a file that is missing is created anew, one
+that SQLite finds corrupt (on open, or mid-run) is moved aside as ``state.sqlite.corrupt-<UTC time>`` (its -wal/-shm
+with it) and replaced by a new one. Either way ``fresh`` says so, and ``on_fresh`` (set by the instance service)
+rebuilds the rows of running instances from a scan of the processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+
+from llama_orchestrator.domain.states import Status, is_valid_transition
+
+log = logging.getLogger("llama_orchestrator.store")
+
+# How often a long-lived connection checks that its file is still the one at ``path`` (deleted, or replaced by
+# another process's recovery): then it reopens.
+_IDENTITY_CHECK_S = 0.5
 
 SCHEMA_VERSION = 3
 _MIGRATIONS = {
@@ -99,24 +118,143 @@ class Store:
         """``cache_s`` > 0 (the daemon): rows are read from a cache that is dropped whenever another process has
         written (SQLite's ``data_version``), looked at most every ``cache_s`` seconds, and on every own write."""
         self.path = path
+        self._busy_timeout_s = busy_timeout_s
         self._cache_s = cache_s
         self._cache: dict[str, InstanceRow] | None = None
         self._cache_checked = 0.0
         self._cache_version = -1
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN ourselves, so each transaction is exactly as long as we say.
-        self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
         # One connection, shared by the threads of one process (the daemon's workers): one statement or
         # transaction at a time.
         self._lock = threading.RLock()
-        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
+        # Why this database is new, when it is: "missing" or "corrupt: moved to <file>". Cleared by whoever rebuilt.
+        self.fresh: str | None = None
+        # Called (outside any transaction) after a mid-run reopen made the database fresh.
+        self.on_fresh: Callable[[Store], None] | None = None
+        self._generation = 0  # counts the times the database was made anew
+        self._identity: tuple[int, int] | None = None
+        self._identity_checked = 0.0
+        from llama_orchestrator.adapters.home import make_private_dir, tighten
+
+        make_private_dir(path.parent)  # 0700; a database an older version left 0644 is tightened (with -wal/-shm)
+        for extra in ("", "-wal", "-shm"):
+            tighten(path.with_name(path.name + extra))
+        self._db: sqlite3.Connection | None = None
+        self._open()
+
+    # -- opening, and recovery from a lost or corrupt file ----------------------------------------------------
+
+    def _open(self) -> None:
+        """Open (creating when missing) and migrate; a corrupt file is moved aside and a new one made."""
+        if not self.path.exists():
+            self._move_aside(None)  # a -wal/-shm without its database belongs to a lost one: never replay it
+            self._made_fresh(self.fresh or "missing")
+            # Created private (0600) before SQLite opens it: the state names models, ports and errors.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        found = _identity(self.path)
+        try:
+            self._connect()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not _is_corruption(exc):
+                raise
+            self._close_quietly()
+            if _identity(self.path) != found:
+                self._open()  # another process has just moved it aside and made a new one: use that
+                return
+            moved = self._move_aside(_stamp())
+            log.error("state database %s is corrupt (%s); moved to %s, starting a new one", self.path, exc, moved)
+            self._made_fresh(f"corrupt ({exc}): moved to {moved.name if moved else '?'}")
+            self._connect()
+
+    def _connect(self) -> None:
+        # isolation_level=None: we issue BEGIN ourselves, so each transaction is exactly as long as we say.
+        db = sqlite3.connect(
+            self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._db = db
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        empty = db.execute("PRAGMA user_version").fetchone()[0] == 0
         self._migrate()
+        # A first real read: a damaged page often shows only here.
+        db.execute("SELECT count(*) FROM instances").fetchone()
+        db.execute("SELECT max(id) FROM events").fetchone()
+        if empty and self.fresh is None:
+            self._made_fresh("missing")  # an empty file (e.g. truncated to 0 bytes) is a new database
+        self._identity = _identity(self.path)
+        self._identity_checked = time.monotonic()
+
+    def _made_fresh(self, reason: str) -> None:
+        self.fresh = reason
+        self._generation += 1
+
+    def _close_quietly(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = None
+
+    def _move_aside(self, stamp: str | None) -> Path | None:
+        """Move the database and its -wal/-shm to ``<name>.corrupt-<stamp>`` (kept for a person to look at);
+        with ``stamp`` None, only a -wal/-shm left without a database (``.orphan-<time>``)."""
+        moved = None
+        suffix = f".corrupt-{stamp}" if stamp else f".orphan-{_stamp()}"
+        for extra in ("", "-wal", "-shm"):
+            source = self.path.with_name(self.path.name + extra)
+            if stamp is None and extra == "":
+                continue
+            if source.exists():
+                target = self.path.with_name(self.path.name + suffix + extra)
+                with contextlib.suppress(OSError):
+                    os.replace(source, target)
+                    if extra == "":
+                        moved = target
+        return moved
+
+    def _recover(self, exc: sqlite3.DatabaseError) -> None:
+        """A corrupt database found mid-run: move it aside (unless another process already did) and reopen."""
+        with self._lock:
+            self._cache = None
+            self._close_quietly()
+            if self._identity is not None and _identity(self.path) == self._identity:
+                moved = self._move_aside(_stamp())
+                log.error("state database %s is corrupt (%s); moved to %s, starting a new one", self.path, exc, moved)
+                self._made_fresh(f"corrupt ({exc}): moved to {moved.name if moved else '?'}")
+            self._open()
+
+    def _check_identity(self) -> None:
+        """Reopen when the file at ``path`` is no longer the one we have open (deleted, or moved aside)."""
+        now = time.monotonic()
+        if now - self._identity_checked < _IDENTITY_CHECK_S:
+            return
+        self._identity_checked = now
+        if _identity(self.path) != self._identity:
+            log.warning("state database %s was deleted or replaced; reopening", self.path)
+            self._cache = None
+            self._close_quietly()
+            self._open()
+
+    def _guarded(self, work: Callable[[sqlite3.Connection], object]) -> object:
+        """Run ``work`` on the connection; corruption found on the way is recovered from once, then retried."""
+        with self._lock:
+            generation = self._generation
+            try:
+                self._check_identity()
+                result = work(self._db)
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError) and not _is_corruption(exc):
+                    raise
+                self._recover(exc)
+                result = work(self._db)
+            became_fresh = self._generation != generation
+        if became_fresh and self.on_fresh is not None:
+            self.on_fresh(self)
+        return result
 
     def close(self) -> None:
-        self._db.close()
+        self._close_quietly()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -126,16 +264,23 @@ class Store:
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
+    def _write(self, work: Callable[[sqlite3.Connection], object]) -> object:
+        def in_transaction(_db: sqlite3.Connection) -> object:
+            with self.transaction() as db:
+                return work(db)
+
+        return self._guarded(in_transaction)
+
     def _query(self, sql: str, params: list | tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        return self._guarded(lambda db: db.execute(sql, params).fetchall())  # type: ignore[return-value]
 
     def _migrate(self) -> None:
-        version = self._query("PRAGMA user_version")[0][0]
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version >= SCHEMA_VERSION:
             return
         with self.transaction() as db:
@@ -169,14 +314,15 @@ class Store:
         return {r["name"]: _to_row(r) for r in self._query("SELECT * FROM instances ORDER BY name")}
 
     def put(self, row: InstanceRow, now: float | None = None) -> None:
+        """Write a whole row as it is, status included, unchecked: for seeding (tests, imports), never for a
+        status change (that is ``transition``)."""
         row.updated_at = time.time() if now is None else now
         values = asdict(row)
         placeholders = ", ".join("?" for _ in _COLUMNS)
-        with self.transaction() as db:
-            db.execute(
-                f"INSERT OR REPLACE INTO instances ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                [values[c] for c in _COLUMNS],
-            )
+        self._write(lambda db: db.execute(
+            f"INSERT OR REPLACE INTO instances ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+            [values[c] for c in _COLUMNS],
+        ))
 
     def update(
         self,
@@ -186,14 +332,17 @@ class Store:
         only_if: dict[str, object] | None = None,
         **changes: object,
     ) -> bool:
-        """Change some fields; with ``only_if_status``/``only_if``, only while the row still has those values
-        (compare-and-swap, so a writer acting on stale knowledge changes nothing).
+        """Change some fields other than the status; with ``only_if_status``/``only_if``, only while the row still
+        has those values (compare-and-swap, so a writer acting on stale knowledge changes nothing).
 
-        Returns whether a row was changed. A missing row is created first, so updates never get lost.
+        Returns whether a row was changed. A missing row is created first, so updates never get lost. The status
+        changes only through ``transition``.
         """
         unknown = set(changes) - set(_COLUMNS)
         if unknown:
             raise ValueError(f"unknown columns {unknown}")
+        if "status" in changes:
+            raise ValueError("status changes go through Store.transition")
         changes = {"updated_at": time.time(), **changes}
         sets = ", ".join(f"{k} = ?" for k in changes)
         sql = f"UPDATE instances SET {sets} WHERE name = ?"
@@ -206,22 +355,74 @@ class Store:
                 raise ValueError(f"unknown column {column}")
             sql += f" AND {column} IS ?"
             params.append(value)
-        with self.transaction() as db:
+        def work(db: sqlite3.Connection) -> bool:
             db.execute("INSERT OR IGNORE INTO instances (name, updated_at) VALUES (?, ?)", (name, time.time()))
             return db.execute(sql, params).rowcount == 1
 
+        return bool(self._write(work))
+
+    def transition(
+        self,
+        name: str,
+        expected: Status | str | Iterable[Status | str] | None,
+        new: Status | str,
+        *,
+        event: tuple[str, str] | None = None,
+        only_if: dict[str, object] | None = None,
+        now: float | None = None,
+        **changes: object,
+    ) -> bool:
+        """The one way a status changes: in one transaction, read the row; unless its status is one of
+        ``expected`` (None: any) and the fields in ``only_if`` still hold, change nothing and return False
+        (compare-and-swap: the caller acted on stale knowledge). An edge ``domain.states.TRANSITIONS`` does not
+        hold is a bug: logged as an error, refused, never written. Otherwise write ``new`` and ``changes``, and
+        ``event`` (kind, message) with them. A missing row counts as ``stopped``.
+
+        Staying in the same status is not an edge: only the other fields change.
+        """
+        new = Status(new)
+        allowed = None if expected is None else {Status(expected)} if isinstance(expected, str) else {
+            Status(e) for e in expected
+        }
+        unknown = (set(changes) | set(only_if or {})) - set(_COLUMNS)
+        if unknown or "status" in changes:
+            raise ValueError(f"bad columns {unknown or {'status'}}")
+        ts = time.time() if now is None else now
+
+        def work(db: sqlite3.Connection) -> bool:
+            found = db.execute("SELECT * FROM instances WHERE name = ?", (name,)).fetchone()
+            current = Status(found["status"]) if found is not None else Status.stopped
+            if allowed is not None and current not in allowed:
+                return False
+            for column, value in (only_if or {}).items():
+                if (found[column] if found is not None else None) != value:
+                    return False
+            if current != new and not is_valid_transition(current, new):
+                log.error("BUG: refused status change of %s from %s to %s (not in TRANSITIONS)", name, current, new)
+                return False
+            if found is None:
+                db.execute("INSERT INTO instances (name, updated_at) VALUES (?, ?)", (name, ts))
+            values = {**changes, "status": str(new), "updated_at": ts}
+            sets = ", ".join(f"{k} = ?" for k in values)
+            db.execute(f"UPDATE instances SET {sets} WHERE name = ?", [*values.values(), name])
+            if event is not None:
+                db.execute(
+                    "INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)", (ts, name, *event)
+                )
+            return True
+
+        return bool(self._write(work))
+
     def delete(self, name: str) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM instances WHERE name = ?", (name,))
+        self._write(lambda db: db.execute("DELETE FROM instances WHERE name = ?", (name,)))
 
     # -- events ------------------------------------------------------------------------------------------------
 
     def add_event(self, instance: str, kind: str, message: str, ts: float | None = None) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)",
-                (time.time() if ts is None else ts, instance, kind, message),
-            )
+        self._write(lambda db: db.execute(
+            "INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)",
+            (time.time() if ts is None else ts, instance, kind, message),
+        ))
 
     def events(self, instance: str | None = None, *, limit: int = 50, after_id: int = 0) -> list[Event]:
         """The newest ``limit`` events (of one instance, or all) with id > after_id, oldest first."""
@@ -233,6 +434,24 @@ class Store:
             f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC LIMIT ?) ORDER BY id", [*params, limit]
         )
         return [Event(r["id"], r["ts"], r["instance"], r["kind"], r["message"]) for r in rows]
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """Whether an error says the file is damaged (not busy, not locked, not a full disk)."""
+    text = str(exc).lower()
+    return any(p in text for p in ("malformed", "not a database", "corrupt", "no such table"))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 def _to_row(row: sqlite3.Row) -> InstanceRow:

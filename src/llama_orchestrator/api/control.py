@@ -1,4 +1,5 @@
-"""The control API under ``/api``: list, describe, start, stop, restart, health, events, logs, daemon.
+"""The control API under ``/api``: list, describe, start, stop, restart, health, events, logs, daemon; and apply:
+``POST /api/plan`` (what `up` would do), ``POST /api/instances/{name}/recreate``, ``POST /api/daemon/reload``.
 
 Every endpoint is a thin call into ``LocalInstances`` (the same port the CLI uses without a daemon), so the JSON
 here is exactly what `llama-orch ... --json` prints. Blocking calls (start, stop, waits, probes) are plain ``def``
@@ -23,12 +24,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,6 +58,7 @@ STATUS_OF: list[tuple[type[OrchestratorError], int]] = [
 ]
 FOLLOW_POLL_S = 0.2
 EXIT_CHECK_S = 1.0
+LOG_READER_THREADS = 4
 
 
 def http_status(exc: OrchestratorError) -> int:
@@ -83,6 +89,20 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OrchestratorError, orchestrator_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+class PlanRequest(BaseModel):
+    names: list[str] = Field(description="the instances `up` names, in order")
+    recreate: Literal["changed", "never", "force"] = Field(
+        "changed", description="changed: recreate running instances whose config changed; never: --no-recreate; "
+        "force: --force-recreate"
+    )
+
+
+class RecreateRequest(BaseModel):
+    wait: bool = Field(False, description="answer once healthy (replicas and drained instances always are)")
+    timeout: float = Field(120.0, gt=0, le=3600, description="seconds to wait for healthy")
+    stop_timeout: float = Field(10.0, ge=0, le=3600, description="seconds to wait for a graceful stop")
 
 
 def make_control_router(
@@ -165,6 +185,7 @@ def make_control_router(
             None, description="text/plain lines (default), server-sent events, or a JSON list (not with follow)"
         ),
         until_exit: bool = Query(False, description="with follow: end the stream when the instance has exited"),
+        new_only: bool = Query(False, description="with follow: no tail, only lines written from now on (attach)"),
     ) -> Any:
         streams = STREAMS if stream == "both" else (stream,)
         paths = await run_in_threadpool(instances.log_paths, name, streams)
@@ -173,18 +194,51 @@ def make_control_router(
         if format == "json":
             if follow:
                 raise UsageError("format=json cannot follow: use text or sse")
-            return await run_in_threadpool(lambda: list(instances.logs(name, tail=tail, streams=streams)))
-        lines = _follow_lines(instances, name, paths, tail, follow, until_exit, shutting_down)
+            return await _read_logs(lambda: list(instances.logs(name, tail=tail, streams=streams)))
+        lines = _follow_lines(instances, name, paths, 0 if new_only else tail, follow, until_exit, shutting_down,
+                              new_only=new_only and follow)
         if format == "sse":
             body = (f"event: {kind}\ndata: {line}\n\n" async for kind, line in lines)
             return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return StreamingResponse((f"{line}\n" async for _, line in lines), media_type="text/plain; charset=utf-8")
+
+    @api.post("/plan", summary="What `up` would do to each instance: start, recreate (config changed), leave")
+    def plan(body: PlanRequest) -> list[dict[str, Any]]:
+        return instances.plan(body.names, recreate=body.recreate)
+
+    @api.post(
+        "/instances/{name}/recreate",
+        summary="Apply the declared config to a running instance: drain (replicas), stop, start, wait healthy",
+    )
+    def recreate(name: str, body: RecreateRequest | None = None) -> dict[str, Any]:
+        body = body or RecreateRequest()
+        return instances.recreate(name, wait=body.wait, timeout=body.timeout, stop_timeout=body.stop_timeout)
+
+    @api.post("/daemon/reload", summary="One reconcile pass now (as SIGHUP): apply changed, new and removed configs")
+    def reload() -> dict[str, Any]:
+        return instances.reload()
 
     @api.get("/daemon", summary="The daemon: pid, version, uptime, API URL, home")
     def daemon() -> dict[str, Any]:
         return daemon_record()
 
     return api
+
+
+# One limiter per event loop (a limiter belongs to the loop it was made on; tests run several daemons).
+_log_readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _read_logs(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a log read in a worker thread, never on the event loop (a tail can scan a 50 MB line). Log reads have
+    threads of their own, so many open tails cannot take the threads that start/stop and the other routes need."""
+    loop = asyncio.get_running_loop()
+    limiter = _log_readers.get(loop)
+    if limiter is None:
+        limiter = _log_readers[loop] = anyio.CapacityLimiter(LOG_READER_THREADS)
+    return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
 
 
 async def _follow_lines(
@@ -195,44 +249,55 @@ async def _follow_lines(
     follow: bool,
     until_exit: bool,
     shutting_down: threading.Event,
+    *,
+    new_only: bool = False,
 ) -> AsyncIterator[tuple[str, str]]:
     """``(stream, line)``: the tail, then new lines until the client leaves, the instance exits (``until_exit``)
-    or the daemon stops. The cursors are placed at the ends before the tail is read, so no line falls in between."""
-    from llama_orchestrator.adapters.logfiles import LogCursor, tail
+    or the daemon stops. The cursors are placed at the ends before the tail is read, so no line falls in between.
+    Every file read runs in a worker thread (``_read_logs``); lines are cut at ``logfiles.LINE_CAP_BYTES``."""
+    from llama_orchestrator.adapters.logfiles import LogCursor, read_new_lines, tail
 
     stream_of = {p: p.stem for p in paths}
-    cursors = []
-    if follow:
-        for path in paths:
-            cursor = LogCursor(path, from_end=tail_n > 0)
-            if tail_n > 0:
-                cursor.read_lines()  # opens the file at its end
-            cursors.append(cursor)
-    try:
-        if tail_n > 0 or not follow:
-            batch: list[tuple[str, str]] = []
+
+    def open_and_tail() -> tuple[list[LogCursor], list[tuple[str, str]]]:
+        cursors = []
+        if follow:
+            for path in paths:
+                # new_only: at the end now (a file not there yet is read from its start when it appears)
+                cursor = LogCursor(path, from_end=tail_n > 0 or (new_only and path.exists()))
+                if tail_n > 0 or new_only:
+                    cursor.read_lines()  # opens the file at its end
+                cursors.append(cursor)
+        batch: list[tuple[str, str]] = []
+        if (tail_n > 0 or not follow) and not new_only:
             for path in paths:
                 batch += [(stream_of[path], line) for line in tail(path, tail_n)]
-            for item in batch[-tail_n:] if tail_n > 0 else batch:
-                yield item
+        return cursors, batch[-tail_n:] if tail_n > 0 else batch
+
+    def read_new(cursors: list[LogCursor]) -> tuple[list[tuple[str, str]], bool]:
+        lines, behind = read_new_lines(cursors)
+        return [(stream_of[path], line) for path, line in lines], behind
+
+    cursors, batch = await _read_logs(open_and_tail)
+    try:
+        for item in batch:
+            yield item
         if not follow:
             return
         next_exit_check = time.monotonic() + EXIT_CHECK_S
         while not shutting_down.is_set():
-            got = False
-            for cursor in cursors:
-                for line in cursor.read_lines():
-                    got = True
-                    yield stream_of[cursor.path], line
-            if got:
+            lines, behind = await _read_logs(read_new, cursors)
+            for item in lines:
+                yield item
+            if lines or behind:
                 continue
             if until_exit and time.monotonic() >= next_exit_check:
                 next_exit_check = time.monotonic() + EXIT_CHECK_S
                 row = await run_in_threadpool(instances.service.refresh, name)
                 if row.status not in ACTIVE:
-                    for cursor in cursors:  # what it wrote just before it exited
-                        for line in cursor.read_lines():
-                            yield stream_of[cursor.path], line
+                    lines, _ = await _read_logs(read_new, cursors)  # what it wrote just before it exited
+                    for item in lines:
+                        yield item
                     return
             await asyncio.sleep(FOLLOW_POLL_S)  # polling files: no portable change notification to wait on
     finally:

@@ -29,15 +29,16 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-MAX_BODY = 256 * 1024 * 1024  # base64 images make big requests; beyond this a request is a mistake
+# Served on its own (tests, bench); the daemon passes api.max_body_mb and checks it before the proxy sees a byte.
+MAX_BODY = 16 * 1024 * 1024
 _JSON = [(b"content-type", b"application/json")]
 
 
-def make_proxy_app(router: Router) -> ASGIApp:
+def make_proxy_app(router: Router, *, max_body: int = MAX_BODY) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await _http(router, scope, receive, send)
+            await _http(router, scope, receive, send, max_body)
         elif kind == "lifespan":
             await _lifespan(router, receive, send)
         elif kind == "websocket":
@@ -46,7 +47,7 @@ def make_proxy_app(router: Router) -> ASGIApp:
     return app
 
 
-async def _http(router: Router, scope: Scope, receive: Receive, send: Send) -> None:
+async def _http(router: Router, scope: Scope, receive: Receive, send: Send, max_body: int) -> None:
     path: str = scope["path"]
     method: str = scope["method"]
     # Forwarded as the client wrote it: the decoded path would turn an escaped %2F into a real slash.
@@ -68,11 +69,11 @@ async def _http(router: Router, scope: Scope, receive: Receive, send: Send) -> N
         await _models(router, path, method, send)
         return
     try:
-        body = await _read_body(receive)
+        body = await _read_body(receive, max_body)
     except _ClientGone:
         return
     if body is None:
-        await _error(send, 413, f"request body over {MAX_BODY // (1024 * 1024)} MiB", "invalid_request_error",
+        await _error(send, 413, f"request body over {max_body / (1024 * 1024):g} MiB", "invalid_request_error",
                      "body_too_large")
         return
     model = _model_of(body)
@@ -147,9 +148,12 @@ async def _relay(upstream: Upstream, send: Send, watch: _Watch) -> None:
             client_gone = True  # the server noticed the client gone before our listener did
             raise
 
+    # llama-server reflects any Origin in access-control-allow-origin: relayed, every page could read the answers.
+    # The daemon's entry answers CORS itself, by api.cors_origins.
+    headers = [(k, v) for k, v in upstream.headers if not k.startswith(b"access-control-")]
     try:
         try:
-            await emit({"type": "http.response.start", "status": upstream.status, "headers": upstream.headers})
+            await emit({"type": "http.response.start", "status": upstream.status, "headers": headers})
             if upstream.small:
                 body = await upstream.read()
                 await upstream.close()  # counted before the client sees the end, so /metrics never lags
@@ -246,7 +250,8 @@ class _ClientGone(Exception):
     pass
 
 
-async def _read_body(receive: Receive) -> bytes | None:
+async def _read_body(receive: Receive, max_body: int) -> bytes | None:
+    """The whole body, or None past ``max_body`` (what was read is dropped at once)."""
     chunks = []
     size = 0
     while True:
@@ -255,7 +260,7 @@ async def _read_body(receive: Receive) -> bytes | None:
             raise _ClientGone  # nobody to answer
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY:
+        if size > max_body:
             return None
         chunks.append(chunk)
         if not message.get("more_body"):

@@ -11,12 +11,14 @@ Paths and who may call them (``Authorization: Bearer <key>``, keys compared in c
 
 Settings refuse a bind beyond loopback without keys, so keys are always required there. The router's ``startup`` and
 ``shutdown`` run in the ASGI lifespan, on the server's event loop.
+
+Before any of that, every request passes ``api.guard.RequestGuard``: Host and Origin (DNS rebinding, cross-origin
+pages), the body limit, and the content type of state-changing control calls.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import socket
 import threading
@@ -31,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from llama_orchestrator import __version__
 from llama_orchestrator.api.control import install_error_handlers, make_control_router
+from llama_orchestrator.api.guard import RequestGuard, send_json
 from llama_orchestrator.api.metrics import CONTENT_TYPE, render_metrics
 from llama_orchestrator.domain.errors import OrchestratorError
 from llama_orchestrator.domain.settings import ApiSettings
@@ -77,19 +80,9 @@ def key_matches(given: str | None, keys: list[str]) -> bool:
     return found
 
 
-async def _send_json(send: Callable, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                    *headers],
-    })
-    await send({"type": "http.response.body", "body": payload})
-
-
 class OrchestratorApp:
-    """The ASGI entry point: lifespan (router startup/shutdown), key checks, then the router or the control app."""
+    """The ASGI entry point: lifespan (router startup/shutdown), the request guard, key checks, then the router or
+    the control app."""
 
     def __init__(self, control: ASGIApp, proxy: ASGIApp | None, settings: ApiSettings, router: Any | None) -> None:
         self.control = control
@@ -103,12 +96,21 @@ class OrchestratorApp:
         }
         self.shutting_down = threading.Event()
         self.router_error: str | None = None if proxy is not None else "the router is not available in this build"
+        self.settings = settings
+        self.guard = RequestGuard(settings)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
         zone = _zone(scope.get("path", ""))
+
+        async def dispatch(scope: dict, receive: Callable, send: Callable) -> None:
+            await self._dispatch(zone, scope, receive, send)
+
+        await self.guard(zone, scope, receive, send, dispatch)
+
+    async def _dispatch(self, zone: str, scope: dict, receive: Callable, send: Callable) -> None:
         keys = self.keys[zone]
         if keys and not key_matches(bearer_key(scope.get("headers", [])), keys):
             if scope["type"] != "http":
@@ -116,12 +118,12 @@ class OrchestratorApp:
                 return
             which = "an API key" if zone == "router" else "a control key"
             message = f"missing or wrong API key: send `Authorization: Bearer <key>` with {which}"
-            await _send_json(send, 401, {"error": {"message": message, "type": "authentication_error"}},
+            await send_json(send, 401, {"error": {"message": message, "type": "authentication_error"}},
                              [(b"www-authenticate", b"Bearer")])
             return
         if zone == "router":
             if self.router_error is not None:
-                await _send_json(send, 503, {"error": {"message": self.router_error, "type": "unavailable"}})
+                await send_json(send, 503, {"error": {"message": self.router_error, "type": "unavailable"}})
                 return
             await self.proxy(scope, receive, send)
             return
@@ -163,7 +165,7 @@ def make_app(
     """The whole app. ``router``: a ``services.router.Router`` (its stats feed /metrics); ``proxy``: its ASGI app,
     built from ``router`` with ``api.proxy.make_proxy_app`` when not given."""
     if proxy is None and router is not None:
-        proxy = _proxy_for(router)
+        proxy = _proxy_for(router, settings.max_body_bytes)
     daemon = daemon or (lambda: {"version": __version__})
     control = FastAPI(
         title="llama-orchestrator",
@@ -179,7 +181,8 @@ def make_app(
     )
 
     @control.get("/healthz", tags=["daemon"], summary="Liveness of the daemon's HTTP server (no key needed)")
-    def healthz() -> dict[str, Any]:
+    async def healthz() -> dict[str, Any]:
+        # async: answered on the event loop, never queued behind busy worker threads
         return {"status": "ok", "version": __version__}
 
     @control.get("/metrics", tags=["daemon"], summary="Prometheus metrics of every instance",
@@ -201,11 +204,11 @@ def make_app(
     return app
 
 
-def _proxy_for(router: Any) -> ASGIApp | None:
+def _proxy_for(router: Any, max_body: int) -> ASGIApp | None:
     try:
         from llama_orchestrator.api.proxy import make_proxy_app
 
-        return make_proxy_app(router)
+        return make_proxy_app(router, max_body=max_body)
     except Exception:  # noqa: BLE001 - supervision and the control API carry on without the router
         log.exception("api.proxy is not available: /v1 and /upstream answer 503")
         return None
@@ -271,17 +274,24 @@ def _in_use(exc: OSError) -> bool:
 class ApiServer:
     """uvicorn on its own thread and event loop, on a socket bound beforehand; the caller's thread keeps signals."""
 
-    def __init__(self, app: ASGIApp, sock: socket.socket, *, graceful_s: float = 3.0) -> None:
+    def __init__(self, app: ASGIApp, sock: socket.socket, *, graceful_s: float = 3.0,
+                 settings: ApiSettings | None = None) -> None:
         import uvicorn
+
+        from llama_orchestrator.api.http_protocol import head_deadline_protocol
 
         self.app = app
         self.sock = sock
+        # The timeouts are the app's settings unless given: the daemon builds both from the same ApiSettings.
+        settings = settings or getattr(app, "settings", None) or ApiSettings()
         config = uvicorn.Config(
             app,
             log_config=None,  # our handlers (daemon.log) stay; uvicorn's loggers propagate to them
             access_log=True,
             lifespan="on",
             timeout_graceful_shutdown=graceful_s,
+            timeout_keep_alive=settings.idle_timeout,
+            http=head_deadline_protocol(settings.header_timeout) or "auto",
             server_header=False,
         )
         self.server = uvicorn.Server(config)

@@ -52,7 +52,9 @@ HostOption = Annotated[
 ApiKeyOption = Annotated[
     Optional[str],
     typer.Option("--api-key", envvar="LLAMA_ORCH_API_KEY", help="Bearer key for the daemon's control API "
-                 "(default for this home's daemon: the first control key in orchestrator.json).", show_default=False),
+                 "(default for this home's daemon: the first control key in orchestrator.json). On a shared machine "
+                 "set LLAMA_ORCH_API_KEY instead: a command line is visible to every user in `ps`.",
+                 show_default=False),
 ]
 _state: dict[str, object] = {}
 
@@ -69,7 +71,8 @@ def service() -> InstanceService:
     from llama_orchestrator.services.instances import InstanceService
 
     if "service" not in _state:
-        _state["service"] = InstanceService(Home.resolve(_state.get("home")))  # type: ignore[arg-type]
+        # secure(): the home private to its user (0700/0600), what an older version left open tightened.
+        _state["service"] = InstanceService(Home.resolve(_state.get("home")).secure())  # type: ignore[arg-type]
     return _state["service"]  # type: ignore[return-value]
 
 
@@ -235,39 +238,51 @@ def up(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Start in the background and return.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Return only when healthy (fails if it exits).")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits for healthy.")] = 120.0,
+    no_recreate: Annotated[bool, typer.Option("--no-recreate", help="Leave running instances alone even when "
+                                              "their config changed.")] = False,
+    force_recreate: Annotated[bool, typer.Option("--force-recreate", help="Recreate running instances even when "
+                                                 "their config is unchanged.")] = False,
     no_daemon: Annotated[bool, typer.Option("--no-daemon", envvar=NO_DAEMON_ENV,
                                             help="With -d: don't start the daemon even if a restart policy needs it.")]
     = False,
 ) -> None:
-    """Start instances. Without -d the logs stream here and Ctrl-C stops them (as `docker compose up`).
+    """Start instances, and apply changed configs as compose does: a running instance whose config changed is
+    recreated (stopped, started with the new config), an unchanged one is left alone. Instances sharing an alias
+    are recreated one at a time, each healthy before the next.
 
-    With -d, the daemon is started too when an instance's restart policy needs supervision.
+    Without -d the new log lines stream here and Ctrl-C stops the instances this `up` started (as `docker compose
+    up`). With -d, the daemon is started too when an instance's restart policy needs supervision.
 
     Example: llama-orch up qwen -d --wait
     """
-    from llama_orchestrator.domain.errors import OrchestratorError, StartError
+    from llama_orchestrator.domain.errors import OrchestratorError, StartError, UsageError
 
+    if no_recreate and force_recreate:
+        raise UsageError("--no-recreate and --force-recreate contradict each other: choose one")
     port = instances()
     chosen = resolve_names(names or [], all_, autostart_only=True)
     if all_ and not chosen:
         chosen = port.names()
+    recreate = "never" if no_recreate else "force" if force_recreate else "changed"
+    actions = port.plan(chosen, recreate=recreate)  # type: ignore[arg-type]
+    stream = port.attach(chosen) if not detach and chosen else None  # from the logs' ends now: only new lines
     failures: list[str] = []
-    started: list[dict] = []
-    for name in chosen:
+    started: list[dict] = []  # started or recreated by this `up`: waited for, and what Ctrl-C stops
+    for action in actions:
+        name = action["name"]
         try:
-            outcome = port.start(name)
+            outcome = _apply_one(port, action, wait=wait, timeout=timeout)
         except OrchestratorError as exc:
             if len(chosen) == 1:
                 raise
             failures.append(str(exc))
             continue
-        if outcome["already_running"]:
-            say(f"{name} is already {outcome['status']} (pid {outcome['pid']})")
-        else:
-            say(f"{name} starting (pid {outcome['pid']}, port {outcome['port']})")
+        if outcome is not None:
             started.append(outcome)
     for outcome in list(started if detach or wait else []):
         name = outcome["name"]
+        if outcome.get("healthy"):
+            continue  # a recreate that waited already (replicas are always waited for)
         try:
             if wait:
                 port.wait(name, until="healthy", timeout=timeout)
@@ -280,8 +295,31 @@ def up(
         _ensure_daemon_for([o["name"] for o in started if o.get("restart_policy") != "never"])
     if failures:
         raise StartError("\n".join(failures))
-    if not detach and chosen:
-        _attach(port, chosen)
+    if stream is not None:
+        _attach(port, stream, chosen, [o["name"] for o in started])
+
+
+def _apply_one(port: InstancesPort, action: dict, *, wait: bool, timeout: float) -> dict | None:
+    """One instance of `up`: start, recreate or leave it, and say which. Returns the outcome of what it started."""
+    name = action["name"]
+    kind = action["action"]
+    if kind == "recreate":
+        what = ", ".join(action["changes"]) or action["reason"]
+        say(f"{name} recreating ({what})")
+        outcome = port.recreate(name, wait=wait, timeout=timeout)
+        say(f"{name} recreated (pid {outcome['old_pid']} -> {outcome['pid']}, port {outcome['port']})"
+            + (" [green]healthy[/]" if outcome.get("healthy") else ""))
+        return outcome
+    if kind == "leave":
+        drift = f"; config changed ({', '.join(action['changes'])}), not applied" if action["changes"] else ""
+        say(f"{name} unchanged: already {action.get('status') or 'running'} (pid {action.get('pid')}){drift}")
+        return None
+    outcome = port.start(name)  # start, and report-invalid: the start raises the config's error
+    if outcome["already_running"]:
+        say(f"{name} is already {outcome['status']} (pid {outcome['pid']})")
+        return None
+    say(f"{name} starting (pid {outcome['pid']}, port {outcome['port']})")
+    return outcome
 
 
 def _ensure_daemon_for(needing: list[str]) -> None:
@@ -294,16 +332,17 @@ def _ensure_daemon_for(needing: list[str]) -> None:
     say(f"daemon started (pid {info.pid}) to supervise {', '.join(needing)}")
 
 
-def _attach(port: InstancesPort, names: list[str]) -> None:
-    """Stream the instances' logs until they all exit or Ctrl-C, which stops them."""
+def _attach(port: InstancesPort, stream, names: list[str], started: list[str]) -> None:
+    """Stream the instances' new log lines until they all exit, or Ctrl-C, which stops the ones this `up` started
+    (not those that were already running)."""
     width = max(len(n) for n in names)
     try:
-        for name, line in port.attach(names):
+        for name, line in stream:
             sys.stdout.write(f"{name:<{width}} | {line}\n")
             sys.stdout.flush()
     except KeyboardInterrupt:
-        sys.stderr.write("stopping...\n")
-        for name in names:
+        sys.stderr.write(f"stopping {', '.join(started)}...\n" if started else "detaching (nothing was started)\n")
+        for name in started:
             port.stop(name)
         return
     raise typer.Exit(1)
@@ -355,6 +394,9 @@ def ps(
 ) -> None:
     """List instances: NAME STATUS HEALTH PID PORT BACKEND MODEL UPTIME RESTARTS.
 
+    STATUS ends in * when the process runs another config than its file declares (`up NAME -d` applies it);
+    `--json` rows carry `config_changed`. With -a, instances whose config folder is gone show `(config removed)`.
+
     Example: llama-orch ps --json
     """
     from llama_orchestrator.cli import render
@@ -367,6 +409,8 @@ def ps(
         say("no instances yet: create one with `llama-orch init NAME --model FILE.gguf`")
         return
     render.console().print(render.ps_table(records))
+    for line in render.ps_legend(records):
+        render.console().print(line, markup=False, style="dim")
 
 
 @app.command()
@@ -606,6 +650,34 @@ def _remote_daemon_status(json_: bool) -> None:
         say(f"daemon not reachable: {record['error']}")
     if not record["running"]:
         raise typer.Exit(1)
+
+
+@daemon_app.command("reload")
+def daemon_reload() -> None:
+    """Ask the daemon for one reconcile pass now: start new autostart instances, recreate running ones whose config
+    changed, stop those whose config was removed (what `reload: "auto"` in orchestrator.json does by itself).
+
+    Example: llama-orch daemon reload
+    """
+    import os
+    import signal
+
+    from llama_orchestrator.domain.errors import UsageError
+    from llama_orchestrator.services import daemon_control
+
+    if not _state.get("host"):
+        info = daemon_control.daemon_info(service().home)
+        if info is None:
+            raise UsageError("no daemon runs for this home: start it with `llama-orch daemon start`, or apply "
+                             "config changes with `llama-orch up NAME -d`")
+        if not info.api_url:  # no API to ask: the signal (POSIX)
+            if not hasattr(signal, "SIGHUP"):
+                raise UsageError("the daemon serves no API (api.enabled is false) and this OS has no SIGHUP")
+            os.kill(info.pid, signal.SIGHUP)
+            say(f"reload requested (SIGHUP to pid {info.pid})")
+            return
+    instances().reload()
+    say("reload requested: the daemon applies the configs now (`llama-orch events -f` shows what it does)")
 
 
 @daemon_app.command("run")

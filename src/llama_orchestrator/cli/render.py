@@ -61,6 +61,31 @@ def status_text(item: InstanceView | dict[str, Any]) -> str:
     return status
 
 
+DRIFT_MARK = "*"
+
+
+def ps_status(record: dict[str, Any]) -> str:
+    """The STATUS cell: the status, ``*`` when the process runs another config than declared (drift), and
+    ``(config removed)`` when the config folder is gone but state is left."""
+    text = status_text(record)
+    if record.get("config_changed"):
+        text += DRIFT_MARK
+    if record.get("config_removed"):
+        text += " (config removed)"
+    return text
+
+
+def ps_legend(records: list[dict[str, Any]]) -> list[str]:
+    """The lines under the `ps` table that explain its marks (only those that appear)."""
+    lines = []
+    if any(r.get("config_changed") for r in records):
+        lines.append(f"{DRIFT_MARK} config changed since it started, not applied: `llama-orch up NAME -d` recreates "
+                     "it, `llama-orch describe NAME` shows the difference")
+    if any(r.get("config_removed") and r.get("pid") for r in records):
+        lines.append("(config removed) the config folder is gone while it runs: `llama-orch down NAME` stops it")
+    return lines
+
+
 def ps_record(view: InstanceView, now: float) -> dict[str, Any]:
     from llama_orchestrator.services.instances_port import ps_record as record
 
@@ -81,7 +106,7 @@ def ps_table(records: list[dict[str, Any]] | list[InstanceView], now: float | No
         model = record["model"] or "-"
         table.add_row(
             record["name"],
-            f"[{STATUS_STYLE.get(record['status'], 'red')}]{status_text(record)}[/]",
+            f"[{STATUS_STYLE.get(record['status'], 'red')}]{escape(ps_status(record))}[/]",
             f"[{HEALTH_STYLE.get(health, 'dim')}]{health}[/]",
             str(record["pid"] or "-"),
             str(record["port"] or "-"),
@@ -100,11 +125,18 @@ def print_describe(record: dict[str, Any]) -> None:
     for key in ("pid", "port", "uptime_s", "restarts", "exit_code", "last_error"):
         value = duration(record[key]) if key == "uptime_s" else record[key]
         out.print(f"  {key:<10} {value if value is not None else '-'}")
-    out.print(f"\n[bold]Config[/] {record['config_path']}")
+    out.print(f"\n[bold]Config[/] {record['config_path'] or '(config removed)'}")
     if record.get("config_error"):
         out.print(f"[red]{escape(record['config_error'])}[/]")
     else:
         out.print(json.dumps(record["config"], indent=2), markup=False)
+    drift = record.get("config_drift") or []
+    if drift:
+        out.print("\n[bold]Config drift[/] (running -> declared)")
+        for change in drift:
+            how = "needs a recreate: `llama-orch up NAME -d`" if change["needs_recreate"] else "applied live"
+            out.print(f"  {change['path']}: {json.dumps(change['running'])} -> {json.dumps(change['declared'])}  "
+                      f"({how.replace('NAME', record['name'])})", markup=False)
     out.print("\n[bold]Model file[/]")
     gguf = record["model_file"]
     if isinstance(gguf, dict):

@@ -17,6 +17,13 @@ _VISIBLE_DEVICES = {
 }
 
 
+# The marker every llama-server we spawn carries (SPEC §13): which home and which instance it belongs to. The OS
+# scan (``adapters.process.scan``) reads it back, so a lost or corrupt database is rebuilt from the processes.
+# Not LLAMA_ORCH_HOME: that is the CLI's own setting, and a shell may export it.
+MARKER_HOME = "LLAMA_ORCH_INSTANCE_HOME"
+MARKER_INSTANCE = "LLAMA_ORCH_INSTANCE"
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     argv: list[str]
@@ -24,8 +31,15 @@ class LaunchSpec:
 
 
 def build_launch(
-    config: InstanceConfig, binary: Path, model_path: Path, base_env: Mapping[str, str], *, platform: str
+    config: InstanceConfig,
+    binary: Path,
+    model_path: Path,
+    base_env: Mapping[str, str],
+    *,
+    platform: str,
+    home: Path | None = None,
 ) -> LaunchSpec:
+    """``home`` (resolved): the marker names it and the instance, so the process can be found again."""
     argv = [
         str(binary),
         "--model", str(model_path),
@@ -53,5 +67,10 @@ def build_launch(
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(binary.parent), env.get("LD_LIBRARY_PATH")]))
     elif platform == "darwin":
         env["DYLD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(binary.parent), env.get("DYLD_LIBRARY_PATH")]))
-    env.update(config.env)  # the user's word is last
+    env.update(config.env)  # the user's word is last, except for the marker, which must stay true
+    env.pop(MARKER_HOME, None)
+    env.pop(MARKER_INSTANCE, None)
+    if home is not None:
+        env[MARKER_HOME] = str(home)
+        env[MARKER_INSTANCE] = config.name
     return LaunchSpec(argv, env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,6 +31,24 @@ class ApiSettings(_Strict):
         default_factory=list, description="Bearer keys for the control API (/api/...); default: the api_keys"
     )
     enabled: bool = Field(True, description="serve HTTP at all")
+    # Browsers: see domain/web_access.py for why (DNS rebinding and cross-origin "simple" requests).
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the API answers to besides loopback and api.host (a wildcard bind adds this "
+        'machine\'s names): exact names, "*.example.com" for subdomains, "*" for any',
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="web origins (scheme://host[:port]) other than the daemon's own that may call it from a "
+        'browser; "*" for any. Default: none',
+    )
+    # 16 MiB holds a chat with a few base64 photos; what the router buffers per request (it reads "model" from the
+    # body) is at most this, so a handful of oversized uploads at once stays within tens of MB.
+    max_body_mb: float = Field(16, gt=0, description="largest request body accepted (413 beyond it)")
+    header_timeout: float = Field(
+        10, gt=0, description="seconds a client has to send a request's headers; a slower one is disconnected"
+    )
+    idle_timeout: float = Field(5, gt=0, description="seconds an idle keep-alive connection is kept open")
 
     @model_validator(mode="after")
     def _keys_beyond_loopback(self) -> ApiSettings:
@@ -42,6 +61,10 @@ class ApiSettings(_Strict):
     def effective_control_keys(self) -> list[str]:
         return self.control_keys or self.api_keys
 
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
 
 class RouterSettings(_Strict):
     max_loaded: int | None = Field(None, ge=1, description="instances running at once; least recently used stopped")
@@ -53,5 +76,11 @@ class Settings(_Strict):
     schema_ref: str | None = Field(None, alias="$schema", exclude=True)
     api: ApiSettings = Field(default_factory=ApiSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    reload: Literal["auto", "manual"] = Field(
+        "manual",
+        description="auto: the daemon applies config changes itself (start new autostart instances, recreate "
+        "changed ones, stop removed ones) 2 s after the last edit; manual: `ps` shows drift until `up` or "
+        "`llama-orch daemon reload`",
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

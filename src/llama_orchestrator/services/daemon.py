@@ -3,7 +3,10 @@
 It holds ``state/daemon.lock`` for its whole life (a second daemon refuses to start), writes ``state/daemon.pid``,
 logs to ``state/daemon.log`` (rotated), adopts the instances that already run, starts the `autostart` ones, and
 ticks the supervisor until SIGTERM/SIGINT. On the way out it leaves every instance running: the next daemon
-adopts them, so a daemon crash or upgrade loses nothing.
+adopts them, so a daemon crash or upgrade loses nothing. At boot it also adopts the llama-servers of this home that
+the database does not know (found by their marker: a lost, deleted or corrupt database), then writes its PID file
+again with ``ready``: `daemon start` reports success only then, and the daemon's last words if it died first.
+One instance's trouble (its config gone or invalid, an exception in its step) never pauses the others.
 
 When ``api.enabled`` (``orchestrator.json``), it serves the HTTP API and router (``api.server``) with uvicorn on
 a thread of its own, while the supervisor loop keeps the main thread and its signals. The API's socket is bound
@@ -31,11 +34,13 @@ from llama_orchestrator.adapters.home import Home
 from llama_orchestrator.adapters.logfiles import rotate_if_needed
 from llama_orchestrator.adapters.store import InstanceRow, Store
 from llama_orchestrator.domain.config import InstanceConfig
-from llama_orchestrator.domain.errors import OrchestratorError
+from llama_orchestrator.domain.errors import ConfigError, InstanceNotFound, OrchestratorError
 from llama_orchestrator.domain.health import ProbeOutcome
 from llama_orchestrator.services import daemon_control
 from llama_orchestrator.services.health import base_url
 from llama_orchestrator.services.instances import InstanceService
+from llama_orchestrator.services.instances_port import LocalInstances
+from llama_orchestrator.services.reconciler import Reconciler
 from llama_orchestrator.services.supervisor import Supervisor
 
 log = logging.getLogger("llama_orchestrator.daemon")
@@ -49,12 +54,18 @@ class DaemonAlreadyRunning(OrchestratorError):
 
 
 class ServiceOps:
-    """``InstanceOps`` over the real InstanceService, with configs cached until their file changes."""
+    """``InstanceOps`` over the real InstanceService, with configs cached until their file changes.
+
+    A config that stops loading (invalid JSON, a bad field) is said once per version of the file (one log line, one
+    ``config-invalid`` event), then nothing until the file changes again; meanwhile the instance is supervised with
+    its last good config (its process keeps running, its exit is still noticed). A config whose file is gone (`rm`
+    while the daemon runs) is an instance that no longer exists, never a failed tick."""
 
     def __init__(self, service: InstanceService) -> None:
         self.service = service
         self._rotation_checked: dict[str, float] = {}
         self._configs: dict[str, tuple[tuple[int, int], InstanceConfig]] = {}
+        self._invalid: dict[str, tuple[tuple[int, int], OrchestratorError]] = {}
         self._names: tuple[float, list[str]] = (-1.0, [])
 
     def names(self) -> list[str]:
@@ -66,14 +77,32 @@ class ServiceOps:
 
     def load(self, name: str) -> InstanceConfig:
         path = self.service.home.config_path(name)
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            self._configs.pop(name, None)
+            self._invalid.pop(name, None)
+            raise InstanceNotFound(name) from None
         stamp = (stat.st_mtime_ns, stat.st_size)
         cached = self._configs.get(name)
         if cached and cached[0] == stamp:
             return cached[1]
-        config = load_config(path, expected_name=name)
-        self._configs[name] = (stamp, config)
-        return config
+        invalid = self._invalid.get(name)
+        if invalid is None or invalid[0] != stamp:
+            try:
+                config = load_config(path, expected_name=name)
+            except (OrchestratorError, OSError) as exc:
+                error = exc if isinstance(exc, OrchestratorError) else ConfigError(f"{path}: {exc}")
+                self._invalid[name] = invalid = (stamp, error)
+                kept = "supervised with its last good config" if cached else "not supervised"
+                self.event(name, "config-invalid", f"{error} ({kept} until the file changes)", time.time())
+            else:
+                self._invalid.pop(name, None)
+                self._configs[name] = (stamp, config)
+                return config
+        if cached:
+            return cached[1]
+        raise invalid[1]
 
     def refresh(self, name: str) -> InstanceRow:
         return self.service.refresh(name)
@@ -84,11 +113,18 @@ class ServiceOps:
     def stop(self, name: str, timeout: float) -> InstanceRow:
         return self.service.stop(name, timeout, by_user=False)
 
-    def probe(self, config: InstanceConfig) -> ProbeOutcome:
-        return probe_light(base_url(config), config.healthcheck.path, config.healthcheck.timeout)
+    def probe(self, config: InstanceConfig, port: int | None) -> ProbeOutcome:
+        # The port the process was started on: an edited server.port applies only when `up` recreates it.
+        return probe_light(base_url(config, port), config.healthcheck.path, config.healthcheck.timeout)
 
     def update(self, name: str, only_if: dict[str, object] | None = None, **changes: object) -> bool:
         return self.service.store.update(name, only_if=only_if, **changes)
+
+    def transition(self, name: str, expected, new, *, event=None, only_if=None, now=None, **changes) -> bool:
+        done = self.service.store.transition(name, expected, new, event=event, only_if=only_if, now=now, **changes)
+        if done and event is not None:
+            log.info("%s %s: %s", name, *event)
+        return done
 
     def event(self, name: str, kind: str, message: str, ts: float) -> None:
         log.info("%s %s: %s", name, kind, message)
@@ -106,8 +142,17 @@ class ServiceOps:
                 log.info("%s: rotated %s.log", name, stream)
 
 
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """daemon.log and its rotations created 0600 (rotation renames, so each keeps the mode it was made with)."""
+
+    def _open(self):  # noqa: ANN202 - logging's own signature
+        from llama_orchestrator.adapters.home import private_opener
+
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=private_opener)
+
+
 def _setup_logging(home: Home) -> None:
-    handler = logging.handlers.RotatingFileHandler(
+    handler = _PrivateRotatingFileHandler(
         daemon_control.log_path(home), maxBytes=10 * 1024 * 1024, backupCount=3, encoding="utf-8"
     )
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -131,7 +176,7 @@ def run_daemon(
 ) -> None:
     """Run until ``stop`` is set (or SIGTERM/SIGINT). Raises DaemonAlreadyRunning when another holds the lock."""
     processes = proc.current()
-    home.state_dir.mkdir(parents=True, exist_ok=True)
+    home.secure().state_dir.mkdir(parents=True, exist_ok=True)  # secure(): 0700/0600, as the CLI does
     lock = processes.try_lock(daemon_control.lock_path(home))
     if lock is None:
         running = daemon_control.daemon_info(home)
@@ -147,9 +192,11 @@ def run_daemon(
         service = InstanceService(home, store=Store(home.db_path, cache_s=0.2), processes=processes, clock=clock)
         try:
             settings = load_settings(home.settings_path)
+            # Config changes: applied 2 s after the last edit with reload "auto"; on request either way.
+            reconciler = Reconciler(LocalInstances(service, probe_starting=False), auto=settings.reload == "auto")
             api, api_url = None, None
             if settings.api.enabled:
-                api, api_url = _serve_api(home, service, settings, me.pid, started_at)
+                api, api_url = _serve_api(home, service, settings, me.pid, started_at, reconciler=reconciler)
         except OrchestratorError as exc:
             log.error("daemon not started: %s", exc)
             raise
@@ -167,11 +214,22 @@ def run_daemon(
         def dispatch(work: Callable[[], object]) -> None:
             pool.submit(_logged, work).add_done_callback(lambda _: wake.set())
 
+        reconciler.on_request = wake.set
+        if install_signal_handlers and hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda *_: reconciler.request())  # `kill -HUP`: one reconcile pass
+
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="orch") as pool:
             supervisor = Supervisor(ServiceOps(service), dispatch)
             service.store.add_event("-", "daemon", f"daemon started (pid {me.pid})", clock())
             log.info("daemon started, pid %s, home %s, API %s", me.pid, home.root, api_url or "off")
+            # Our llama-servers the database does not know (it was lost or rebuilt): found by their marker.
+            for found in service.adopt_running(how="daemon start"):
+                log.info("%s: adopted pid %s found running by its marker", found.name, found.pid)
             supervisor.boot(clock())
+            # Up: `daemon start` waits for this before it says so (a daemon that dies while booting is a failure).
+            daemon_control.write_pid_file(
+                home, daemon_control.DaemonInfo(me.pid, me.create_time, started_at, __version__, api_url, ready=True)
+            )
             # A full pass every tick (exits are noticed within it); in between, the loop wakes for what is due
             # (a probe at its interval, the end of a backoff) or for a worker's result, and steps only those.
             next_full_tick = clock()
@@ -188,6 +246,8 @@ def run_daemon(
                 try:
                     supervisor.tick(clock(), only_news=not full)
                     service.reap_children()  # restarted instances are our children: no zombies
+                    if full and reconciler.due(clock()):
+                        dispatch(reconciler.run_pass)
                 except Exception:  # noqa: BLE001 - one bad tick must not end supervision
                     log.exception("supervisor tick failed")
             if api is not None:
@@ -202,7 +262,9 @@ def run_daemon(
         lock.release()
 
 
-def _serve_api(home: Home, service: InstanceService, settings, pid: int, started_at: float):
+def _serve_api(
+    home: Home, service: InstanceService, settings, pid: int, started_at: float, *, reconciler: Reconciler | None = None
+):
     """Bind the API's socket and serve the app on it; returns ``(ApiServer, url)``. ApiBindError for a taken port."""
     from llama_orchestrator.api.server import ApiServer, bind_socket, make_app, make_router, url_for
     from llama_orchestrator.services.instances_port import LocalInstances
@@ -223,7 +285,12 @@ def _serve_api(home: Home, service: InstanceService, settings, pid: int, started
 
     try:
         router = make_router(lambda: service, settings.router)
-        app = make_app(LocalInstances(service, probe_starting=False), api, router=router, daemon=daemon_record)
+        # drainer: a recreate of a replica first takes it out of the router's rotation (zero-downtime `up`)
+        instances = LocalInstances(service, probe_starting=False, drainer=router)
+        if reconciler is not None:  # its recreates drain through the router; `daemon reload` reaches it
+            reconciler.port = instances
+            instances.reloader = reconciler.request
+        app = make_app(instances, api, router=router, daemon=daemon_record)
         server = ApiServer(app, sock)
         server.start()
     except BaseException:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from llama_orchestrator.adapters import process as proc
-from llama_orchestrator.adapters.home import Home
+from llama_orchestrator.adapters.home import Home, private_opener
 from llama_orchestrator.adapters.logfiles import tail
 from llama_orchestrator.domain.errors import OrchestratorError
 
@@ -27,6 +27,8 @@ class DaemonInfo:
     version: str
     # Where its HTTP API answers (None: serving none); pid files of older daemons lack it.
     api_url: str | None = None
+    # Written again once it has adopted what runs and booted the supervisor: `daemon start` waits for it.
+    ready: bool = False
 
     @property
     def handle(self) -> proc.ProcessHandle:
@@ -53,7 +55,8 @@ def output_path(home: Home) -> Path:
 def write_pid_file(home: Home, info: DaemonInfo) -> None:
     path = pid_path(home)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(info)))
+    with open(tmp, "w", opener=private_opener) as out:  # 0600, as the rest of state/
+        out.write(json.dumps(asdict(info)))
     tmp.replace(path)
 
 
@@ -69,7 +72,10 @@ def daemon_info(home: Home) -> DaemonInfo | None:
 
 
 def start_daemon(home: Home, *, timeout: float = 20.0, processes: proc.ProcessControl | None = None) -> DaemonInfo:
-    """Start ``llama-orch daemon run`` detached and wait until it has written its PID file."""
+    """Start ``llama-orch daemon run`` detached and wait until it is up (its PID file says ready, its API bound).
+
+    Raises OrchestratorError with the last lines of its log and output when it dies on the way, or is not up in
+    ``timeout`` seconds."""
     running = daemon_info(home)
     if running is not None:
         return running
@@ -80,17 +86,25 @@ def start_daemon(home: Home, *, timeout: float = 20.0, processes: proc.ProcessCo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = daemon_info(home)
-        if info is not None:
-            return info
+        if info is not None and (info.ready or info.pid != spawned.handle.pid):
+            return info  # ours is up, or another `daemon start` won the race and its daemon runs
         if not proc.is_alive(spawned.handle):
             # Lost a race with another `daemon start` (it holds the lock), or crashed: say which.
             info = daemon_info(home)
             if info is not None:
                 return info
-            detail = "\n".join(tail(output_path(home), 15))
-            raise OrchestratorError(f"the daemon exited at start; its output:\n{detail}")
+            raise OrchestratorError(f"the daemon exited while starting{_last_words(home)}")
         time.sleep(0.05)
-    raise OrchestratorError(f"the daemon did not come up within {timeout:g} s; see {output_path(home)}")
+    raise OrchestratorError(f"the daemon did not come up within {timeout:g} s{_last_words(home)}")
+
+
+def _last_words(home: Home) -> str:
+    parts = []
+    for path in (log_path(home), output_path(home)):
+        lines = tail(path, 10)
+        if lines:
+            parts.append(f"\nlast lines of {path}:\n" + "\n".join(lines))
+    return "".join(parts) or f"; see {log_path(home)}"
 
 
 def stop_daemon(home: Home, *, timeout: float = 15.0, processes: proc.ProcessControl | None = None) -> bool:

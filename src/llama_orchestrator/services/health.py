@@ -28,13 +28,14 @@ class CheckResult:
     checked_at: float
 
 
-def base_url(config: InstanceConfig) -> str:
+def base_url(config: InstanceConfig, port: int | None = None) -> str:
+    """Where the instance answers; ``port``: the one its process was started on, when it differs from the file's."""
     host = config.server.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"  # a server on all interfaces answers on loopback
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.server.port}"
+    return f"http://{host}:{port or config.server.port}"
 
 
 def default_probe(url: str, path: str, timeout: float) -> ProbeOutcome:
@@ -56,7 +57,7 @@ def judge_single(outcome: ProbeOutcome, in_start_period: bool) -> Health:
 def check_once(
     service: InstanceService, name: str, config: InstanceConfig, row: InstanceRow, *, probe: Probe | None = None
 ) -> CheckResult:
-    outcome = (probe or default_probe)(base_url(config), config.healthcheck.path, config.healthcheck.timeout)
+    outcome = (probe or default_probe)(base_url(config, row.port), config.healthcheck.path, config.healthcheck.timeout)
     now = service.clock()
     in_start = row.started_at is not None and now - row.started_at < config.healthcheck.start_period
     health = judge_single(outcome, in_start and row.status == Status.starting)
@@ -68,13 +69,12 @@ def check_once(
     }
     became_running = False
     if health == Health.healthy and row.status == Status.starting:
-        became_running = service.store.update(
-            name, only_if={"pid": row.pid, "status": Status.starting}, status=Status.running, **changes
+        became_running = service.store.transition(
+            name, Status.starting, Status.running, only_if={"pid": row.pid}, now=now,
+            event=("healthy", f"answering on port {config.server.port}"), **changes,
         )
     if not became_running:
         service.store.update(name, only_if={"pid": row.pid}, **changes)
-    if became_running:
-        service.store.add_event(name, "healthy", f"answering on port {config.server.port}", now)
     return CheckResult(health, outcome, now)
 
 

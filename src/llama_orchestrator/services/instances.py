@@ -2,11 +2,18 @@
 
 Every start and stop of one instance runs under that instance's file lock, whoever calls (two CLIs, a CLI and the
 daemon): exactly one process per instance. What is running is recorded in SQLite as PID + create time; a record
-whose process is gone is reconciled to ``exited`` the next time anyone looks.
+whose process is gone is reconciled to ``exited`` the next time anyone looks. Every status change goes through
+``Store.transition`` (compare-and-swap, checked against ``domain.states.TRANSITIONS``, event in the same write).
+
+SQLite is a cache (SPEC §13): every llama-server carries a marker (``domain.launch``), so the OS says what runs. A
+database found missing or corrupt is rebuilt from a scan of marked processes; `up` adopts a marked process the row
+lost instead of failing on its port, and `down` finds and stops it. A ``stopping`` row whose instance lock is free
+belongs to a stop whose process died half way: it is settled from the OS by whoever looks next.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -33,9 +40,9 @@ from llama_orchestrator.domain.drift import fingerprint
 from llama_orchestrator.domain.launch import build_launch
 from llama_orchestrator.domain.states import ACTIVE, Health, Status
 
-# A `stopping` record older than this belongs to a stop whose process died half way: reconcile it like any other.
-STALE_STOPPING_S = 120.0
+log = logging.getLogger("llama_orchestrator.instances")
 EARLY_EXIT_WINDOW_S = 1.0
+INACTIVE = frozenset(Status) - ACTIVE
 
 
 @dataclass
@@ -82,7 +89,79 @@ class InstanceService:
     def store(self) -> Store:
         if self._store is None:
             self._store = Store(self.home.db_path)
+        if self._store.on_fresh is None:
+            self._store.on_fresh = self._rebuild
+            if self._store.fresh:
+                self._rebuild(self._store)
         return self._store
+
+    # -- recovery from the OS ----------------------------------------------------------------------------------
+
+    def _marker_home(self) -> Path:
+        return Path(os.path.realpath(self.home.root))
+
+    def scan(self) -> list[proc.Found]:
+        """Our running llama-servers, as the OS knows them (their marker)."""
+        return self.processes.scan(self._marker_home())
+
+    def _rebuild(self, store: Store) -> None:
+        """The database is new (it was missing, or corrupt and moved aside): rows from the running processes."""
+        reason, store.fresh = store.fresh, None
+        if getattr(self, "_rebuilding", False):
+            return
+        self._rebuilding = True
+        try:
+            adopted = self.adopt_running(how="rebuilt after the state database was lost")
+        finally:
+            self._rebuilding = False
+        if reason == "missing" and not adopted:
+            return  # a new home: nothing to say
+        names = ", ".join(f"{f.name} (pid {f.pid})" for f in adopted) or "none"
+        message = f"state database {reason}; rebuilt from the configs and the running processes: {names}"
+        log.info(message)  # the store said what was wrong (once); this is the event that says what was done
+        store.add_event("-", "recovered", message, self.clock())
+
+    def adopt_running(self, *, how: str = "found running") -> list[proc.Found]:
+        """Record every marked process whose row does not say it runs (the daemon at boot, a rebuild)."""
+        adopted = []
+        for found in self.scan():
+            try:
+                if self._adopt(found, self.refresh(found.name), how):
+                    adopted.append(found)
+            except OrchestratorError as exc:
+                log.warning("%s: not adopted: %s", found.name, exc)
+        return adopted
+
+    def _find_marked(self, name: str) -> proc.Found | None:
+        return next((f for f in self.scan() if f.name == name), None)
+
+    def _adopt(self, found: proc.Found, row: InstanceRow, how: str) -> bool:
+        """Record ``found`` as running, unless the row already has a live process (then none is duplicated)."""
+        if row.status in ACTIVE:
+            return False  # refresh() left it active: its recorded process is alive (this one or another)
+        try:
+            port: int | None = self.load(found.name).server.port
+        except OrchestratorError:
+            port = row.port
+        return self.store.transition(
+            found.name,
+            INACTIVE,
+            Status.running,
+            event=("adopted", f"pid {found.pid} found running by its marker ({how})"),
+            now=self.clock(),
+            pid=found.pid,
+            create_time=found.create_time,
+            port=port,
+            health=Health.unknown,
+            started_at=found.create_time,
+            stopped_at=None,
+            exit_code=None,
+            stopped_by_user=False,
+            next_restart_at=None,
+            last_error=None,
+            config_hash=None,  # unknown: the config it was started with is lost with the database
+            config_json=None,
+        )
 
     # -- configs -----------------------------------------------------------------------------------------------
 
@@ -129,30 +208,54 @@ class InstanceService:
 
     # -- state -------------------------------------------------------------------------------------------------
 
-    def refresh(self, name: str) -> InstanceRow:
+    def refresh(self, name: str, *, locked: bool = False) -> InstanceRow:
         """The recorded state, after reconciling it with reality: an active record whose process is gone
-        becomes ``exited`` (with the exit code where we are its parent)."""
+        becomes ``exited`` (with the exit code where we are its parent). ``locked``: the caller holds the
+        instance's lock (so no one else is stopping it)."""
         row = self.store.get(name) or InstanceRow(name=name)
-        if row.status not in ACTIVE or row.pid is None:
+        if row.status not in ACTIVE:
             return row
-        if row.status == Status.stopping and self.clock() - row.updated_at < STALE_STOPPING_S:
-            return row  # someone is stopping it right now and will record the result
-        handle = proc.ProcessHandle(row.pid, row.create_time or 0.0)
-        if proc.is_alive(handle):
+        if row.status == Status.stopping and not locked:
+            # Whoever stops an instance holds its lock for the whole stop: a lock that is free means the stopper
+            # died half way (a killed `down`), and the OS decides what the row says.
+            held = self.processes.try_lock(self.home.lock_path(name))
+            if held is None:
+                return row  # someone is stopping it right now and will record the result
+            try:
+                return self._settle(name, self.store.get(name) or row)
+            finally:
+                held.release()
+        return self._settle(name, row)
+
+    def _settle(self, name: str, row: InstanceRow) -> InstanceRow:
+        if row.status not in ACTIVE:
             return row
-        exit_code = self._reap(name, row.pid)
+        handle = proc.ProcessHandle(row.pid, row.create_time or 0.0) if row.pid is not None else None
         now = self.clock()
-        changed = self.store.update(
+        if handle is not None and proc.is_alive(handle):
+            if row.status == Status.stopping:
+                self.store.transition(
+                    name, Status.stopping, Status.running, only_if={"pid": row.pid}, now=now,
+                    event=("stop-interrupted", f"the stop of pid {row.pid} was interrupted; it still runs"),
+                )
+                return self.store.get(name) or row
+            return row
+        exit_code = self._reap(name, row.pid) if row.pid is not None else None
+        detail = f" with code {exit_code}" if exit_code is not None else ""
+        # A stop whose stopper died: the process is gone, so the stop happened; a person's stop ends stopped.
+        new = Status.stopped if row.status == Status.stopping and row.stopped_by_user else Status.exited
+        kind = "stopped" if new == Status.stopped else "exited"
+        self.store.transition(
             name,
-            only_if={"pid": row.pid, "create_time": row.create_time, "status": row.status},
-            status=Status.exited,
+            row.status,
+            new,
+            only_if={"pid": row.pid, "create_time": row.create_time},
+            event=(kind, f"process {row.pid} exited{detail}"),
+            now=now,
             health=Health.unknown,
             stopped_at=now,
             exit_code=exit_code,
         )
-        if changed:
-            detail = f" with code {exit_code}" if exit_code is not None else ""
-            self.store.add_event(name, "exited", f"process {row.pid} exited{detail}", now)
         return self.store.get(name) or row
 
     def view(self, name: str) -> InstanceView:
@@ -161,6 +264,10 @@ class InstanceService:
             return InstanceView(name, row, self.load(name), config_path=self.home.config_path(name))
         except ConfigError as exc:
             return InstanceView(name, row, None, exc, self.home.config_path(name))
+        except InstanceNotFound:
+            # Its config folder is gone while state (maybe a running process) is left: `ps -a` shows it and
+            # `down` stops it, so the view has no config rather than failing.
+            return InstanceView(name, row, None, None, None)
 
     def views(self, *, include_orphans: bool = False) -> list[InstanceView]:
         names = self.names()
@@ -189,9 +296,13 @@ class InstanceService:
         """
         config = self.load(name)
         with self.processes.exclusive_lock(self.home.lock_path(name)):
-            row = self.refresh(name)
+            row = self.refresh(name, locked=True)
             if row.status in ACTIVE:
                 return StartOutcome(name, True, row)
+            found = self._find_marked(name)
+            if found is not None and self._adopt(found, row, "its row said " + row.status):
+                # Ours already runs (the database lost it): adopt it rather than fail on its port or duplicate it.
+                return StartOutcome(name, True, self.store.get(name) or row)
             spec = self._preflight(config)
             log_dir = self.home.log_dir(name)
             for stream in ("stdout", "stderr"):
@@ -207,21 +318,36 @@ class InstanceService:
                     self.home.log_path(name, "stderr"),
                 )
             except OSError as exc:
-                self._record_failed_start(name, f"could not execute {spec.argv[0]}: {exc}")
+                self._record_failed_start(name, row, f"could not execute {spec.argv[0]}: {exc}", by_person)
                 raise StartError(f"{name}: could not execute {spec.argv[0]}: {exc}") from None
             self._children[name] = spawned.popen
             now = self.clock()
-            row.status, row.health = Status.starting, Health.unknown
-            row.pid, row.create_time = spawned.handle.pid, spawned.handle.create_time
-            row.port, row.started_at, row.stopped_at, row.exit_code = config.server.port, now, None, None
-            row.stopped_by_user, row.last_error, row.next_restart_at = False, None, None
-            if by_person:
-                row.restart_attempts = 0
-            row.health_checked_at = row.health_latency_ms = row.health_error = None
             recorded = fingerprint(config)
-            row.config_hash, row.config_json = recorded.hash, recorded.document
-            self.store.put(row, now)
-            self.store.add_event(name, "started", f"pid {row.pid} on port {config.server.port}", now)
+            changes: dict[str, object] = dict(
+                health=Health.unknown,
+                pid=spawned.handle.pid,
+                create_time=spawned.handle.create_time,
+                port=config.server.port,
+                started_at=now,
+                stopped_at=None,
+                exit_code=None,
+                stopped_by_user=False,
+                last_error=None,
+                next_restart_at=None,
+                health_checked_at=None,
+                health_latency_ms=None,
+                health_error=None,
+                config_hash=recorded.hash,
+                config_json=recorded.document,
+            )
+            if by_person:
+                changes["restart_attempts"] = 0
+            # Under the instance lock the row cannot have moved since refresh(): the CAS only guards against bugs.
+            self.store.transition(
+                name, row.status, Status.starting, now=now,
+                event=("started", f"pid {spawned.handle.pid} on port {config.server.port}"), **changes,
+            )
+            row = self.store.get(name) or row
         del log_dir
         return StartOutcome(name, False, row, spec.argv)
 
@@ -244,12 +370,19 @@ class InstanceService:
         log_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(log_dir, os.W_OK):
             raise StartError(f"{name}: log folder {log_dir} is not writable")
-        return build_launch(config, binary, model, os.environ, platform=sys.platform)
+        return build_launch(config, binary, model, os.environ, platform=sys.platform, home=self._marker_home())
 
-    def _record_failed_start(self, name: str, message: str) -> None:
+    def _record_failed_start(self, name: str, row: InstanceRow, message: str, by_person: bool) -> None:
+        """A spawn that failed (nothing runs). A person's start ends ``failed``; the supervisor's restart leaves
+        the status to the supervisor, which applies the policy (and records the event)."""
         now = self.clock()
-        self.store.update(name, status=Status.failed, last_error=message, stopped_at=now)
-        self.store.add_event(name, "start-failed", message, now)
+        if not by_person:
+            self.store.update(name, last_error=message)
+            return
+        self.store.transition(
+            name, row.status, Status.failed, event=("start-failed", message), now=now, last_error=message,
+            stopped_at=now,
+        )
 
     def wait_healthy(
         self,
@@ -304,26 +437,32 @@ class InstanceService:
         if not self.home.config_path(name).is_file() and self.store.get(name) is None:
             raise InstanceNotFound(name)
         with self.processes.exclusive_lock(self.home.lock_path(name)):
-            row = self.store.get(name) or InstanceRow(name=name)
+            row = self.refresh(name, locked=True)  # a dead process is recorded as exited first: no skipped edge
+            handle = proc.ProcessHandle(row.pid, row.create_time or 0.0) if row.status in ACTIVE else None
+            if handle is None:
+                found = self._find_marked(name)  # ours may run though the row lost it (a rebuilt database)
+                if found is not None and self._adopt(found, row, "found by down"):
+                    row = self.store.get(name) or row
+                    handle = found.handle
             now = self.clock()
-            handle = proc.ProcessHandle(row.pid, row.create_time or 0.0) if row.pid else None
-            if handle is None or not proc.is_alive(handle):
-                if row.status != Status.stopped or by_user != row.stopped_by_user:
-                    code = self._reap(name, row.pid) if row.pid else None
-                    self.store.update(
-                        name,
-                        status=Status.stopped,
-                        health=Health.unknown,
-                        stopped_by_user=by_user,
-                        next_restart_at=None,
+            if handle is None:
+                if not by_user:
+                    return row  # the supervisor's stop of a process already gone: it is exited, policy decides
+                if row.status != Status.stopped:
+                    self.store.transition(
+                        name, row.status, Status.stopped, now=now, event=("stopped", f"was {row.status}; now stopped"),
+                        health=Health.unknown, stopped_by_user=by_user, next_restart_at=None,
                         stopped_at=row.stopped_at or now,
-                        exit_code=code if code is not None else row.exit_code,
                     )
+                elif by_user != row.stopped_by_user:
+                    self.store.update(name, stopped_by_user=by_user)
                 return self.store.get(name) or row
-            self.store.update(name, status=Status.stopping, stopped_by_user=by_user)
+            self.store.transition(name, row.status, Status.stopping, now=now, stopped_by_user=by_user)
             members = list(proc.tree(handle))
             self.processes.request_stop(handle)
-            gone, alive = _wait_gone(members, timeout)
+            # A stopped process (SIGSTOP, `T`) cannot act on SIGTERM until continued: no grace to wait for.
+            grace = 0.0 if _is_suspended(members[:1]) else timeout
+            gone, alive = _wait_gone(members, grace)
             killed = bool(alive)
             if alive:
                 self.processes.kill_tree(handle)
@@ -333,16 +472,17 @@ class InstanceService:
             exit_code = self._reap(name, row.pid)
             self._wait_port_released(row.port, 5.0)
             now = self.clock()
-            self.store.update(
-                name,
-                status=Status.stopped,
-                health=Health.unknown,
-                stopped_at=now,
-                exit_code=exit_code,
-                next_restart_at=None,
+            how = (
+                "killed at once (suspended)" if killed and grace == 0 else
+                f"killed after {timeout:g} s grace" if killed else "stopped gracefully"
             )
-            how = f"killed after {timeout:g} s grace" if killed else "stopped gracefully"
-            self.store.add_event(name, "stopped", f"pid {row.pid} {how}", now)
+            # A person's stop ends `stopped`; the supervisor's (an unhealthy instance) ends `exited`, and its
+            # restart policy decides what next.
+            self.store.transition(
+                name, Status.stopping, Status.stopped if by_user else Status.exited, now=now,
+                event=("stopped", f"pid {row.pid} {how}"),
+                health=Health.unknown, stopped_at=now, exit_code=exit_code, next_restart_at=None,
+            )
             del gone
             return self.store.get(name) or row
 
@@ -390,6 +530,15 @@ def _wait_gone(members: list, timeout: float) -> tuple[list, list]:
         if not alive or time.monotonic() >= deadline:
             return [m for m in members if m not in alive], alive
         psutil.wait_procs(alive, timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+
+
+def _is_suspended(members: list) -> bool:
+    import psutil
+
+    try:
+        return bool(members) and members[0].status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
 
 
 def _kill_quietly(member) -> None:

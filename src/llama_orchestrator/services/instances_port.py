@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 Record = dict[str, Any]
 WaitUntil = Literal["healthy", "started"]
+Recreate = Literal["changed", "never", "force"]
 STREAMS = ("stdout", "stderr")
 
 
@@ -66,7 +67,34 @@ class InstancesPort(Protocol):
         """The last ``tail`` lines (0: all), then, with ``follow``, new lines until the caller stops iterating."""
 
     def attach(self, names: list[str]) -> Iterator[tuple[str, str]]:
-        """``(name, line)`` of the instances' logs from their beginning until every one of them has exited."""
+        """``(name, line)`` of the lines the instances write from this call on (not the history of earlier runs),
+        until every one of them has exited. Positions are taken when this is called, before the iterator is read:
+        call it before starting them and no early line is lost."""
+
+    def plan(self, names: list[str], *, recreate: Recreate = "changed") -> list[Record]:
+        """What `up` would do to each of ``names``: ``{name, action, reason, changes}`` with action ``start``,
+        ``recreate``, ``leave`` or ``report-invalid`` (``domain.reconcile``). Raises InstanceNotFound."""
+
+    def recreate(self, name: str, *, wait: bool = False, timeout: float = 120.0, stop_timeout: float = 10.0) -> Record:
+        """Apply the declared config to a running instance: (drain in the router) stop, start with the config the
+        file declares now, (wait healthy, undrain). ``{name, action: "recreated", old_pid, pid, port, changes,
+        healthy, restart_policy}``. An instance with aliases (a replica) is always waited for, so replicas are
+        recreated one at a time, each healthy before the next. Raises ConfigError before stopping anything."""
+
+    def reload(self) -> Record:
+        """Ask the daemon for one reconcile pass (`llama-orch daemon reload`). UsageError without a daemon."""
+
+
+class Drainer(Protocol):
+    """The router's side of a zero-downtime recreate (implemented by ``services.router``; the daemon passes it to
+    ``LocalInstances``). Without one, a recreate simply stops and starts."""
+
+    def drain(self, name: str, timeout: float) -> None:
+        """Stop routing new requests to ``name`` and return once its in-flight and queued requests are done (or
+        ``timeout`` passed). Called from a worker thread, never the event loop."""
+
+    def undrain(self, name: str) -> None:
+        """Route to ``name`` again (after it is healthy)."""
 
 
 # -- records -----------------------------------------------------------------------------------------------------
@@ -77,7 +105,10 @@ def timestamp(ts: float | None) -> str:
 
 
 def ps_record(view: InstanceView, now: float) -> Record:
+    from llama_orchestrator.domain.drift import config_changed
+
     config, row = view.config, view.row
+    active = row.status in ACTIVE
     return {
         "name": view.name,
         "status": row.status if view.config_error is None else "invalid-config",
@@ -93,7 +124,23 @@ def ps_record(view: InstanceView, now: float) -> Record:
         "started_at": row.started_at,
         "last_error": row.last_error or (str(view.config_error) if view.config_error else None),
         "autostart": config.autostart if config else False,
+        # Drift: the process runs another config than the file declares (`up` recreates it).
+        "config_changed": active and config_changed(row.config_hash, config),
+        # The config folder is gone but state is left (maybe a running process: `down NAME` stops it).
+        "config_removed": config is None and view.config_error is None,
     }
+
+
+def drift_records(view: InstanceView) -> list[Record]:
+    """``describe``'s config drift: each field whose running value differs from the declared one."""
+    from llama_orchestrator.domain.drift import config_diff
+
+    if view.config is None or view.row.status not in ACTIVE:
+        return []
+    return [
+        {"path": c.path, "running": c.running, "declared": c.declared, "needs_recreate": c.needs_recreate}
+        for c in config_diff(view.row.config_json, view.config)
+    ]
 
 
 def event_record(event: Event) -> Record:
@@ -112,9 +159,14 @@ class LocalInstances:
 
     origin = "local"
 
-    def __init__(self, service: InstanceService, *, probe_starting: bool = True) -> None:
+    def __init__(
+        self, service: InstanceService, *, probe_starting: bool = True, drainer: Drainer | None = None
+    ) -> None:
         self.service = service
         self.probe_starting = probe_starting
+        self.drainer = drainer
+        # The daemon sets this: one reconcile pass on request (`llama-orch daemon reload`, POST /api/daemon/reload).
+        self.reloader: Callable[[], None] | None = None
 
     def names(self, *, autostart_only: bool = False) -> list[str]:
         from llama_orchestrator.domain.errors import ConfigError
@@ -142,10 +194,11 @@ class LocalInstances:
 
     def describe(self, name: str) -> Record:
         from llama_orchestrator.domain.errors import InstanceNotFound
+        from llama_orchestrator.domain.secrets import mask_document
 
         svc = self.service
         view = svc.view(name)
-        if view.config is None and view.config_error is None:
+        if view.config is None and view.config_error is None and svc.store.get(name) is None:
             raise InstanceNotFound(name)
         gguf: dict | str | None = None
         if view.config is not None:
@@ -161,10 +214,12 @@ class LocalInstances:
         events = svc.store.events(name, limit=15)
         return {
             **ps_record(view, time.time()),
-            "config_path": str(view.config_path),
-            "config": view.config.to_document() if view.config else None,
+            "config_path": str(view.config_path) if view.config_path else None,
+            # env values that look secret (keys, tokens) are masked: describe is for showing, not for copying.
+            "config": mask_document(view.config.to_document()) if view.config else None,
             "config_error": str(view.config_error) if view.config_error else None,
             "model_file": gguf,
+            "config_drift": drift_records(view),
             "events": [{"time": timestamp(e.ts), "ts": e.ts, "kind": e.kind, "message": e.message} for e in events],
         }
 
@@ -204,6 +259,103 @@ class LocalInstances:
         if wait:
             svc.wait_healthy(name, wait_timeout)
         return {"name": name, "pid": outcome.row.pid, "port": outcome.row.port, "healthy": wait}
+
+    # -- apply, as compose does ---------------------------------------------------------------------------------
+
+    def plan(self, names: list[str], *, recreate: Recreate = "changed") -> list[Record]:
+        from llama_orchestrator.domain.reconcile import plan
+
+        declared, recorded, observed = self.service_state(names)
+        records = []
+        for action in plan(declared, recorded, observed, mode="up", recreate=recreate, names=names):
+            row = recorded.get(action.name)
+            records.append({**action.as_dict(), "status": row.status if row else "stopped",
+                            "pid": observed[action.name].pid if action.name in observed else None})
+        return records
+
+    def service_state(self, names: list[str] | None = None):
+        """``(declared, recorded, observed)`` for ``domain.reconcile.plan``: each config (or its ConfigError), each
+        row after ``refresh`` (which checks the recorded process is alive), and the live processes among them.
+        ``names=None``: every configured instance and every recorded one (a removed config has a record only);
+        named ones must have a config file (InstanceNotFound: `up` of a removed config is `up` of no instance)."""
+        from llama_orchestrator.domain.errors import ConfigError, InstanceNotFound
+        from llama_orchestrator.domain.reconcile import Observed
+
+        svc = self.service
+        if names is None:
+            chosen = sorted(set(svc.names()) | set(svc.store.all()))
+        else:
+            chosen = [svc.home.checked_name(n) for n in names]
+        declared: dict[str, Any] = {}
+        recorded: dict[str, Any] = {}
+        observed: dict[str, Observed] = {}
+        for name in chosen:
+            try:
+                declared[name] = svc.load(name)
+            except ConfigError as exc:
+                declared[name] = exc
+            except InstanceNotFound:
+                if names is not None:
+                    raise
+            row = svc.refresh(name)
+            if svc.store.get(name) is not None:
+                recorded[name] = row
+            if row.status in ACTIVE and row.pid is not None:
+                observed[name] = Observed(row.pid, row.create_time or 0.0)
+        return declared, recorded, observed
+
+    def recreate(
+        self,
+        name: str,
+        *,
+        wait: bool = False,
+        timeout: float = 120.0,
+        stop_timeout: float = 10.0,
+        by_person: bool = True,
+        drain_timeout: float = 60.0,
+    ) -> Record:
+        from llama_orchestrator.domain.drift import config_diff
+
+        svc = self.service
+        svc.home.checked_name(name)
+        config = svc.load(name)  # a broken config is reported before the running instance is stopped
+        before = svc.refresh(name)
+        changes = [c.path for c in config_diff(before.config_json, config) if c.needs_recreate]
+        old_pid = before.pid if before.status in ACTIVE else None
+        drainer = self.drainer
+        must_wait = wait or drainer is not None or bool(config.aliases)
+        if drainer is not None and old_pid is not None:
+            drainer.drain(name, drain_timeout)  # new requests go to the replicas; the in-flight ones finish
+        try:
+            svc.stop(name, stop_timeout, by_user=False)
+            outcome = svc.start(name, by_person=by_person)
+            if must_wait:
+                svc.wait_healthy(name, timeout)
+        finally:
+            if drainer is not None:
+                drainer.undrain(name)
+        row = outcome.row
+        what = ", ".join(changes) or "forced"
+        svc.store.add_event(name, "recreated", f"pid {old_pid} -> {row.pid} ({what})", svc.clock())
+        return {
+            "name": name,
+            "action": "recreated",
+            "old_pid": old_pid,
+            "pid": row.pid,
+            "port": row.port or config.server.port,
+            "status": row.status,
+            "changes": changes,
+            "healthy": must_wait,
+            "restart_policy": config.restart.policy,
+        }
+
+    def reload(self) -> Record:
+        from llama_orchestrator.domain.errors import UsageError
+
+        if self.reloader is None:
+            raise UsageError("no daemon runs for this home: `llama-orch up NAME -d` applies config changes")
+        self.reloader()
+        return {"requested": True}
 
     def health(self, names: list[str] | None = None) -> list[Record]:
         svc = self.service
@@ -268,14 +420,43 @@ class LocalInstances:
             for _, line in follow_files(paths, stop=lambda: False):
                 yield line
 
-    def attach(self, names: list[str], *, stop: Callable[[], bool] | None = None) -> Iterator[tuple[str, str]]:
-        from llama_orchestrator.adapters.logfiles import follow
+    def attach(
+        self, names: list[str], *, stop: Callable[[], bool] | None = None, poll_s: float = 0.2
+    ) -> Iterator[tuple[str, str]]:
+        from llama_orchestrator.adapters.logfiles import LogCursor
 
         svc = self.service
-        paths = {svc.home.log_path(n, s): n for n in names for s in STREAMS}
+        # Placed now, at the current ends (a file not there yet is read from its start): only what is written from
+        # here on is shown. A rotation at start truncates the live file, and the cursor starts again at its top.
+        cursors = []
+        for name in names:
+            for stream in STREAMS:
+                path = svc.home.log_path(name, stream)
+                cursor = LogCursor(path, from_end=path.exists())
+                cursor.read_lines()
+                cursors.append((name, cursor))
 
         def all_exited() -> bool:
             return (stop is not None and stop()) or all(svc.refresh(n).status not in ACTIVE for n in names)
 
-        for path, line in follow(list(paths), stop=all_exited, from_end=False):
-            yield paths[path], line
+        def lines() -> Iterator[tuple[str, str]]:
+            try:
+                while True:
+                    got = False
+                    for name, cursor in cursors:
+                        for line in cursor.read_lines():
+                            got = True
+                            yield name, line
+                    if got:
+                        continue
+                    if all_exited():
+                        for name, cursor in cursors:  # what they wrote just before they exited
+                            for line in cursor.read_lines():
+                                yield name, line
+                        return
+                    time.sleep(poll_s)  # polling files: there is no portable change notification to wait on
+            finally:
+                for _, cursor in cursors:
+                    cursor.close()
+
+        return lines()

@@ -23,13 +23,13 @@ from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import aiohttp
 
 from llama_orchestrator.domain.config import InstanceConfig
 from llama_orchestrator.domain.errors import OrchestratorError
+from llama_orchestrator.domain.router_phases import LOADED, Phase, is_valid_phase_edge
 from llama_orchestrator.domain.routing import (
     Admission,
     Histogram,
@@ -57,17 +57,8 @@ REPROBE_S = 1.0  # how often a replica taken out after a failure is probed again
 STOP_GRACE_S = 10.0
 CONNECT_ATTEMPTS = 3  # a connect error before any answer is retried (on another replica when there is one)
 START_RETRY_S = 10.0  # a replica whose start failed is not chosen to be started again for this long
+UNDRAIN_CHECK_S = 30.0  # undrain waits at most this long for the new process to be seen healthy
 
-
-class Phase(StrEnum):
-    stopped = "stopped"  # no process, as last seen
-    active = "active"  # a process runs that we have not seen healthy (started elsewhere, or failed a request)
-    starting = "starting"  # our start or health wait is in progress (inst.task)
-    ready = "ready"  # healthy: requests go straight through
-    stopping = "stopping"  # our stop is in progress (inst.task)
-
-
-LOADED = frozenset({Phase.active, Phase.starting, Phase.ready})
 
 
 class RouteError(Exception):
@@ -101,6 +92,7 @@ class InstanceStats:
     last_tokens_per_second: float | None
     phase: str = "stopped"
     up: bool = True  # False while taken out after a failure
+    drained: bool = False  # a rolling recreate holds new requests off it (Router.drain)
     starts_total: int = 0
     evictions_total: int = 0
     ttl_unloads_total: int = 0
@@ -111,7 +103,7 @@ class _Instance:
     name: str
     config: InstanceConfig
     memory_mb: float = 0.0
-    _phase: Phase = Phase.stopped
+    _phase: Phase = Phase.stopped  # written by Router._swap only
     epoch: int = 0  # counts phase changes: a snapshot read before one must not undo it
     port: int | None = None  # the running process's port (the config may have changed since it started)
     pid: int | None = None  # the process we saw healthy: another pid (a restart) must be seen healthy again
@@ -121,9 +113,12 @@ class _Instance:
     last_picked: float = 0.0
     start_failed_at: float | None = None
     up: bool = True
+    drained: bool = False  # no new requests: a rolling recreate replaces its process (Router.drain)
+    idle: list = field(default_factory=list)  # futures of drain() calls, set once nothing is in flight or queued
     task: asyncio.Task | None = None  # our start or stop in progress
     reprobe: asyncio.Task | None = None
     session: aiohttp.ClientSession | None = None
+    retired: list = field(default_factory=list)  # sessions replaced while requests used them: closed when idle
     requests: dict[int, int] = field(default_factory=dict)
     duration: Histogram = field(default_factory=Histogram)
     tokens_total: int = 0
@@ -136,24 +131,23 @@ class _Instance:
     def phase(self) -> Phase:
         return self._phase
 
-    @phase.setter
-    def phase(self, value: Phase) -> None:
-        self._phase = value
-        self.epoch += 1
-
     @property
     def limit(self) -> int:
         return self.config.concurrency_limit
 
     @property
     def busy(self) -> bool:
-        return self.in_flight > 0 or bool(self.waiters) or self.task is not None
+        """Never evicted, unloaded for its ttl or forgotten: requests in flight or queued, our start or stop in
+        progress, or drained (a rolling recreate owns it)."""
+        return self.in_flight > 0 or bool(self.waiters) or self.task is not None or self.drained
+
+    @property
+    def settled(self) -> bool:
+        """What drain() waits for: nothing in flight, queued, or being started or stopped by us."""
+        return self.in_flight == 0 and not self.waiters and self.task is None
 
     def url(self) -> str:
-        config = self.config
-        if self.port is not None and self.port != config.server.port:
-            config = config.model_copy(update={"server": config.server.model_copy(update={"port": self.port})})
-        return base_url(config)
+        return base_url(self.config, self.port)
 
 
 class Router:
@@ -164,8 +158,11 @@ class Router:
         *,
         clock: Callable[[], float] = time.monotonic,
         tick_s: float = TICK_S,
+        on_phase: Callable[[str, Phase, Phase], None] | None = None,
     ) -> None:
+        """``on_phase(name, old, new)`` is called for every phase change the table allowed (tests record them)."""
         self._factory = service_factory
+        self._on_phase = on_phase
         self.settings = settings
         self.clock = clock
         self.tick_s = tick_s
@@ -181,6 +178,8 @@ class Router:
         self._last_reload = -1e9  # when the last read of the configs began
         self._changed: asyncio.Event | None = None  # set (and replaced) when capacity may have been freed
         self._room_waiters = 0
+        self._undrained: asyncio.Event | None = None  # set (and replaced) when an instance is undrained
+        self._loop: asyncio.AbstractEventLoop | None = None  # ours: drain()/undrain() come from other threads
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -188,6 +187,8 @@ class Router:
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="router")
         self._reload_lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._undrained = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         await self._reload()
         self._maintainer = asyncio.create_task(self._maintain(), name="router-maintain")
 
@@ -199,6 +200,7 @@ class Router:
                 task.cancel()
         for inst in self._instances.values():
             await self._close_session(inst)
+            await self._close_retired(inst)  # shutting down: in flight or not
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -209,6 +211,7 @@ class Router:
                 loaded=i.phase in LOADED, last_used=i.last_used, duration=i.duration.copy(),
                 completion_tokens_total=i.tokens_total, last_tokens_per_second=i.last_tps, phase=str(i.phase),
                 up=i.up, starts_total=i.starts, evictions_total=i.evictions, ttl_unloads_total=i.ttl_unloads,
+                drained=i.drained,
             )
             for name, i in self._instances.items()
         }
@@ -239,7 +242,7 @@ class Router:
         last_error = ""
         inst = None
         for attempt in range(CONNECT_ATTEMPTS):
-            inst = await self._route(model, failed)
+            inst = await self._route(model, failed, started + self.settings.start_timeout)
             try:
                 resp = await self._exchange(inst, started, method, path, headers, body, retry=True,
                                             quiet=attempt == 0)
@@ -270,6 +273,8 @@ class Router:
             raise RouteError(404, f"no instance named {name!r}; instances: {', '.join(sorted(self._instances))}",
                              "invalid_request_error", "instance_not_found")
         started = self.clock()
+        if inst.drained:
+            await self._wait_undrained([inst], started + self.settings.start_timeout)
         resp = await self._exchange(inst, started, method, path, headers, body, keep_length=True)
         if isinstance(resp, str):
             error = RouteError(502, f"instance {name!r} did not answer: {resp}", "server_error",
@@ -326,7 +331,9 @@ class Router:
 
     # -- routing ---------------------------------------------------------------------------------------------
 
-    async def _route(self, model: str | None, failed: set[str]) -> _Instance:
+    async def _route(self, model: str | None, failed: set[str], deadline: float) -> _Instance:
+        """The instance to send to: by name or alias, drained replicas left out (``deadline``: how long to wait
+        while all of them are drained)."""
         names = self._resolve(model)
         if not names:
             await self._reload(since=self.clock())  # a config added a moment ago
@@ -342,6 +349,11 @@ class Router:
             raise RouteError(404, f"model {model!r} not found; known models: {', '.join(known) or 'none'}",
                              "invalid_request_error", "model_not_found")
         candidates = [self._instances[n] for n in names]
+        open_ = [i for i in candidates if not i.drained]
+        if not open_:  # every replica is being recreated: wait for one to come back (as for a start)
+            await self._wait_undrained(candidates, deadline)
+            return await self._route(model, failed, deadline)
+        candidates = open_
         if len(candidates) == 1:
             chosen = candidates[0]
         else:
@@ -409,6 +421,9 @@ class Router:
         inst.in_flight -= 1
         if inst.in_flight == 0:
             self._notify()
+            self._wake_idle(inst)
+            if inst.retired:
+                _background(self._close_retired(inst), "close")
 
     # -- starting and evicting -------------------------------------------------------------------------------
 
@@ -422,14 +437,18 @@ class Router:
                                  "(router.start_timeout)", "server_error", "starting", retry_after=5)
             if inst.task is not None:
                 await self._await_task(inst, start_deadline)
-            elif inst.phase is Phase.active:
+                continue
+            if inst.phase is Phase.active:
                 self._begin_start(inst, [])
             else:
                 victims = self._plan(inst)
                 if victims is None:
                     await self._wait_for_room(inst, room_deadline)
-                else:
-                    self._begin_start(inst, victims)
+                    continue
+                self._begin_start(inst, victims)
+            if inst.task is None:  # the phase table refused the start (logged as a bug): never spin on it
+                raise RouteError(503, f"{inst.name} cannot be started from phase {inst.phase}", "server_error",
+                                 "start_failed", retry_after=5)
 
     async def _await_task(self, inst: _Instance, deadline: float) -> None:
         task = inst.task
@@ -490,8 +509,8 @@ class Router:
         for name in victims:
             self._instances[name].evictions += 1
             self._begin_stop(self._instances[name], f"evicted to make room for {inst.name}")
-        inst.phase = Phase.starting
-        inst.task = _background(self._start(inst), "start")
+        if self._swap(inst, inst.phase, Phase.starting):  # STOPPED/ACTIVE -> STARTING
+            inst.task = _background(self._start(inst), "start")
 
     async def _start(self, inst: _Instance) -> None:
         try:
@@ -505,7 +524,8 @@ class Router:
                 inst.starts += 1
                 log.info("router: started %s on demand", inst.name)
             row = await self._wait_healthy(inst)
-            inst.port, inst.pid, inst.phase, inst.up = row.port, row.pid, Phase.ready, True
+            inst.port, inst.pid, inst.up = row.port, row.pid, True
+            self._swap(inst, Phase.starting, Phase.ready)  # STARTING -> READY
             inst.start_failed_at = None
         except BaseException:
             inst.start_failed_at = self.clock()
@@ -514,6 +534,7 @@ class Router:
         finally:
             inst.task = None
             self._notify()
+            self._wake_idle(inst)
 
     async def _wait_healthy(self, inst: _Instance):
         """wait_healthy in slices of a second: a thread blocked for the whole start_timeout would hold up the
@@ -529,10 +550,9 @@ class Router:
                     raise  # it exited (the error has its stderr), or the time is up
                 # still starting: next slice
 
-    def _begin_stop(self, inst: _Instance, why: str) -> asyncio.Task:
-        inst.phase = Phase.stopping
-        inst.task = _background(self._stop(inst, why), "stop")
-        return inst.task
+    def _begin_stop(self, inst: _Instance, why: str) -> None:
+        if self._swap(inst, inst.phase, Phase.stopping):  # ACTIVE/READY -> STOPPING
+            inst.task = _background(self._stop(inst, why), "stop")
 
     async def _stop(self, inst: _Instance, why: str) -> None:
         try:
@@ -540,21 +560,138 @@ class Router:
             # by_user: the supervisor must not restart what the router unloaded; a request starts it again.
             await self._call(lambda s: s.stop(inst.name, STOP_GRACE_S, by_user=True))
             log.info("router: stopped %s (%s)", inst.name, why)
-            inst.phase = Phase.stopped
+            self._swap(inst, Phase.stopping, Phase.stopped)  # STOPPING -> STOPPED
         except BaseException:
             await self._settle(inst)
             raise
         finally:
             inst.task = None
             self._notify()
+            self._wake_idle(inst)
 
     async def _settle(self, inst: _Instance) -> None:
         """After a start or stop went wrong: the phase is what actually runs."""
+        was = inst.phase  # STARTING or STOPPING: our task still owns it
         try:
             row = await self._call(lambda s: s.refresh(inst.name))
-            inst.phase = Phase.active if row.status in ACTIVE else Phase.stopped
+            runs = row.status in ACTIVE
         except BaseException:  # noqa: BLE001 - cancelled or broken: the next tick looks again
-            inst.phase = Phase.stopped
+            runs = False
+        self._swap(inst, was, Phase.active if runs else Phase.stopped)  # STARTING/STOPPING -> ACTIVE/STOPPED
+
+    # -- phases ----------------------------------------------------------------------------------------------
+
+    def _swap(self, inst: _Instance, expected: Phase, new: Phase) -> bool:
+        """The one place a phase changes: compare-and-swap against ``expected``, checked against the table of
+        ``domain.router_phases``. A mismatch or an edge outside the table is a bug: logged, refused, not written."""
+        current = inst.phase
+        if current is not expected or not is_valid_phase_edge(current, new):
+            why = f"it is {current}" if current is not expected else "the edge is not in the table"
+            log.error("router phase bug: %s %s -> %s refused (%s)", inst.name, expected, new, why)
+            return False
+        inst._phase = new
+        inst.epoch += 1
+        if self._on_phase is not None:
+            self._on_phase(inst.name, current, new)
+        return True
+
+    # -- draining: rolling recreates (the Drainer of services.instances_port) -------------------------------
+
+    def drain(self, name: str, timeout: float) -> None:
+        """Stop routing new requests to ``name`` and return once its in-flight and queued requests are done (or
+        ``timeout`` passed). Called from a worker thread, never from the router's loop."""
+        self._from_thread(self._drain(name, timeout), timeout + 30)
+
+    def undrain(self, name: str) -> None:
+        """Route to ``name`` again, once its (new) process is seen healthy (at most UNDRAIN_CHECK_S)."""
+        self._from_thread(self._undrain(name), UNDRAIN_CHECK_S + 30)
+
+    def _from_thread(self, coro, wait_s: float) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            coro.close()  # no router running: nothing routes, nothing to drain
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            coro.close()
+            raise RuntimeError("Router.drain/undrain block: call them from a worker thread, not the router's loop")
+        asyncio.run_coroutine_threadsafe(coro, loop).result(wait_s)
+
+    async def _drain(self, name: str, timeout: float) -> None:
+        inst = self._instances.get(name)
+        if inst is None:
+            await self._reload(since=self.clock())
+            inst = self._instances.get(name)
+        if inst is None:
+            return  # not an instance we route to
+        inst.drained = True
+        log.info("router: draining %s (%d in flight, %d queued)", name, inst.in_flight, len(inst.waiters))
+        deadline = self.clock() + timeout
+        while not inst.settled:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                log.warning("router: %s still has %d in flight and %d queued after %g s of draining", name,
+                            inst.in_flight, len(inst.waiters), timeout)
+                return
+            done = asyncio.get_running_loop().create_future()
+            inst.idle.append(done)
+            try:
+                await asyncio.wait_for(done, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                if done in inst.idle:
+                    inst.idle.remove(done)
+
+    async def _undrain(self, name: str) -> None:
+        inst = self._instances.get(name)
+        if inst is None or not inst.drained:
+            return
+        try:
+            # See the new process now rather than at the next tick (its pid, its port from the new config), and
+            # check it as for any process we did not start: ACTIVE -> STARTING (a no-op start) -> READY.
+            await self._reload()
+            if inst.phase is Phase.active and inst.task is None:
+                self._begin_start(inst, [])
+            if inst.task is not None:
+                await asyncio.wait_for(asyncio.shield(inst.task), UNDRAIN_CHECK_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - requests then find it as it is (and start it on demand)
+            log.warning("router: %s undrained without a healthy check: %s", name, exc)
+        finally:
+            inst.drained = False
+            log.info("router: %s undrained (%s)", name, inst.phase)
+            if self._undrained is not None:
+                self._undrained.set()
+                self._undrained = asyncio.Event()
+            self._notify()
+
+    async def _wait_undrained(self, candidates: list[_Instance], deadline: float) -> None:
+        """Hold a request while every instance it may go to is drained, as a start is waited for; 503 at the
+        deadline (router.start_timeout)."""
+        while all(i.drained for i in candidates):
+            remaining = deadline - self.clock()
+            event = self._undrained
+            assert event is not None
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                names = ", ".join(i.name for i in candidates)
+                raise RouteError(503, f"{names} is being recreated and not back after "
+                                 f"{self.settings.start_timeout:g} s (router.start_timeout)", "server_error",
+                                 "draining", retry_after=5) from None
+
+    def _wake_idle(self, inst: _Instance) -> None:
+        if inst.idle and inst.settled:
+            for done in inst.idle:
+                if not done.done():
+                    done.set_result(None)
 
     # -- failures --------------------------------------------------------------------------------------------
 
@@ -563,7 +700,8 @@ class Router:
         log.warning("router: %s failed (%s); taken out until healthy", inst.name, why)
         inst.up = False
         if connect and inst.phase is Phase.ready:
-            inst.phase = Phase.active  # the next request for it checks the process (and starts it if gone)
+            # READY -> ACTIVE: the next request for it checks the process (and starts it if gone)
+            self._swap(inst, Phase.ready, Phase.active)
         if inst.reprobe is None or inst.reprobe.done():
             inst.reprobe = asyncio.create_task(self._reprobe(inst), name=f"reprobe-{inst.name}")
 
@@ -586,7 +724,7 @@ class Router:
             if healthy:
                 inst.up = True
                 if inst.phase is Phase.active:
-                    inst.phase = Phase.ready
+                    self._swap(inst, Phase.active, Phase.ready)  # ACTIVE -> READY: it answers again
                 self._notify()
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
@@ -611,9 +749,21 @@ class Router:
         return inst.session
 
     async def _close_session(self, inst: _Instance) -> None:
+        """New requests get a new session. The old one is closed once no request of this instance is in flight:
+        closing it under a request (a stream still relayed from a healthy process, or one just sent) left that
+        request waiting forever (aiohttp on uvloop), where it must either finish or fail."""
         session, inst.session = inst.session, None
         if session is not None and not session.closed:
-            await session.close()
+            inst.retired.append(session)
+        if inst.in_flight == 0:
+            await self._close_retired(inst)
+
+    @staticmethod
+    async def _close_retired(inst: _Instance) -> None:
+        retired, inst.retired = inst.retired, []
+        for session in retired:
+            if not session.closed:
+                await session.close()
 
     async def _call(self, work: Callable[[InstanceService], Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -681,14 +831,16 @@ class Router:
         if row.status in ACTIVE and row.status != Status.stopping:
             inst.port = row.port
             if inst.phase is Phase.ready and row.pid != inst.pid:
-                inst.phase = Phase.active  # restarted behind our back (supervisor, CLI): check before use
+                # READY -> ACTIVE: restarted behind our back (supervisor, CLI, a recreate): check before use
+                self._swap(inst, Phase.ready, Phase.active)
             if inst.phase is Phase.stopped:
-                inst.phase = Phase.active  # started by someone else (CLI, autostart): its TTL counts from now
+                # STOPPED -> ACTIVE: started by someone else (CLI, autostart): its TTL counts from now
+                self._swap(inst, Phase.stopped, Phase.active)
                 inst.last_used = self.clock()
             elif inst.phase is Phase.ready and row.health == Health.unhealthy and inst.up:
                 self._mark_down(inst, "the supervisor found it unhealthy", connect=False)
-        elif inst.phase in LOADED:
-            inst.phase = Phase.stopped
+        elif inst.phase in (Phase.active, Phase.ready):
+            self._swap(inst, inst.phase, Phase.stopped)  # ACTIVE/READY -> STOPPED: its process is gone
             _background(self._close_session(inst), "close")
             self._notify()
 

@@ -24,6 +24,9 @@ from llama_orchestrator.domain.states import ACTIVE, Health, Status
 log = logging.getLogger("llama_orchestrator.supervisor")
 
 HEALTH_SAVE_S = 5.0
+# The grace a stop of an unhealthy instance gives: it already failed `retries` health checks, so it is likely
+# wedged and would only use the whole grace up; a suspended one (SIGSTOP) is killed at once (InstanceService.stop).
+UNHEALTHY_STOP_GRACE_S = 3.0
 ProcessKey = tuple[int | None, float | None]  # (pid, create_time): which process a tracker belongs to
 
 
@@ -35,8 +38,24 @@ class InstanceOps(Protocol):
     def refresh(self, name: str) -> InstanceRow: ...
     def start(self, name: str) -> InstanceRow: ...
     def stop(self, name: str, timeout: float) -> InstanceRow: ...
-    def probe(self, config: InstanceConfig) -> ProbeOutcome: ...
-    def update(self, name: str, only_if: dict[str, object] | None = None, **changes: object) -> bool: ...
+    def probe(self, config: InstanceConfig, port: int | None) -> ProbeOutcome: ...
+    def update(self, name: str, only_if: dict[str, object] | None = None, **changes: object) -> bool:
+        """Change fields other than the status."""
+
+    def transition(
+        self,
+        name: str,
+        expected: Status | set[Status],
+        new: Status,
+        *,
+        event: tuple[str, str] | None = None,
+        only_if: dict[str, object] | None = None,
+        now: float | None = None,
+        **changes: object,
+    ) -> bool:
+        """``Store.transition``: the one way a status changes (CAS on ``expected``, checked against the table,
+        ``event`` written with it). False when the row moved meanwhile, or the edge is not in the table."""
+
     def event(self, name: str, kind: str, message: str, ts: float) -> None: ...
     def rotate_logs(self, name: str, config: InstanceConfig) -> None: ...
 
@@ -70,7 +89,7 @@ Dispatch = Callable[[Callable[[], object]], None]
 
 
 class Supervisor:
-    def __init__(self, ops: InstanceOps, dispatch: Dispatch, *, stop_timeout: float = 10.0) -> None:
+    def __init__(self, ops: InstanceOps, dispatch: Dispatch, *, stop_timeout: float = UNHEALTHY_STOP_GRACE_S) -> None:
         self.ops = ops
         self._dispatch = dispatch
         self.stop_timeout = stop_timeout
@@ -114,6 +133,8 @@ class Supervisor:
                 self._step(name, now)
             except OrchestratorError as exc:
                 log.warning("%s: %s", name, exc)
+            except Exception:  # noqa: BLE001 - one instance's trouble must never pause the others' supervision
+                log.exception("%s: supervision step failed", name)
 
     def next_due(self) -> float | None:
         """The earliest time an instance needs a step before the next regular pass."""
@@ -131,7 +152,10 @@ class Supervisor:
             kind, name, *rest = message
             touched.add(name)
             handler = getattr(self, f"_on_{kind}")
-            handler(name, now, *rest)
+            try:
+                handler(name, now, *rest)
+            except Exception:  # noqa: BLE001 - as in tick: one instance's trouble must not stop the others
+                log.exception("%s: handling %s failed", name, kind)
 
     # -- one instance, one step --------------------------------------------------------------------------------
 
@@ -151,7 +175,7 @@ class Supervisor:
             watch.restart = self._tick_restart(name, watch.restart, config, now)
             if not watch.probing and now >= watch.next_probe_at:
                 watch.probing = True
-                self._dispatch(lambda: self.inbox.put(("probed", name, key, self.ops.probe(config))))
+                self._dispatch(lambda: self.inbox.put(("probed", name, key, self.ops.probe(config, row.port))))
             self.ops.rotate_logs(name, config)
         else:
             # Not running (a person stopped it, or it is down for good): nothing to probe. Without this the
@@ -213,8 +237,10 @@ class Supervisor:
             return
         if tracker.health == Health.healthy:
             watch.restart = watch.restart.on_healthy(now)
-            if self.ops.update(name, only_if={"pid": pid, "status": Status.starting}, status=Status.running, **changes):
-                self.ops.event(name, "healthy", f"answering after {now - tracker.started_at:.1f} s", now)
+            if self.ops.transition(
+                name, Status.starting, Status.running, only_if={"pid": pid}, now=now,
+                event=("healthy", f"answering after {now - tracker.started_at:.1f} s"), **changes,
+            ):
                 return
         else:
             watch.restart = watch.restart.on_unhealthy()
@@ -266,23 +292,23 @@ class Supervisor:
         watch.key, watch.health = (None, None), None
         decision = watch.restart.on_exit(config.restart, reason, row.stopped_by_user, now)
         watch.restart = decision.tracker
+        # Compare-and-swap on the status this decision was made from: if a person acted meanwhile, theirs stands.
+        current = Status(row.status)
         if decision.action == "restart":
-            watch.restart_at = decision.restart_at
-            self.ops.update(
-                name, status=Status.backoff, next_restart_at=decision.restart_at, restart_attempts=decision.attempt
-            )
-            self.ops.event(
-                name,
-                "backoff",
-                f"{reason}: restart {decision.attempt} of {config.restart.max_retries} in {decision.delay:g} s",
-                now,
-            )
+            message = f"{reason}: restart {decision.attempt} of {config.restart.max_retries} in {decision.delay:g} s"
+            if self.ops.transition(
+                name, current, Status.backoff, event=("backoff", message), now=now,
+                next_restart_at=decision.restart_at, restart_attempts=decision.attempt,
+            ):
+                watch.restart_at = decision.restart_at
         elif decision.action == "give_up":
-            self.ops.update(name, status=Status.failed, next_restart_at=None,
-                            last_error=f"gave up after {decision.attempt} restarts")
-            self.ops.event(name, "failed", f"{reason}: gave up after {decision.attempt} restarts", now)
-        elif decision.status == Status.stopped or reason == ExitReason.unhealthy:
-            self.ops.update(name, status=decision.status)
+            self.ops.transition(
+                name, current, Status.failed, now=now,
+                event=("failed", f"{reason}: gave up after {decision.attempt} restarts"),
+                next_restart_at=None, last_error=f"gave up after {decision.attempt} restarts",
+            )
+        elif decision.status != current:
+            self.ops.transition(name, current, decision.status, now=now)
 
     def _start(self, name: str, watch: Watch, attempt: int | None) -> None:
         watch.busy, watch.restart_at = True, None
@@ -322,10 +348,11 @@ class Supervisor:
     # -- configs ---------------------------------------------------------------------------------------------------
 
     def _config(self, name: str) -> InstanceConfig | None:
+        """The config, or None when it does not load (ServiceOps says so once per version of the file, and
+        supervises a running process with its last good config meanwhile)."""
         try:
             return self.ops.load(name)
-        except OrchestratorError as exc:
-            log.warning("%s: config does not load, not supervised: %s", name, exc)
+        except OrchestratorError:
             return None
 
 

@@ -252,6 +252,13 @@ class Handler(BaseHTTPRequestHandler):
         code_val = getattr(code, "value", code)
         log(f"srv  log_server_r: request: {self.command} {path} {self.client_address[0]} {code_val}")
 
+    def end_headers(self) -> None:
+        # As llama-server's CORS middleware does: any Origin is reflected (the router must not relay that).
+        origin = self.headers.get("Origin") if self.headers is not None else None
+        if origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
+        super().end_headers()
+
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             data = bytearray()

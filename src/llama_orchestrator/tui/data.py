@@ -289,7 +289,9 @@ class Backend:
         return EventLine(event.id, self.format_time(event.ts), event.instance, event.kind, event.message)
 
     def detail(self, name: str, *, log_lines: int = 10) -> Detail:
+        """Blocks (store, log tails): called from a worker thread. Each log line is cut at the tail's line cap."""
         from llama_orchestrator.adapters.logfiles import tail
+        from llama_orchestrator.domain.secrets import mask_document
 
         if self.daemon(self.home) is None:
             view = self.service.view(name)
@@ -319,7 +321,8 @@ class Backend:
         )
         history = [e for e in self.service.store.events(name, limit=200) if e.kind in HEALTH_KINDS][-10:]
         if view.config is not None:
-            config = json.dumps(view.config.model_dump(mode="json"), indent=2)
+            # Shown on a screen others may see: env values that look secret are masked.
+            config = json.dumps(mask_document(view.config.model_dump(mode="json")), indent=2)
         else:
             config = str(view.config_error or "no config")
         stderr_path, stdout_path = self.home.log_path(name, "stderr"), self.home.log_path(name, "stdout")

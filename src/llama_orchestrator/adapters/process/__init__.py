@@ -11,7 +11,7 @@ different process (the PID was reused) and is never signalled.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,58 @@ class ProcessControl(Protocol):
 
     def try_lock(self, path: Path) -> HeldLock | None:
         """Take the inter-process lock now, or return None if another process holds it (the daemon's lock)."""
+
+    def scan(self, home: Path) -> list[Found]:
+        """The running processes that carry the marker of ``home`` (``domain.launch``): the top one of each
+        instance's tree. Processes whose environment we may not read are skipped."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """A running process of ours, found by its marker."""
+
+    name: str
+    pid: int
+    create_time: float
+
+    @property
+    def handle(self) -> ProcessHandle:
+        return ProcessHandle(self.pid, self.create_time)
+
+
+def scan_marked(
+    home: Path,
+    process_iter: Callable[..., Iterable[psutil.Process]],
+    *,
+    same_path: Callable[[str, str], bool] = lambda a, b: a == b,
+    env_key: Callable[[str], str] = lambda key: key,
+) -> list[Found]:
+    """The scan both OSes share; they differ in how paths and variable names compare (``same_path``, ``env_key``).
+
+    Children inherit the environment, so a marked process whose parent is marked for the same instance is part of
+    that instance's tree, not an instance of its own: only the top one counts.
+    """
+    from llama_orchestrator.domain.launch import MARKER_HOME, MARKER_INSTANCE
+
+    wanted_home, wanted_name = env_key(MARKER_HOME), env_key(MARKER_INSTANCE)
+    marked: dict[int, tuple[str, int, float]] = {}  # pid -> (instance, ppid, create_time)
+    for process in process_iter():
+        try:
+            env = {env_key(k): v for k, v in (process.environ() or {}).items()}
+            name = env.get(wanted_name)
+            if not name or not same_path(env.get(wanted_home, ""), str(home)):
+                continue
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            marked[process.pid] = (name, process.ppid(), process.create_time())
+        except (psutil.Error, OSError):
+            continue  # gone meanwhile, or not ours to read (AccessDenied)
+    found = [
+        Found(name, pid, created)
+        for pid, (name, ppid, created) in marked.items()
+        if marked.get(ppid, ("",))[0] != name
+    ]
+    return sorted(found, key=lambda f: (f.name, f.create_time))
 
 
 class HeldLock(Protocol):

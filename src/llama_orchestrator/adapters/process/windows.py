@@ -16,16 +16,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ntpath
 import os
 import signal
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 import psutil
 
-from llama_orchestrator.adapters.process import ProcessHandle, Spawned, handle_of, is_alive, tree
+from llama_orchestrator.adapters.home import open_private_log
+from llama_orchestrator.adapters.process import (
+    Found,
+    ProcessHandle,
+    Spawned,
+    handle_of,
+    is_alive,
+    scan_marked,
+    tree,
+)
 
 # Process creation flags, from the Win32 headers. ``subprocess`` only defines them on Windows; the values are part of
 # the ABI, so we spell them out and the module works (and is tested) everywhere.
@@ -118,12 +128,29 @@ class RealWinApi:
 
 
 class WindowsProcesses:
-    def __init__(self, api: WinApi | None = None, kill_wait: float = 5.0) -> None:
+    def __init__(
+        self,
+        api: WinApi | None = None,
+        kill_wait: float = 5.0,
+        process_iter: Callable[..., Iterable[psutil.Process]] = psutil.process_iter,
+    ) -> None:
         self._api: WinApi = api if api is not None else RealWinApi()
+        self._process_iter = process_iter
         # How long kill_tree waits for the killed processes to be gone before it tries taskkill.
         self._kill_wait = kill_wait
         # Cleared the first time CreateProcess refuses to break away: our job membership doesn't change later.
         self._breakaway = True
+
+    def scan(self, home: Path) -> list[Found]:
+        """Marked processes of ``home``. Windows spells variable names in any case and paths in any case and with
+        either slash, so both compare case-folded and normalised. Windows does not re-parent orphans: a child whose
+        marked parent died has a parent PID that is not marked (or reused), and then counts as a top process."""
+        return scan_marked(
+            home,
+            self._process_iter,
+            same_path=lambda a, b: bool(a) and ntpath.normcase(a) == ntpath.normcase(b),
+            env_key=str.upper,
+        )
 
     def creationflags(self) -> int:
         return BASE_CREATIONFLAGS | (CREATE_BREAKAWAY_FROM_JOB if self._breakaway else 0)
@@ -131,7 +158,7 @@ class WindowsProcesses:
     def spawn(
         self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, stdout: Path, stderr: Path
     ) -> Spawned:
-        with open(stdout, "ab", buffering=0) as out, open(stderr, "ab", buffering=0) as err:
+        with open_private_log(stdout) as out, open_private_log(stderr) as err:  # 0600: prompts, tokens
             popen = self._popen(list(argv), env, cwd, out, err)
         try:
             handle = handle_of(popen.pid)
