@@ -24,12 +24,7 @@ from pathlib import Path
 
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
-
-
-def cli_command() -> list[str]:
-    # The console script installed beside this Python is what users run; the module is the fallback.
-    script = Path(PY).parent / ("llama-orch.exe" if os.name == "nt" else "llama-orch")
-    return [str(script)] if script.exists() else [PY, "-m", "llama_orchestrator"]
+from bench_common import cli_command, fake_binary  # noqa: E402
 
 
 def child_env() -> dict[str, str]:
@@ -43,17 +38,6 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 1
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def fake_binary(folder: Path) -> Path:
-    """An executable named like llama-server that execs the fake, so the recorded PID is the server's."""
-    script = folder / "llama-server"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{PY}" -m llama_orchestrator.testing.fake_server "$@"\n'
-    )
-    script.chmod(0o755)
-    return script
 
 
 def build_home(root: Path, instances: int, running: int) -> Path:

