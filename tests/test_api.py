@@ -358,8 +358,8 @@ def test_router_paths_go_to_the_proxy_and_its_lifespan_runs(tmp_path: Path) -> N
         assert httpx.get(url + "/api/instances").status_code == 401
         assert httpx.get(url + "/api/instances", headers=headers).json() == []
         metrics = httpx.get(url + "/metrics", headers=headers).text
-        assert 'llama_orch_instance_requests_total{instance="alpha",code="200"} 3' in metrics
-        assert 'llama_orch_instance_in_flight{instance="alpha"} 1' in metrics
+        assert 'llama_orch_instance_requests_total{model_name="alpha",endpoint="other",code="200"} 3' in metrics
+        assert 'llama_orch_instance_in_flight{model_name="alpha"} 1' in metrics
     finally:
         server.stop()
     assert router.calls == ["startup", "shutdown"]

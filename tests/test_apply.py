@@ -45,8 +45,7 @@ def n_ctx(port: int) -> int:
 
 
 def events(cli: Cli, *args: str) -> list[dict]:
-    lines = cli.run("events", *args, "--json", "--tail", "200", check=True).stdout.splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return json.loads(cli.run("events", *args, "--json", "--tail", "200", check=True).stdout)  # an array
 
 
 def gone(pid: int) -> bool:

@@ -56,7 +56,9 @@ def test_commands_go_through_the_home_daemon(daemon: Daemon, tiny_model: Path, f
     from llama_orchestrator.services.instances import InstanceService
     from llama_orchestrator.services.instances_port import LocalInstances
 
-    local = LocalInstances(InstanceService(Home(cli.home)), probe_starting=False).ps()[0]
+    from llama_orchestrator.cli.render import json_ready
+
+    local = json_ready(LocalInstances(InstanceService(Home(cli.home)), probe_starting=False).ps()[0])
     assert set(record) == set(local) and record["pid"] == local["pid"] and record["port"] == port
 
     table = cli.run("ps", check=True).stdout
@@ -74,7 +76,7 @@ def test_commands_go_through_the_home_daemon(daemon: Daemon, tiny_model: Path, f
     lines = wait_until(lambda: [x for x in cli.run("logs", "alpha", "--tail", "5", check=True).stdout.splitlines()
                                 if "/v1/models" in x], timeout=20)
     assert lines
-    kinds = [json.loads(x)["kind"] for x in cli.run("events", "alpha", "--json", check=True).stdout.splitlines()]
+    kinds = [e["kind"] for e in json.loads(cli.run("events", "alpha", "--json", check=True).stdout)]
     assert "started" in kinds
 
     restarted = cli.run("restart", "alpha", "--timeout", "5", "--wait-timeout", "30", check=True).stdout

@@ -124,7 +124,7 @@ class Faults:
     def events(self, name: str | None = None, after: int = 0) -> list[dict]:
         args = ["events", *([name] if name else []), "--json", "--tail", "1000"]
         out = self.cli.run(*args, check=True).stdout
-        return [e for e in (json.loads(line) for line in out.splitlines() if line.strip()) if e["id"] > after]
+        return [e for e in json.loads(out) if e["id"] > after]
 
     def kinds(self, name: str, after: int = 0) -> list[str]:
         return [e["kind"] for e in self.events(name, after)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def router_stats() -> dict:
     }
 
 
-def test_every_instance_in_one_scrape_with_instance_labels() -> None:
+def test_every_instance_in_one_scrape_with_model_name_labels() -> None:
     from llama_orchestrator.api.metrics import render_metrics
 
     text = render_metrics(records(), router_stats(), {"version": "9.9", "pid": 42, "started_at": 1000.0},
@@ -123,26 +124,99 @@ def test_every_instance_in_one_scrape_with_instance_labels() -> None:
     assert value(families, "llama_orch_daemon_info", version="9.9", pid="42") == 1
     assert value(families, "llama_orch_daemon_uptime_seconds") == 60
     assert value(families, "llama_orch_instances") == 3
-    assert [value(families, "llama_orch_instance_up", instance=n) for n in ("alpha", "beta", "gamma")] == [1, 0, 0]
-    assert value(families, "llama_orch_instance_health", instance="alpha", health="healthy") == 1
-    assert value(families, "llama_orch_instance_health", instance="alpha", health="unhealthy") == 0
-    assert value(families, "llama_orch_instance_status", instance="beta", status="exited") == 1
-    assert value(families, "llama_orch_instance_status", instance="gamma", status="invalid-config") == 1
+    assert [value(families, "llama_orch_instance_up", model_name=n) for n in ("alpha", "beta", "gamma")] == [1, 0, 0]
+    assert value(families, "llama_orch_instance_health", model_name="alpha", health="healthy") == 1
+    assert value(families, "llama_orch_instance_health", model_name="alpha", health="unhealthy") == 0
+    assert value(families, "llama_orch_instance_status", model_name="beta", status="exited") == 1
+    assert value(families, "llama_orch_instance_status", model_name="gamma", status="invalid-config") == 1
     assert families["llama_orch_instance_restarts_total"].kind == "counter"
-    assert value(families, "llama_orch_instance_restarts_total", instance="alpha") == 2
-    assert value(families, "llama_orch_instance_requests_total", instance="alpha", code="429") == 1
-    assert value(families, "llama_orch_instance_tokens_per_second", instance="alpha") == 42.5
-    assert value(families, "llama_orch_instance_completion_tokens_total", instance="alpha") == 321
-    assert value(families, "llama_orch_instance_queue_depth", instance="alpha") == 3
-    assert value(families, "llama_orch_instance_in_flight", instance="alpha") == 2
-    assert value(families, "llama_orch_instance_idle_seconds", instance="alpha") == 10
+    assert value(families, "llama_orch_instance_restarts_total", model_name="alpha") == 2
+    assert value(families, "llama_orch_instance_requests_total", model_name="alpha", code="429") == 1
+    assert value(families, "llama_orch_instance_tokens_per_second", model_name="alpha") == 42.5
+    assert value(families, "llama_orch_instance_completion_tokens_total", model_name="alpha") == 321
+    assert value(families, "llama_orch_instance_queue_depth", model_name="alpha") == 3
+    assert value(families, "llama_orch_instance_in_flight", model_name="alpha") == 2
+    assert value(families, "llama_orch_instance_idle_seconds", model_name="alpha") == 10
     duration = families["llama_orch_instance_request_duration_seconds"]
     assert duration.kind == "histogram"
     buckets = {s[1]["le"]: s[2] for s in duration.samples if s[0].endswith("_bucket")}
     assert buckets["+Inf"] == 5 and buckets["0.005"] == 1 and buckets["0.25"] == 3
-    assert value(families, "llama_orch_instance_request_duration_seconds_count", instance="alpha") == 5
+    assert value(families, "llama_orch_instance_request_duration_seconds_count", model_name="alpha") == 5
     # No router statistics for an instance: no made-up zeros for it.
-    assert not [s for s in families["llama_orch_instance_in_flight"].samples if s[1]["instance"] == "beta"]
+    assert not [s for s in families["llama_orch_instance_in_flight"].samples if s[1]["model_name"] == "beta"]
+
+
+def test_no_sample_carries_a_label_prometheus_sets_on_the_target() -> None:
+    """A scrape adds `instance` (host:port) and `job` to every sample; a sample that brings its own is stored as
+    `exported_instance`/`exported_job` (honor_labels: false, the default), and the per-instance label is lost."""
+    from llama_orchestrator.api.metrics import render_metrics
+
+    text = render_metrics(records(), router_stats(), {"version": "1", "pid": 1, "started_at": 1.0}, now=2.0,
+                          totals={"unknown_model_requests": {"/v1/chat/completions": 2}})
+    labels = {k for family in parse(text).values() for _, sample_labels, _ in family.samples for k in sample_labels}
+    assert "model_name" in labels
+    assert not labels & {"instance", "job"}
+    assert not [k for k in labels if k.startswith("__")]
+
+
+def test_requests_by_endpoint_time_to_first_token_prompt_tokens_and_unknown_models() -> None:
+    from llama_orchestrator.api.metrics import render_metrics
+    from llama_orchestrator.domain.routing import Histogram
+    from llama_orchestrator.services.router import InstanceStats
+
+    ttft = Histogram()
+    ttft.observe(0.02)
+    ttft.observe(0.3)
+    stats = {"alpha": InstanceStats(
+        requests_total={200: 3, 404: 1}, in_flight=0, queued=0, loaded=True, last_used=None, duration=Histogram(),
+        completion_tokens_total=9, last_tokens_per_second=None, prompt_tokens_total=17, time_to_first_token=ttft,
+        requests_by_endpoint={("/v1/chat/completions", 200): 2, ("/v1/embeddings", 200): 1, ("other", 404): 1},
+    )}
+    families = parse(render_metrics(records()[:1], stats, {}, now=0.0,
+                                    totals={"unknown_model_requests": {"/v1/completions": 4}}))
+    requests = "llama_orch_instance_requests_total"
+    assert value(families, requests, model_name="alpha", endpoint="/v1/chat/completions", code="200") == 2
+    assert value(families, requests, model_name="alpha", endpoint="/v1/embeddings", code="200") == 1
+    assert value(families, requests, model_name="alpha", endpoint="other", code="404") == 1
+    first = families["llama_orch_instance_time_to_first_token_seconds"]
+    assert first.kind == "histogram"
+    assert value(families, "llama_orch_instance_time_to_first_token_seconds_bucket", le="0.025") == 1
+    assert value(families, "llama_orch_instance_time_to_first_token_seconds_count", model_name="alpha") == 2
+    assert families["llama_orch_instance_prompt_tokens_total"].kind == "counter"
+    assert value(families, "llama_orch_instance_prompt_tokens_total", model_name="alpha") == 17
+    assert families["llama_orch_unknown_model_requests_total"].kind == "counter"
+    assert value(families, "llama_orch_unknown_model_requests_total", endpoint="/v1/completions") == 4
+
+
+def promtool() -> str:
+    import shutil
+
+    found = shutil.which("promtool")
+    if found is None:
+        message = "promtool is not installed (Debian: apt-get install -y prometheus)"
+        if os.environ.get("CI"):
+            pytest.fail(message + ": in CI the promtool check must run")
+        pytest.skip(message)
+    return found
+
+
+def promtool_check(text: str) -> str:
+    """`promtool check metrics` on ``text``: its complaints (lint included), empty when clean."""
+    import subprocess
+
+    done = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert done.returncode in (0, 3) or done.stderr, done  # 3: lint problems, listed on stdout/stderr
+    return (done.stdout + done.stderr).strip() if done.returncode else ""
+
+
+def test_promtool_finds_the_scrape_clean() -> None:
+    from llama_orchestrator.api.metrics import render_metrics
+
+    text = render_metrics(records(), router_stats(), {"version": "1", "pid": 1, "started_at": 1.0}, now=2.0,
+                          router_now=3.0, totals={"unknown_model_requests": {"/v1/chat/completions": 1}})
+    assert promtool_check(text) == ""
+    # The check is real: a counter without `_total` is a lint problem it reports.
+    assert promtool_check("# HELP x_requests Bad.\n# TYPE x_requests counter\nx_requests 1\n") != ""
 
 
 def test_prometheus_client_reads_the_scrape() -> None:
@@ -153,7 +227,7 @@ def test_prometheus_client_reads_the_scrape() -> None:
     parsed = {f.name: f for f in parser.text_string_to_metric_families(text)}
     assert parsed["llama_orch_instance_request_duration_seconds"].type == "histogram"
     assert parsed["llama_orch_instance_restarts"].type == "counter"  # the client drops `_total` from the name
-    assert {s.labels["instance"] for s in parsed["llama_orch_instance_up"].samples} == {"alpha", "beta", "gamma"}
+    assert {s.labels["model_name"] for s in parsed["llama_orch_instance_up"].samples} == {"alpha", "beta", "gamma"}
 
 
 def test_label_values_are_escaped() -> None:
@@ -168,8 +242,8 @@ def test_a_router_without_some_counters_does_not_break_a_scrape() -> None:
 
     text = render_metrics(records()[:1], {"alpha": {"in_flight": 1}, "extra": object()}, {}, now=0.0)
     families = parse(text)
-    assert value(families, "llama_orch_instance_in_flight", instance="alpha") == 1
-    assert value(families, "llama_orch_instance_up", instance="extra") == 0
+    assert value(families, "llama_orch_instance_in_flight", model_name="alpha") == 1
+    assert value(families, "llama_orch_instance_up", model_name="extra") == 0
 
 
 # -- a real daemon --------------------------------------------------------------------------------------------------
@@ -189,19 +263,30 @@ def test_the_daemon_serves_metrics_for_all_instances(cli: Cli, tiny_model: Path,
             chat = api.post("/v1/chat/completions", json={"model": "up-one", "messages": [
                 {"role": "user", "content": "hi"}]})
             assert chat.status_code == 200, chat.text
+            stream = api.post("/v1/completions", json={"model": "up-one", "prompt": "one two", "stream": True})
+            assert stream.status_code == 200 and "[DONE]" in stream.text, stream.text
+            unknown = api.post("/v1/chat/completions", json={"model": "nobody", "messages": []})
+            assert unknown.status_code == 404
             answer = api.get("/metrics")
         assert answer.status_code == 200
         assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
         families = parse(answer.text)
-        assert value(families, "llama_orch_instance_up", instance="up-one") == 1
-        assert value(families, "llama_orch_instance_up", instance="down-one") == 0
-        assert value(families, "llama_orch_instance_status", instance="up-one", status="running") == 1
-        assert value(families, "llama_orch_instance_status", instance="down-one", status="stopped") == 1
-        assert value(families, "llama_orch_instance_restarts_total", instance="down-one") == 0
+        assert value(families, "llama_orch_instance_up", model_name="up-one") == 1
+        assert value(families, "llama_orch_instance_up", model_name="down-one") == 0
+        assert value(families, "llama_orch_instance_status", model_name="up-one", status="running") == 1
+        assert value(families, "llama_orch_instance_status", model_name="down-one", status="stopped") == 1
+        assert value(families, "llama_orch_instance_restarts_total", model_name="down-one") == 0
         assert value(families, "llama_orch_daemon_info", pid=str(daemon.pid())) == 1
-        assert value(families, "llama_orch_instance_requests_total", instance="up-one", code="200") == 1
-        assert value(families, "llama_orch_instance_request_duration_seconds_count", instance="up-one") == 1
-        assert value(families, "llama_orch_instance_completion_tokens_total", instance="up-one") > 0
+        requests = "llama_orch_instance_requests_total"
+        assert value(families, requests, model_name="up-one", endpoint="/v1/chat/completions", code="200") == 1
+        assert value(families, requests, model_name="up-one", endpoint="/v1/completions", code="200") == 1
+        assert value(families, "llama_orch_instance_request_duration_seconds_count", model_name="up-one") == 2
+        assert value(families, "llama_orch_instance_time_to_first_token_seconds_count", model_name="up-one") == 1
+        assert value(families, "llama_orch_instance_completion_tokens_total", model_name="up-one") > 0
+        assert value(families, "llama_orch_instance_prompt_tokens_total", model_name="up-one") > 0
+        assert value(families, "llama_orch_unknown_model_requests_total", endpoint="/v1/chat/completions") == 1
+        if shutil.which("promtool"):
+            assert promtool_check(answer.text) == ""
         assert httpx.get(daemon.url + "/metrics").status_code == 200  # no keys configured: open on loopback
     finally:
         cli.run("daemon", "stop", timeout=60)

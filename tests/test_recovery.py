@@ -96,7 +96,7 @@ def test_a_truncated_database_is_kept_aside_and_no_command_shows_a_traceback(fau
     ps = no_traceback(faults.cli.run("ps", "--json", check=True))
     assert {r["name"]: r["pid"] for r in json.loads(ps.stdout)} == {n: pid for n, (_, pid) in running.items()}
     events = no_traceback(faults.cli.run("events", "--json", "--tail", "50", check=True))
-    recovered = [json.loads(line) for line in events.stdout.splitlines() if '"recovered"' in line]
+    recovered = [e for e in json.loads(events.stdout) if e["kind"] == "recovered"]
     assert recovered and "corrupt" in recovered[0]["message"], events.stdout
     kept = list((faults.cli.home / "state").glob("state.sqlite.corrupt-*"))
     assert any(not p.name.endswith(("-wal", "-shm")) for p in kept), "the damaged file is kept aside"

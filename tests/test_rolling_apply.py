@@ -83,7 +83,7 @@ class StreamingClient:
 def events(cli: Cli) -> list[dict]:
     """`events --json` prints one object per line."""
     out = cli.run("events", "--tail", "500", "--json", check=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    return json.loads(out)  # an array
 
 
 def rolling_apply(daemon: Daemon, configure: Callable[[str, int], dict], body: dict, *, timeout: float) -> None:

@@ -188,3 +188,10 @@ def test_the_daemon_refuses_open_settings_with_keys_and_says_the_fix(cli: Cli) -
     result = cli.run("daemon", "run", timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"chmod 600 {settings}" in result.stderr + result.stdout
+
+
+def test_only_an_option_whose_last_word_is_secret_is_masked() -> None:
+    # "token" inside an option name is not enough: --draft-token-delay takes a number, --ssl-key-file a path.
+    args = ["--fake-token-delay", "0.1", "--ssl-key-file", "/k.pem", "--api_key", "sk", "--hf-token=t"]
+    assert mask_args(args) == ["--fake-token-delay", "0.1", "--ssl-key-file", "/k.pem", "--api_key", MASK,
+                               f"--hf-token={MASK}"]

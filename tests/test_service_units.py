@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import plistlib
+import re
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_orchestrator.adapters.home import Home
-from llama_orchestrator.adapters.service_units import Target
+from llama_orchestrator.adapters.home import Home, default_root
+from llama_orchestrator.adapters.service_units import Target, service_name_for
 from llama_orchestrator.adapters.service_units.launchd import LaunchdAgent
 from llama_orchestrator.adapters.service_units.systemd import SystemdUserUnit, exec_line
 from llama_orchestrator.adapters.service_units.windows_task import ScheduledTask
@@ -246,6 +247,9 @@ def test_nssm_is_used_when_it_is_on_path(orch, target):
     parameters = subprocess.list2cmdline(target.argv[1:])
     assert ["nssm", "set", "llama-orchestrator", "AppParameters", parameters] in runner.calls
     assert ["nssm", "set", "llama-orchestrator", "Start", "SERVICE_AUTO_START"] in runner.calls
+    # A service stop stops the daemon alone (NSSM kills the whole tree by default): the instances keep running.
+    kill_tree = ["nssm", "set", "llama-orchestrator", "AppKillProcessTree", "0"]
+    assert kill_tree in runner.calls and runner.calls.index(kill_tree) < runner.calls.index(runner.calls[-1])
     assert runner.calls[-1] == ["nssm", "start", "llama-orchestrator"]
     # NSSM answers in UTF-16: the NULs are dropped before reading.
     utf16 = Runner({("nssm", "status"): (0, "\x00".join("SERVICE_RUNNING") + "\x00"),
@@ -272,19 +276,21 @@ def test_options_that_do_not_fit_are_usage_errors(orch, target):
 @pytest.mark.parametrize(
     ("os_name", "expected"),
     [
+        # NAME: this (not default) home's service name, llama-orchestrator-<hash of its path>
         ("linux", ["[Service]", "Restart=on-failure", "$ systemctl --user daemon-reload",
-                   "$ systemctl --user enable --now llama-orchestrator.service",
-                   "/systemd/user/llama-orchestrator.service"]),
+                   "$ systemctl --user enable --now NAME.service", "/systemd/user/NAME.service"]),
         ("macos", ["<key>RunAtLoad</key>", "<key>SuccessfulExit</key>", "$ launchctl bootstrap gui/",
-                   "/Library/LaunchAgents/io.github.llama-orchestrator.plist"]),
+                   "/Library/LaunchAgents/io.github.NAME.plist"]),
         ("windows", ["<LogonTrigger>", "<RunLevel>LeastPrivilege</RunLevel>",
-                     "> schtasks /Create /TN llama-orchestrator /XML", "> schtasks /Run /TN llama-orchestrator"]),
+                     "> schtasks /Create /TN NAME /XML", "> schtasks /Run /TN NAME"]),
     ],
 )
 def test_dry_run_prints_the_files_and_commands_of_each_os(cli, os_name, expected):
     out = cli.run("service", "install", "--dry-run", "--os", os_name, check=True).stdout
+    name = service_name_for(cli.home, default_root())
+    assert name.startswith("llama-orchestrator-") and len(name) == len("llama-orchestrator-") + 8
     for text in expected:
-        assert text in out, text
+        assert text.replace("NAME", name) in out, text
     if os_name == "macos":
         assert f"<string>--home</string>\n\t\t<string>{cli.home}</string>" in out
     else:
@@ -299,7 +305,7 @@ def test_cli_refusals(cli):
     assert cli.run("service", "install", "--dry-run", "--os", "bsd").returncode == 2
     assert cli.run("service", "install", "--dry-run", "--os", "linux", "--via", "nssm").returncode == 2
     out = cli.run("service", "install", "--dry-run", "--os", "windows", "--via", "nssm", check=True).stdout
-    assert "> nssm install llama-orchestrator" in out
+    assert f"> nssm install {service_name_for(cli.home, default_root())} " in out
     foreign = "windows" if sys.platform != "win32" else "linux"
     result = cli.run("service", "install", "--os", foreign)
     assert result.returncode == 2 and "--dry-run" in result.stderr
@@ -323,3 +329,42 @@ def test_install_without_a_user_session_exits_1_with_advice(cli, tmp_path, monke
     assert status.returncode == 1
     assert '"installed": false' in status.stdout
     assert "nothing to remove" in cli.run("service", "uninstall", check=True).stdout
+
+
+# -- several homes on one machine -----------------------------------------------------------------------------
+
+
+def test_the_default_home_keeps_the_plain_name_and_every_other_home_gets_its_own(tmp_path):
+    default = tmp_path / "default home"
+    assert service_name_for(default, default) == "llama-orchestrator"
+    names = {service_name_for(tmp_path / h, default) for h in ("a", "b", "default home/../a")}
+    assert len(names) == 2 and all(n.startswith("llama-orchestrator-") for n in names)  # ../a is a
+    assert service_name_for(tmp_path / "a", default) == service_name_for(tmp_path / "a", None)  # stable
+
+
+@pytest.mark.parametrize("os_name", ["linux", "macos", "windows", "nssm"])
+def test_two_homes_install_side_by_side(tmp_path, os_name):
+    """Each home's install writes its own files and registers its own name; the other's is left alone."""
+    user_home = tmp_path / "user"
+    plans, runners = [], []
+    for folder in ("home-a", "home-b"):
+        orch = Home(tmp_path / folder)
+        target = Target(home=orch.root, argv=daemon_argv(orch), state_dir=orch.state_dir, user_home=user_home,
+                        config_home=user_home / ".config", uid=501, user="alice",
+                        name=service_name_for(orch.root, tmp_path / "default"))
+        runner = Runner({("nssm", "stop"): (3, ""), ("nssm", "remove"): (3, "")})
+        via = {"via": "nssm", "which": lambda p: "nssm"} if os_name == "nssm" else {}
+        real_os = "windows" if os_name == "nssm" else os_name
+        installer(orch, target, real_os, runner, **via).install()
+        plans.append(target)
+        runners.append(runner)
+    a, b = plans
+    assert a.name != b.name
+    name = re.compile(r"(gui/501/)?(io\.github\.)?llama-orchestrator(-[0-9a-f]{8})?(\.service)?")
+    registered = [{arg for call in r.calls for arg in call if name.fullmatch(arg)} for r in runners]
+    assert registered[0] and registered[1] and not registered[0] & registered[1]
+    if os_name in ("linux", "macos"):
+        files = every_file(user_home)
+        written = [f for f in files if f.endswith((".service", ".plist"))]
+        assert len(written) == 2, files
+        assert a.name in " ".join(written) and b.name in " ".join(written)

@@ -366,3 +366,19 @@ def test_the_supervisor_takes_only_table_edges_across_a_whole_history() -> None:
     assert {(Status.starting, Status.running), (Status.exited, Status.backoff), (Status.exited, Status.failed)} <= set(
         ops.edges
     ), ops.edges
+
+
+def test_a_crash_loop_keeps_saying_why_until_it_is_healthy_again() -> None:
+    ops, sup = world(config())
+    ops.run("m")
+    advance(ops, sup, 1)
+    assert ops.rows["m"].last_error is None
+    ops.crash("m", code=3)
+    advance(ops, sup, ops.now + 0.5)
+    assert ops.rows["m"].status == "backoff" and ops.rows["m"].last_error == "crashed: exited with code 3"
+    ops.probes["m"].extend([REFUSED] * 3)  # the restarted process does not answer at first
+    advance(ops, sup, ops.rows["m"].next_restart_at + 0.5)
+    assert ops.rows["m"].status == "starting"
+    assert ops.rows["m"].last_error == "crashed: exited with code 3"  # `ps` still says why it restarts
+    advance(ops, sup, ops.now + 10)
+    assert ops.rows["m"].status == "running" and ops.rows["m"].last_error is None

@@ -97,6 +97,17 @@ class ApiClient:
         except httpx.TransportError as exc:
             raise ApiUnreachable(f"lost the log stream from {self.base_url}: {exc}") from None
 
+    def post_lines(self, path: str, json: Any) -> Iterator[str]:
+        """POST ``json`` and yield the lines of a streamed answer (NDJSON) as they arrive; no read timeout."""
+        try:
+            with self._http.stream("POST", path, json=json, timeout=httpx.Timeout(None, connect=5.0)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._check(response)
+                yield from response.iter_lines()
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(f"lost the stream from {self.base_url}: {exc}") from None
+
     def _check(self, response: httpx.Response) -> None:
         if response.status_code < 400:
             return

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from llama_orchestrator.adapters.home import make_private_dir, readable_by_others
+from llama_orchestrator.adapters.home import create_private, make_private_dir, readable_by_others
 from llama_orchestrator.domain.config import InstanceConfig, normalize_dialects
 from llama_orchestrator.domain.errors import ConfigError, ConfigProblem
 
@@ -53,14 +53,15 @@ def validate_document(document: Any, source: str, expected_name: str | None = No
     return config
 
 
-def problems_from(exc: ValidationError, document: Any) -> list[ConfigProblem]:
+def problems_from(exc: ValidationError, document: Any, model: type[BaseModel] | None = None) -> list[ConfigProblem]:
+    """The problems of ``document`` as ``model`` (default: an instance config) validated it."""
     problems = []
     for error in exc.errors(include_url=False):
         loc = [str(part) for part in error["loc"]]
         where = ".".join(loc) or "(top level)"
         kind = error["type"]
         if kind == "extra_forbidden":
-            message = "unknown field" + _suggestion(loc)
+            message = "unknown field" + _suggestion(loc, model or InstanceConfig)
         elif kind == "missing":
             message = "required field is missing"
         elif where == "name" and kind == "string_pattern_mismatch":
@@ -76,9 +77,9 @@ def problems_from(exc: ValidationError, document: Any) -> list[ConfigProblem]:
     return problems
 
 
-def _suggestion(loc: list[str]) -> str:
+def _suggestion(loc: list[str], root: type[BaseModel]) -> str:
     """For an unknown key, the closest allowed key of the section it sits in ("did you mean ...?")."""
-    model: type[BaseModel] | None = InstanceConfig
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         field = model.model_fields.get(part) if model else None
         annotation = getattr(field, "annotation", None)
@@ -125,9 +126,29 @@ def load_settings(path: Path):
     try:
         settings = Settings.model_validate(document)
     except ValidationError as exc:
-        raise ConfigError(str(path), problems_from(exc, document)) from None
+        raise ConfigError(str(path), problems_from(exc, document, Settings)) from None
     _refuse_open_keys(path, settings)
     return settings
+
+
+def record_api_port(path: Path, port: int) -> None:
+    """Write ``api.port`` into ``orchestrator.json`` (created 0600 when missing), keeping everything else in it:
+    the port a daemon chose for its home is the one every later daemon and CLI of that home uses."""
+    document = read_document(path) if path.exists() else {}
+    if not isinstance(document.get("api"), dict):
+        document["api"] = {}
+    document["api"]["port"] = port
+    make_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = create_private(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(json.dumps(document, indent=2) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _refuse_open_keys(path: Path, settings) -> None:

@@ -89,6 +89,13 @@ def readable_by_others(path: Path) -> int | None:
     return mode if mode & GROUP_OTHER else None
 
 
+def default_root() -> Path:
+    """The home when neither ``--home`` nor ``$LLAMA_ORCH_HOME`` names one: the platform's user data folder."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("llama-orchestrator", appauthor=False)).expanduser().absolute()
+
+
 @dataclass(frozen=True)
 class Home:
     root: Path
@@ -97,11 +104,7 @@ class Home:
     def resolve(cls, explicit: str | os.PathLike[str] | None = None) -> Home:
         """``--home``, else ``$LLAMA_ORCH_HOME``, else the platform's user data folder."""
         chosen = explicit or os.environ.get(HOME_ENV)
-        if not chosen:
-            import platformdirs
-
-            chosen = platformdirs.user_data_dir("llama-orchestrator", appauthor=False)
-        return cls(Path(chosen).expanduser().absolute())
+        return cls(Path(chosen).expanduser().absolute()) if chosen else cls(default_root())
 
     def secure(self) -> Home:
         """Create the home private and take group and others' access away from its folders and files (state,

@@ -14,6 +14,7 @@ ConfigError                 422     the instance's config file does not load; th
 UsageError                  400     a request that cannot be right (bad name, ``rm`` of a running instance)
 StartError, StopError       409     the instance could not reach the asked state: port taken, model or binary
                                     missing, exited during start, not healthy within the timeout
+InUseError                  409     a model an instance uses (``POST /api/models/remove``)
 any other OrchestratorError 500
 request validation          422     a query parameter of the wrong type or range (type ``invalid_request``)
 ==========================  ======  =========================================================================
@@ -39,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_orchestrator.domain.errors import (
     ConfigError,
+    InUseError,
     NotFoundError,
     OrchestratorError,
     StartError,
@@ -54,6 +56,7 @@ STATUS_OF: list[tuple[type[OrchestratorError], int]] = [
     (UsageError, 400),
     (StartError, 409),
     (StopError, 409),
+    (InUseError, 409),
     (OrchestratorError, 500),
 ]
 FOLLOW_POLL_S = 0.2
@@ -222,6 +225,9 @@ def make_control_router(
     def daemon() -> dict[str, Any]:
         return daemon_record()
 
+    from llama_orchestrator.api.models_api import make_models_router
+
+    api.include_router(make_models_router(instances.service.home))  # /api/models: list, pull, remove
     return api
 
 

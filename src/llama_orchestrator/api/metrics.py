@@ -1,4 +1,8 @@
-"""``/metrics``: Prometheus text format 0.0.4, every instance in one scrape, labelled ``instance``.
+"""``/metrics``: Prometheus text format 0.0.4, every instance in one scrape, labelled ``model_name``.
+
+Not ``instance``: Prometheus sets that label itself, to the scraped target (``host:port`` of the daemon), and a
+scrape of ours would have been stored as ``exported_instance``. ``model_name`` is vLLM's label for the same thing:
+the name a client puts in ``model`` (every instance is listed under its name in /v1/models).
 
 Two sources: the instance records (status, health, restarts; what `ps` shows) and the router's per-instance
 statistics (requests by status code, latency histogram, tokens, queue, in flight). The router's statistics are read
@@ -16,6 +20,7 @@ from llama_orchestrator.domain.states import Health, Status
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "llama_orch"
+LABEL = "model_name"  # the instance's name (see the module's docstring)
 
 
 class _Writer:
@@ -74,10 +79,10 @@ def _get(obj: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def _histogram(stats: Any) -> tuple[float, int, list[tuple[float, int]]] | None:
-    """``(sum, count, cumulative buckets)`` of the router's duration histogram (``domain.routing.Histogram``:
+def _histogram(stats: Any, name: str = "duration") -> tuple[float, int, list[tuple[float, int]]] | None:
+    """``(sum, count, cumulative buckets)`` of one of the router's histograms (``domain.routing.Histogram``:
     ``buckets`` are the upper bounds, ``counts`` the cumulative counts, ``count`` the +Inf bucket)."""
-    hist = _get(stats, "duration")
+    hist = _get(stats, name)
     if hist is None:
         return None
     total = float(_get(hist, "sum", default=0.0) or 0.0)
@@ -97,9 +102,11 @@ def render_metrics(
     *,
     now: float,
     router_now: float | None = None,
+    totals: Mapping[str, Any] | None = None,
 ) -> str:
     """The whole scrape. ``records``: `ps` records; ``stats``: the router's ``InstanceStats`` by instance (may be
-    empty); ``router_now``: the router's clock now, against which its ``last_used`` times are read."""
+    empty); ``router_now``: the router's clock now, against which its ``last_used`` times are read; ``totals``:
+    the router's own counters (``Router.totals``)."""
     out = _Writer()
     version = str(daemon.get("version", ""))
     out.family("daemon_info", "gauge", "The daemon: version and pid (value always 1).",
@@ -118,7 +125,7 @@ def render_metrics(
         for name in names:
             value = value_of(name)
             if value is not None:
-                samples.append(({"instance": name}, value))
+                samples.append(({LABEL: name}, value))
         return samples
 
     def record(name: str, key: str) -> Any:
@@ -131,13 +138,13 @@ def render_metrics(
                each(lambda n: 1 if record(n, "health") == Health.healthy and record(n, "status") in active else 0))
     out.family(
         "instance_health", "gauge", "Health state of the instance: 1 for the current state, 0 for the others.",
-        [({"instance": n, "health": h.value}, 1 if record(n, "health") == h.value else 0)
+        [({LABEL: n, "health": h.value}, 1 if record(n, "health") == h.value else 0)
          for n in names for h in Health],
     )
     statuses = [s.value for s in Status] + ["invalid-config"]
     out.family(
         "instance_status", "gauge", "Lifecycle state of the instance: 1 for the current state, 0 for the others.",
-        [({"instance": n, "status": s}, 1 if record(n, "status") == s else 0) for n in names for s in statuses],
+        [({LABEL: n, "status": s}, 1 if record(n, "status") == s else 0) for n in names for s in statuses],
     )
     out.family("instance_restarts_total", "counter", "Restarts done by the supervisor.",
                each(lambda n: int(record(n, "restarts") or 0)))
@@ -149,25 +156,37 @@ def render_metrics(
 
     requests = []
     for name in names:
-        codes = stat(name, "requests_total") or {}
-        for code, count in sorted(codes.items(), key=lambda kv: str(kv[0])):
-            requests.append(({"instance": name, "code": str(code)}, int(count)))
+        by_endpoint = stat(name, "requests_by_endpoint") or {
+            ("other", code): count for code, count in (stat(name, "requests_total") or {}).items()}
+        for (endpoint, code), count in sorted(by_endpoint.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            requests.append(({LABEL: name, "endpoint": endpoint, "code": str(code)}, int(count)))
     out.family("instance_requests_total", "counter",
-               "Requests the router relayed, by HTTP status code (499: the client left first).", requests)
+               "Requests the router relayed, by endpoint and HTTP status code (499: the client left first).",
+               requests)
 
-    histogram_lines: list[tuple[str, dict[str, str], float]] = []
-    for name in names:
-        hist = _histogram(stats[name]) if name in stats else None
-        if hist is None:
-            continue
-        total, count, buckets = hist
-        for bound, cumulative in buckets:
-            histogram_lines.append(("_bucket", {"instance": name, "le": _le(bound)}, cumulative))
-        histogram_lines.append(("_sum", {"instance": name}, total))
-        histogram_lines.append(("_count", {"instance": name}, count))
-    out.family("instance_request_duration_seconds", "histogram", "Time from request to the end of the answer.",
-               [], suffix_samples=histogram_lines)
+    def histogram(metric: str, attr: str, help_text: str) -> None:
+        lines: list[tuple[str, dict[str, str], float]] = []
+        for name in names:
+            hist = _histogram(stats[name], attr) if name in stats else None
+            if hist is None:
+                continue
+            total, count, buckets = hist
+            for bound, cumulative in buckets:
+                lines.append(("_bucket", {LABEL: name, "le": _le(bound)}, cumulative))
+            lines.append(("_sum", {LABEL: name}, total))
+            lines.append(("_count", {LABEL: name}, count))
+        out.family(metric, "histogram", help_text, [], suffix_samples=lines)
 
+    histogram("instance_request_duration_seconds", "duration", "Time from request to the end of the answer.")
+    histogram("instance_time_to_first_token_seconds", "time_to_first_token",
+              "Time from request to the first streamed bytes of the answer (streamed answers only).")
+    unknown = (totals or {}).get("unknown_model_requests") or {}
+    out.family("unknown_model_requests_total", "counter",
+               "Requests for a model no instance or alias serves (answered 404), by endpoint.",
+               [({"endpoint": e}, int(c)) for e, c in sorted(unknown.items())])
+
+    out.family("instance_prompt_tokens_total", "counter", "Prompt tokens processed (from usage).",
+               each(lambda n: stat(n, "prompt_tokens_total")))
     out.family("instance_completion_tokens_total", "counter", "Completion tokens generated (from usage).",
                each(lambda n: stat(n, "completion_tokens_total")))
     out.family("instance_tokens_per_second", "gauge", "Generation speed of the last completed request.",

@@ -7,7 +7,8 @@ Paths and who may call them (``Authorization: Bearer <key>``, keys compared in c
 * ``/api/...``: the control API (``api.control``); one of ``api.effective_control_keys`` (the control keys, else the
   API keys) when any is set.
 * ``/metrics``: any of those keys when any is set (Prometheus can send a bearer token).
-* ``/healthz``, ``/openapi.json``, ``/docs``: open; they reveal nothing and let load balancers and browsers in.
+* ``/healthz``, ``/openapi.json``, ``/docs``, ``/ui/``: open; they reveal nothing and let load balancers and
+  browsers in (the web page at ``/ui/`` asks for the key and sends it on its ``/api`` and ``/v1`` calls).
 
 Settings refuse a bind beyond loopback without keys, so keys are always required there. The router's ``startup`` and
 ``shutdown`` run in the ASGI lifespan, on the server's event loop.
@@ -35,6 +36,7 @@ from llama_orchestrator import __version__
 from llama_orchestrator.api.control import install_error_handlers, make_control_router
 from llama_orchestrator.api.guard import RequestGuard, send_json
 from llama_orchestrator.api.metrics import CONTENT_TYPE, render_metrics
+from llama_orchestrator.api.web import install_web
 from llama_orchestrator.domain.errors import OrchestratorError
 from llama_orchestrator.domain.settings import ApiSettings
 from llama_orchestrator.services.instances_port import LocalInstances
@@ -49,11 +51,13 @@ ASGIApp = Callable[..., Any]
 class ApiBindError(OrchestratorError):
     """The API's address cannot be bound (port in use, address not on this machine)."""
 
+    in_use = False  # True: another socket holds the port (the daemon may choose another, see services.daemon)
+
 
 def _zone(path: str) -> str:
     if path == "/v1" or path.startswith(ROUTER_PREFIXES):
         return "router"
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or path == "/ui" or path.startswith("/ui/"):  # the web page's files (api.web)
         return "open"
     if path == "/metrics":
         return "metrics"
@@ -171,6 +175,8 @@ def make_app(
         title="llama-orchestrator",
         version=__version__,
         summary="Control API of the llama-orchestrator daemon; the OpenAI-compatible router is under /v1/.",
+        docs_url=None,  # api.web serves /docs with its assets from the package, not a CDN
+        redoc_url=None,
     )
     install_error_handlers(control)
     app = OrchestratorApp(control, proxy, settings, router)
@@ -179,6 +185,8 @@ def make_app(
     control.include_router(
         make_control_router(instances, daemon, app.shutting_down), dependencies=[Depends(bearer)]
     )
+    install_web(control, instances, stats=lambda: app.router.stats() if app.router is not None else {},
+                shutting_down=app.shutting_down, dependencies=[Depends(bearer)])
 
     @control.get("/healthz", tags=["daemon"], summary="Liveness of the daemon's HTTP server (no key needed)")
     async def healthz() -> dict[str, Any]:
@@ -191,14 +199,17 @@ def make_app(
         records = await run_in_threadpool(instances.ps)
         stats: dict[str, Any] = {}
         router_now = None
+        totals: dict[str, Any] = {}
         if app.router is not None:
             try:
                 stats = dict(app.router.stats())
                 clock = getattr(app.router, "clock", None)
                 router_now = clock() if callable(clock) else None
+                totals_of = getattr(app.router, "totals", None)
+                totals = dict(totals_of()) if callable(totals_of) else {}
             except Exception:  # noqa: BLE001 - a scrape shows the instances even when the router's stats fail
                 log.exception("router stats failed")
-        text = render_metrics(records, stats, daemon(), now=time.time(), router_now=router_now)
+        text = render_metrics(records, stats, daemon(), now=time.time(), router_now=router_now, totals=totals)
         return Response(text, media_type=CONTENT_TYPE)
 
     return app
@@ -257,10 +268,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         reason = "the port is already in use by another program" if _in_use(exc) else exc.strerror or str(exc)
-        raise ApiBindError(
+        error = ApiBindError(
             f"cannot serve the API on {host}:{port}: {reason}; choose another api.port (or set api.enabled to "
             "false) in orchestrator.json"
-        ) from None
+        )
+        error.in_use = _in_use(exc)
+        raise error from None
     sock.set_inheritable(False)
     return sock
 

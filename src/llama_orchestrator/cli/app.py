@@ -30,7 +30,7 @@ app = typer.Typer(
     "else they act on the home directly.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion bash|zsh|fish|powershell
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 config_app = typer.Typer(help="Validate instance configs and print their JSON Schema.", no_args_is_help=True)
@@ -165,10 +165,13 @@ def resolve_names(names: list[str], all_: bool, *, autostart_only: bool = False)
 @app.command()
 def init(
     name: Annotated[str, typer.Argument(help="Instance name: lowercase letters, digits, dashes.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="GGUF model file.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="GGUF model file, hf.co/<user>/<repo>[:QUANT] "
+                                       "(pulled when needed) or a catalog ID.")],
     port: Annotated[Optional[int], typer.Option(help="Port (default: the first free one from 8001).")] = None,
     host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
-    context_size: Annotated[int, typer.Option("--context-size", "-c", help="Context size in tokens.")] = 4096,
+    context_size: Annotated[Optional[int], typer.Option("--context-size", "-c", help="Context size in tokens "
+                                                        "(default: the model's trained context, capped by the memory "
+                                                        "budget).", show_default=False)] = None,
     gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", help="Layers on the GPU (0 = CPU, -1 = all; "
                                                       "default 0, or the profile's).", show_default=False)] = None,
     backend: Annotated[Optional[str], typer.Option(help="auto, cpu, vulkan, cuda, metal or rocm (default auto, or "
@@ -196,12 +199,16 @@ def init(
     local_only("init")
     svc = service()
     svc.home.checked_name(name)
-    model_path = model.expanduser().absolute()
+    from llama_orchestrator.cli.models_cli import model_for_init, memory_warning
+    from llama_orchestrator.services.model_store import memory_plan
+
+    model_path, source = model_for_init(model)
     if not model_path.is_file():
         raise NotFoundError(f"model file {str(model_path)!r} not found")
+    plan = memory_plan(svc.home, model_path, context_size)
     document = {
         "name": name,
-        "model": {"path": str(model_path), "context_size": context_size, "threads": threads},
+        "model": {"path": str(model_path), "context_size": plan.context_size, "threads": threads, "source": source},
         "server": {"host": host, "port": port or 8001, "parallel": parallel},
         "gpu": {"backend": backend, "layers": gpu_layers},
         "restart": {"policy": restart},
@@ -225,6 +232,7 @@ def init(
         raise ConfigError("command-line options", problems_from(exc, document)) from None
     config = svc.create(config, auto_port=port is None)
     say(f"created [bold]{name}[/] on port {config.server.port}: {svc.home.config_path(name)}")
+    memory_warning(svc.home, config, plan)
     say(f"start it with: llama-orch up {name} -d --wait")
 
 
@@ -390,18 +398,32 @@ def restart(
 @app.command()
 def ps(
     all_: Annotated[bool, typer.Option("--all", "-a", help="Also state left by instances whose config is gone.")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output (a JSON array).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only names, one per line.")] = False,
+    filters: Annotated[Optional[list[str]], typer.Option(
+        "--filter", "-f", help="KEY=VALUE, repeatable: status, health, name (substring), model (substring of the "
+        "path), alias, backend. One key's values are alternatives; different keys must all match.")] = None,
+    fmt: Annotated[Optional[str], typer.Option(
+        "--format", help="json (one object per line), a template such as '{{.Name}} {{.Status}}', or 'table' and "
+        "a template (with a header).")] = None,
 ) -> None:
     """List instances: NAME STATUS HEALTH PID PORT BACKEND MODEL UPTIME RESTARTS.
 
     STATUS ends in * when the process runs another config than its file declares (`up NAME -d` applies it);
     `--json` rows carry `config_changed`. With -a, instances whose config folder is gone show `(config removed)`.
 
-    Example: llama-orch ps --json
+    Example: llama-orch ps --filter status=running --format '{{.Name}}\t{{.Port}}'
     """
-    from llama_orchestrator.cli import render
+    from llama_orchestrator.cli import ps_query, render
 
-    records = instances().ps(include_orphans=all_)
+    wanted = ps_query.parse_filters(filters or [])
+    records = ps_query.apply_filters(instances().ps(include_orphans=all_), wanted)
+    if quiet:
+        sys.stdout.write("".join(r["name"] + "\n" for r in records))
+        return
+    if fmt is not None:
+        sys.stdout.write(ps_query.render_format(render.json_ready(records), fmt, render.ps_cell))
+        return
     if json_:
         render.print_json(records)
         return
@@ -696,41 +718,139 @@ def daemon_run() -> None:
 def events(
     name: Annotated[Optional[str], typer.Argument(help="Only this instance.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events (Ctrl-C to end).")] = False,
-    limit: Annotated[int, typer.Option("--tail", "-n", help="How many recent events.")] = 30,
-    json_: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    limit: Annotated[Optional[int], typer.Option(
+        "--tail", "-n", help="How many recent events (default 30; 0: none, so `-f --tail 0` prints only new ones).",
+        show_default=False)] = None,
+    since: Annotated[Optional[str], typer.Option(
+        "--since", help="Only events from then on: a duration back (10m, 1h30m), Unix seconds or an ISO-8601 time.",
+        show_default=False)] = None,
+    until: Annotated[Optional[str], typer.Option(
+        "--until", help="Only events up to then (same forms as --since).", show_default=False)] = None,
+    json_: Annotated[bool, typer.Option("--json", help="A JSON array (with -f: one object per line, as it "
+                                        "streams).")] = False,
 ) -> None:
     """What happened: starts, exits, health changes, restarts, with time and instance.
 
-    Example: llama-orch events -f
+    Example: llama-orch events -f --tail 0
     """
-    import json
     import time
 
     from llama_orchestrator.cli import render
+    from llama_orchestrator.domain.timespec import BadTime, parse_time
 
+    if limit is not None and limit < 0:
+        raise _usage("--tail must be 0 or more")
+    now = time.time()
+    try:
+        since_ts = parse_time(since, now) if since else None
+        until_ts = parse_time(until, now) if until else None
+    except BadTime as exc:
+        raise _usage(str(exc)) from None
     port = instances()
     if name is not None:
         checked_name(name)
 
-    def show(batch: list[dict]) -> int:
-        last = 0
+    def wanted(event: dict) -> bool:
+        return (since_ts is None or event["time"] >= since_ts) and (until_ts is None or event["time"] <= until_ts)
+
+    def show(batch: list[dict], *, stream: bool) -> None:
+        if json_ and not stream:
+            render.print_json(batch)
+            return
         for event in batch:
             if json_:
-                sys.stdout.write(json.dumps(event) + "\n")
+                sys.stdout.write(render.json_line(event))
             else:
                 sys.stdout.write(f"{render.timestamp(event['time'])}  {event['instance']:<16} {event['kind']:<12} "
                                  f"{event['message']}\n")
-            last = event["id"]
         sys.stdout.flush()
-        return last
 
-    last = show(port.events(name, limit=limit))
+    # --since alone shows everything since then (as `docker events --since`); --tail caps it.
+    count = limit if limit is not None else (10_000 if since_ts is not None else 30)
+    latest = port.events(name, limit=max(count, 1))
+    last = latest[-1]["id"] if latest else 0
+    history = [e for e in latest if wanted(e)][-count:] if count else []
+    show(history, stream=follow)
     try:
-        while follow:
+        while follow and (until_ts is None or time.time() <= until_ts):
             time.sleep(0.5)  # polling: other processes write the events
-            last = show(port.events(name, limit=1000, after_id=last)) or last
+            batch = port.events(name, limit=1000, after_id=last)
+            if batch:
+                last = batch[-1]["id"]
+                show([e for e in batch if wanted(e)], stream=True)
     except KeyboardInterrupt:
         pass
+
+
+@app.command()
+def stats(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Instances (default: every running one).")] = None,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="One sample, then exit.")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between samples.", min=0.2)] = 1.0,
+    json_: Annotated[bool, typer.Option("--json", help="A JSON array per sample.")] = False,
+) -> None:
+    """Live CPU, memory, requests and tokens per second of each instance (as `docker stats`).
+
+    CPU % is of one core (200% = two busy cores); requests and tokens come from the daemon's router (`--` without
+    a daemon). Example: llama-orch stats --no-stream
+    """
+    import time
+
+    from llama_orchestrator.cli import render
+    from llama_orchestrator.cli import stats as st
+
+    port = instances()
+    local = not _state.get("host")  # another node's pids are not this machine's
+    client = getattr(port, "client", None)
+
+    def metrics() -> str | None:
+        if client is None:
+            return None
+        try:
+            return "\n".join(client.stream_lines("/metrics"))
+        except Exception:  # noqa: BLE001 - the table without the router's rates rather than no table
+            return None
+
+    def records() -> list[dict]:
+        listed = port.ps()
+        if names:
+            known = {r["name"] for r in listed}
+            for name in names:
+                if checked_name(name) not in known:
+                    from llama_orchestrator.domain.errors import InstanceNotFound
+
+                    raise InstanceNotFound(name)
+            return [r for r in listed if r["name"] in names]
+        return [r for r in listed if r.get("pid")]
+
+    def show(rows: list[dict]) -> None:
+        if json_:
+            render.print_json(rows)
+        else:
+            render.console().print(st.table(rows))
+        sys.stdout.flush()
+
+    listed = records()
+    before = st.take(listed, metrics(), time.monotonic(), local=local)
+    try:
+        while True:
+            time.sleep(interval)  # the span the rates are measured over
+            listed = records()
+            after = st.take(listed, metrics(), time.monotonic(), local=local)
+            if not no_stream and not json_ and sys.stdout.isatty():
+                sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place, as docker stats does
+            show(st.rows([r["name"] for r in listed], before, after))
+            if no_stream:
+                return
+            before = after
+    except KeyboardInterrupt:
+        pass
+
+
+def _usage(message: str) -> Exception:
+    from llama_orchestrator.domain.errors import UsageError
+
+    return UsageError(message)
 
 
 # -- dashboard, daemon, system --------------------------------------------------------------------------------

@@ -22,10 +22,17 @@ STATUS_STYLE = {
 HEALTH_STYLE = {"healthy": "green", "loading": "yellow", "unhealthy": "red", "unknown": "dim"}
 
 
+PIPED_WIDTH = 4096  # output to a pipe or file is never cut to fit a terminal (`ps | grep` sees whole names)
+
+
 def console(stderr: bool = False):
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty()) and not os.environ.get("COLUMNS")
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=PIPED_WIDTH if piped else None)
 
 
 def duration(seconds: float | None) -> str:
@@ -110,7 +117,7 @@ def ps_table(records: list[dict[str, Any]] | list[InstanceView], now: float | No
             f"[{HEALTH_STYLE.get(health, 'dim')}]{health}[/]",
             str(record["pid"] or "-"),
             str(record["port"] or "-"),
-            record["backend"] or "-",
+            record.get("backend_resolved") or record["backend"] or "-",  # what `auto` resolved to
             model.replace("\\", "/").rsplit("/", 1)[-1],
             duration(record["uptime_s"]),
             str(record["restarts"]),
@@ -158,4 +165,76 @@ def escape(text: str) -> str:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """``--json``: lists as arrays, times as ``json_ready`` writes them."""
+    sys.stdout.write(json.dumps(json_ready(data), indent=2, default=str) + "\n")
+
+
+def json_line(data: Any) -> str:
+    """One compact JSON object and a newline: what a stream (``events -f --json``) writes per item."""
+    return json.dumps(json_ready(data), default=str) + "\n"
+
+
+_LOCAL_TIME = "%Y-%m-%d %H:%M:%S"
+
+
+def is_time_key(key: str) -> bool:
+    return key == "time" or key.endswith("_at")
+
+
+def iso_time(ts: float) -> str:
+    """ISO-8601 in UTC with its zone, to the millisecond: ``2026-12-01T11:53:38.123+00:00``."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def json_ready(data: Any) -> Any:
+    """The one JSON convention of every ``--json``: a time (a ``time`` or ``*_at`` field) is an ISO-8601 string
+    with its zone, and ``<field>_epoch`` beside it holds Unix seconds; lists stay arrays. A time given as a local
+    ``YYYY-MM-DD HH:MM:SS`` string (with its epoch in a ``ts`` beside it, or read as local time) is converted."""
+    if isinstance(data, list):
+        return [json_ready(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    epoch_of_ts = data.get("ts") if isinstance(data.get("ts"), (int, float)) else None
+    for key, value in data.items():
+        if key == "ts" and epoch_of_ts is not None and "time" in data:
+            continue  # folded into time / time_epoch
+        if isinstance(key, str) and is_time_key(key) and not isinstance(value, bool):
+            epoch = _epoch(value, epoch_of_ts if key == "time" else None)
+            if epoch is not None or value is None:
+                out[key] = None if epoch is None else iso_time(epoch)
+                out[f"{key}_epoch"] = epoch
+                continue
+        out[key] = json_ready(value)
+    return out
+
+
+def _epoch(value: Any, fallback: float | None) -> float | None:
+    if isinstance(value, (int, float)):
+        return float(value) if value else None
+    if isinstance(value, str):
+        if fallback is not None:
+            return float(fallback)
+        try:
+            return time.mktime(time.strptime(value, _LOCAL_TIME))
+        except ValueError:
+            return None
+    return None
+
+
+def ps_cell(record: dict[str, Any], key: str) -> str:
+    """One field of a ps record as ``ps --format`` prints it (None: empty)."""
+    if key == "status":
+        return ps_status(record)
+    if key == "uptime":
+        return duration(record.get("uptime_s"))
+    if key == "backend":
+        return str(record.get("backend_resolved") or record.get("backend") or "")
+    value = record.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)

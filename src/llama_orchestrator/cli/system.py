@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(bins_app, name="bins")
     app.command("gpus")(gpus)
     app.add_typer(models_app, name="models")
+    import importlib
+
+    importlib.import_module("llama_orchestrator.cli.models_cli")  # adds models pull|register|catalog|unregister|rm
 
 
 def _home():
@@ -305,35 +308,41 @@ def models_list(
                                                  show_default=False)] = None,
     json_: JsonOption = False,
 ) -> None:
-    """GGUF files named by instance configs or found in the models folder: architecture, parameters, quantisation,
-    context length, size, and the instances that use each.
+    """GGUF files named by instance configs or found in the models folder (pulled ones included): reference,
+    architecture, parameters, quantisation, context length, size, estimated memory at the default context, and the
+    instances that use each.
 
     Example: llama-orch models list --dir ~/models
     """
     from llama_orchestrator.cli.app import say
     from llama_orchestrator.cli.render import console, print_json
+    from llama_orchestrator.cli.models_cli import remote_api
     from llama_orchestrator.services.models import list_models
 
-    entries = list_models(_home(), dir_, require_folder=dir_ is not None)
+    api = remote_api()  # --host: that node's models (GET /api/models)
+    records = api.get("/api/models") if api is not None else [
+        e.as_dict() for e in list_models(_home(), dir_, require_folder=dir_ is not None)]
     if json_:
-        print_json([e.as_dict() for e in entries])
+        print_json(records)
         return
-    if not entries:
+    if not records:
         say("no models: put GGUF files in the models folder (or pass --dir), or name one in an instance config")
         return
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("MODEL", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "USED BY"):
-        wraps = column in ("MODEL", "USED BY")
+    for column in ("MODEL", "REFERENCE", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "MEMORY", "USED BY"):
+        wraps = column in ("MODEL", "REFERENCE", "USED BY")
         table.add_column(column, no_wrap=not wraps, overflow="fold" if wraps else "ellipsis",
-                         min_width=24 if column == "MODEL" else None)
-    for e in entries:
-        r = e.as_dict()
+                         min_width=24 if column in ("MODEL", "REFERENCE") else None)
+    for r in records:
         model = escape(r["path"]) + (f" [red]({escape(r['error'])})[/]" if r["error"] else "")
-        table.add_row(model, r["architecture"] or "-", _count(r["parameters"]), r["quantization"] or "-",
-                      str(r["context_length"] or "-"), _size(r["size_bytes"]), ", ".join(r["used_by"]) or "-")
+        memory = f"{r['estimated_memory_mb']:.0f} MiB @{r['default_context']}" if r.get("estimated_memory_mb") \
+            else "-"
+        table.add_row(model, escape(r.get("reference") or "-"), r["architecture"] or "-", _count(r["parameters"]),
+                      r["quantization"] or "-", str(r["context_length"] or "-"), _size(r["size_bytes"]), memory,
+                      ", ".join(r["used_by"]) or "-")
     console().print(table)
 
 

@@ -33,6 +33,8 @@ class ModelSection(_Strict):
     context_size: int = Field(4096, ge=256, le=1_048_576, description="--ctx-size")
     batch_size: int = Field(512, ge=1, le=65_536, description="--batch-size")
     threads: int | None = Field(None, ge=1, le=1024, description="--threads (default: llama-server's choice)")
+    source: str | None = Field(None, description="where the file came from: hf.co/<user>/<repo>[:QUANT] or a "
+                               "catalog ID (`init --model` writes it; `models pull` brings the file back)")
 
     @field_validator("path")
     @classmethod

@@ -42,6 +42,10 @@ class StopError(OrchestratorError):
     pass
 
 
+class InUseError(OrchestratorError):
+    """Refused because something still uses it: a model file an instance's config names (`models rm`)."""
+
+
 @dataclass(frozen=True)
 class ConfigProblem:
     """One thing wrong with a config: where (a dotted field path, or ``line N, column M``), what, and the fix."""

@@ -202,6 +202,7 @@ class Histogram:
 class TokenReport:
     completion_tokens: int | None
     tokens_per_second: float | None
+    prompt_tokens: int | None = None  # usage.prompt_tokens, or llama-server's timings.prompt_n
 
 
 def token_report(payload: object, *, elapsed_s: float | None = None) -> TokenReport | None:
@@ -216,13 +217,15 @@ def token_report(payload: object, *, elapsed_s: float | None = None) -> TokenRep
     timings = payload.get("timings") if isinstance(payload.get("timings"), dict) else {}
     tokens = usage.get("completion_tokens", timings.get("predicted_n"))
     speed = timings.get("predicted_per_second")
+    prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
     tokens = int(tokens) if isinstance(tokens, (int, float)) else None
+    prompt = int(prompt) if isinstance(prompt, (int, float)) else None
     speed = float(speed) if isinstance(speed, (int, float)) and speed > 0 else None
     if speed is None and tokens and elapsed_s and elapsed_s > 0:
         speed = tokens / elapsed_s
-    if tokens is None and speed is None:
+    if tokens is None and speed is None and prompt is None:
         return None
-    return TokenReport(tokens, speed)
+    return TokenReport(tokens, speed, prompt)
 
 
 def sse_token_report(tail: bytes, *, elapsed_s: float | None = None) -> TokenReport | None:
@@ -230,6 +233,7 @@ def sse_token_report(tail: bytes, *, elapsed_s: float | None = None) -> TokenRep
     found: TokenReport | None = None
     tokens: int | None = None
     speed: float | None = None
+    prompt: int | None = None
     for line in tail.split(b"\n"):
         if not line.startswith(b"data:") or b"[DONE]" in line:
             continue
@@ -242,11 +246,12 @@ def sse_token_report(tail: bytes, *, elapsed_s: float | None = None) -> TokenRep
             # llama-server may put timings in the finish chunk and usage in a last one: keep what each says.
             tokens = report.completion_tokens if report.completion_tokens is not None else tokens
             speed = report.tokens_per_second if report.tokens_per_second is not None else speed
+            prompt = report.prompt_tokens if report.prompt_tokens is not None else prompt
     if found is None:
         return None
     if speed is None and tokens and elapsed_s and elapsed_s > 0:
         speed = tokens / elapsed_s
-    return TokenReport(tokens, speed)
+    return TokenReport(tokens, speed, prompt)
 
 
 def error_body(message: str, type_: str, code: str | int | None) -> dict:

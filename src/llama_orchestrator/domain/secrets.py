@@ -26,9 +26,12 @@ def mask_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def is_secret_flag(flag: str) -> bool:
-    """``--api-key``, ``--hf-token``: a llama-server option whose value is a secret (``--api-key-file`` names a
-    file, which is not)."""
-    return flag.startswith("-") and not flag.endswith("-file") and is_secret_name(flag)
+    """``--api-key``, ``--hf-token``: a llama-server option whose value is a secret. The option's last word
+    decides: ``--api-key-file`` names a file and ``--draft-token-delay`` a number, neither is secret."""
+    if not flag.startswith("-"):
+        return False
+    last = flag.lstrip("-").replace("_", "-").rsplit("-", 1)[-1]
+    return is_secret_name(last)
 
 
 def mask_args(args: list[str]) -> list[str]:

@@ -266,11 +266,28 @@ def _serve_api(
     home: Home, service: InstanceService, settings, pid: int, started_at: float, *, reconciler: Reconciler | None = None
 ):
     """Bind the API's socket and serve the app on it; returns ``(ApiServer, url)``. ApiBindError for a taken port."""
-    from llama_orchestrator.api.server import ApiServer, bind_socket, make_app, make_router, url_for
+    from llama_orchestrator.adapters.config_files import record_api_port
+    from llama_orchestrator.api.server import ApiBindError, ApiServer, bind_socket, make_app, make_router, url_for
     from llama_orchestrator.services.instances_port import LocalInstances
 
     api = settings.api
-    sock = bind_socket(api.host, api.port)
+    try:
+        sock = bind_socket(api.host, api.port)
+    except ApiBindError as exc:
+        if "port" in api.model_fields_set or not exc.in_use:
+            raise  # a port the person chose is theirs to change; another failure is not ours to dodge
+        # The default 8000 is taken (another home's daemon, another program): take a free port and keep it, so
+        # several homes on one machine each have their daemon, and this home's CLI finds it again.
+        sock = bind_socket(api.host, 0)
+        chosen = sock.getsockname()[1]
+        try:
+            record_api_port(home.settings_path, chosen)
+        except BaseException:
+            sock.close()
+            raise
+        log.warning("API port %s is taken: using %s, recorded as api.port in %s", api.port, chosen,
+                    home.settings_path)
+        api = api.model_copy(update={"port": chosen})
     url = url_for(api.host, api.port)
 
     def daemon_record() -> dict[str, object]:

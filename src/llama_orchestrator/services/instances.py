@@ -332,7 +332,7 @@ class InstanceService:
                 stopped_at=None,
                 exit_code=None,
                 stopped_by_user=False,
-                last_error=None,
+                # last_error stays until it is healthy (health checks clear it): a crash loop keeps showing why
                 next_restart_at=None,
                 health_checked_at=None,
                 health_latency_ms=None,
@@ -342,11 +342,18 @@ class InstanceService:
             )
             if by_person:
                 changes["restart_attempts"] = 0
-            # Under the instance lock the row cannot have moved since refresh(): the CAS only guards against bugs.
-            self.store.transition(
-                name, row.status, Status.starting, now=now,
-                event=("started", f"pid {spawned.handle.pid} on port {config.server.port}"), **changes,
-            )
+            # The lock keeps other starts and stops out, but the supervisor decides on exits without it (exited ->
+            # backoff): when the CAS finds the row moved between two inactive states, record the start over the
+            # new one. The process is spawned; it must never go unrecorded.
+            for _ in range(5):
+                if self.store.transition(
+                    name, row.status, Status.starting, now=now,
+                    event=("started", f"pid {spawned.handle.pid} on port {config.server.port}"), **changes,
+                ):
+                    break
+                row = self.store.get(name) or InstanceRow(name=name)
+                if row.status in ACTIVE:
+                    break  # not possible under the lock; the transition function has logged it
             row = self.store.get(name) or row
         del log_dir
         return StartOutcome(name, False, row, spec.argv)

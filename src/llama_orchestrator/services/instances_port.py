@@ -124,11 +124,44 @@ def ps_record(view: InstanceView, now: float) -> Record:
         "started_at": row.started_at,
         "last_error": row.last_error or (str(view.config_error) if view.config_error else None),
         "autostart": config.autostart if config else False,
+        "aliases": list(config.aliases) if config else [],
         # Drift: the process runs another config than the file declares (`up` recreates it).
         "config_changed": active and config_changed(row.config_hash, config),
         # The config folder is gone but state is left (maybe a running process: `down NAME` stops it).
         "config_removed": config is None and view.config_error is None,
     }
+
+
+def resolved_backends(views: list[InstanceView], registry_path) -> dict[str, str]:
+    """What each config's ``gpu.backend`` means: itself unless ``auto``; for ``auto``, the backend the binaries
+    registry records for the binary it starts (``binary``: a registered name or a path, else the registry's
+    default). An instance left out could not be told (no registered binary): `ps` shows ``auto`` for it."""
+    import os
+
+    from llama_orchestrator.adapters.binaries import read_registry
+    from llama_orchestrator.domain.errors import OrchestratorError
+
+    try:
+        registry = read_registry(registry_path)
+    except OrchestratorError:
+        registry = {"default": None, "binaries": {}}
+    entries = registry["binaries"]
+    by_path = {os.path.realpath(e["path"]): e.get("backend") for e in entries.values() if e.get("path")}
+    out: dict[str, str] = {}
+    for view in views:
+        config = view.config
+        if config is None:
+            continue
+        if config.gpu.backend != "auto":
+            out[view.name] = config.gpu.backend
+            continue
+        chosen = config.binary or registry.get("default")
+        backend = (entries.get(chosen) or {}).get("backend") if chosen in entries else None
+        if backend is None and config.binary:
+            backend = by_path.get(os.path.realpath(os.path.expanduser(config.binary)))
+        if backend:
+            out[view.name] = backend
+    return out
 
 
 def drift_records(view: InstanceView) -> list[Record]:
@@ -190,7 +223,8 @@ class LocalInstances:
 
             probe_starting(self.service, views)
         now = time.time()
-        return [ps_record(v, now) for v in views]
+        backends = resolved_backends(views, self.service.home.registry_path)
+        return [{**ps_record(v, now), "backend_resolved": backends.get(v.name)} for v in views]
 
     def describe(self, name: str) -> Record:
         from llama_orchestrator.domain.errors import InstanceNotFound
@@ -327,7 +361,9 @@ class LocalInstances:
         if drainer is not None and old_pid is not None:
             drainer.drain(name, drain_timeout)  # new requests go to the replicas; the in-flight ones finish
         try:
-            svc.stop(name, stop_timeout, by_user=False)
+            # As a person's stop (`stopped`, not `exited`): the supervisor must not take the gap before the start for
+            # a crash and race it with a restart of its own.
+            svc.stop(name, stop_timeout, by_user=True)
             outcome = svc.start(name, by_person=by_person)
             if must_wait:
                 svc.wait_healthy(name, timeout)

@@ -18,6 +18,9 @@ class ModelEntry:
     used_by: list[str] = field(default_factory=list)
     info: dict | None = None  # adapters.gguf_meta.GgufInfo.as_dict()
     error: str | None = None
+    reference: str | None = None  # hf.co/<user>/<repo>[:QUANT] for a pulled file (services.model_store)
+    memory: dict | None = None  # default context and estimated memory at it
+    size_bytes: int | None = None  # every part of a split model, readable or not
 
     def as_dict(self) -> dict:
         info = self.info or {}
@@ -32,7 +35,10 @@ class ModelEntry:
             "parameters": info.get("parameters"),
             "quantization": info.get("file_type"),
             "context_length": info.get("context_length"),
-            "size_bytes": info.get("size_bytes"),
+            "size_bytes": self.size_bytes if self.size_bytes is not None else info.get("size_bytes"),
+            "reference": self.reference,
+            "default_context": (self.memory or {}).get("context_size"),
+            "estimated_memory_mb": (self.memory or {}).get("estimated_mb"),
             "error": self.error,
         }
 
@@ -60,7 +66,7 @@ def list_models(home: Home, folder: Path | None = None, *, require_folder: bool 
 
     if folder.is_dir():
         for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() == ".gguf" and path.is_file():
+            if path.suffix.lower() == ".gguf" and path.is_file() and not _hidden_or_later_part(path, folder):
                 entry_for(path, True)
     for name in home.instance_names():
         config_path = home.config_path(name)
@@ -72,9 +78,30 @@ def list_models(home: Home, folder: Path | None = None, *, require_folder: bool 
         entry.used_by.append(name)
 
     result = sorted(entries.values(), key=lambda e: str(e.path))
+    from llama_orchestrator.services import model_store
+
+    budget = model_store.memory_budget_mb(home)
     for entry in result:
         _read_metadata(entry)
+        entry.reference = model_store.reference_of(home, entry.path)
+        if entry.exists:
+            entry.size_bytes = model_store.model_bytes(entry.path)
+        if entry.info is not None:
+            plan = model_store.memory_plan(home, entry.path, budget_mb=budget,
+                                           trained=entry.info.get("context_length"))
+            entry.memory = {"context_size": plan.context_size, "estimated_mb": plan.estimated_mb}
     return result
+
+
+def _hidden_or_later_part(path: Path, folder: Path) -> bool:
+    """Downloads in progress (``.partial/``) and the 2nd..Nth parts of a split model (listed under the first)."""
+    rel = path.relative_to(folder)
+    if any(part.startswith(".") for part in rel.parts):
+        return True
+    import re
+
+    split = re.search(r"-(\d{5})-of-\d{5}\.gguf$", path.name, re.IGNORECASE)
+    return bool(split) and split.group(1) != "00001"
 
 
 def _read_metadata(entry: ModelEntry) -> None:

@@ -15,6 +15,7 @@ connections can be dropped when it stops: a connection left open to a stopped se
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import threading
@@ -96,6 +97,21 @@ class InstanceStats:
     starts_total: int = 0
     evictions_total: int = 0
     ttl_unloads_total: int = 0
+    # by (endpoint, HTTP status): what /metrics exports; requests_total is their sum over endpoints
+    requests_by_endpoint: dict[tuple[str, int], int] = field(default_factory=dict)
+    time_to_first_token: Histogram | None = None  # streamed answers only
+    prompt_tokens_total: int = 0
+
+
+# The endpoint a request came in on, as /metrics labels it: set by forward/passthrough for the request's task.
+_ENDPOINT: contextvars.ContextVar[str] = contextvars.ContextVar("llama_orch_endpoint", default="other")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label value: the OpenAI paths as they are, anything else ``other``."""
+    path = path.split("?", 1)[0].rstrip("/")
+    return path if path in ENDPOINTS else "other"
 
 
 @dataclass
@@ -120,8 +136,11 @@ class _Instance:
     session: aiohttp.ClientSession | None = None
     retired: list = field(default_factory=list)  # sessions replaced while requests used them: closed when idle
     requests: dict[int, int] = field(default_factory=dict)
+    by_endpoint: dict[tuple[str, int], int] = field(default_factory=dict)
     duration: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
     tokens_total: int = 0
+    prompt_tokens_total: int = 0
     last_tps: float | None = None
     starts: int = 0
     evictions: int = 0
@@ -169,6 +188,7 @@ class Router:
         self._instances: dict[str, _Instance] = {}
         self._aliases: dict[str, list[str]] = {}
         self._broken: dict[str, str] = {}  # instance name -> why its config does not load
+        self._unknown_model: dict[str, int] = {}  # by endpoint: requests for a model nothing serves
         self._service: InstanceService | None = None
         self._service_lock = threading.Lock()
         self._catalog = Catalog()
@@ -211,10 +231,15 @@ class Router:
                 loaded=i.phase in LOADED, last_used=i.last_used, duration=i.duration.copy(),
                 completion_tokens_total=i.tokens_total, last_tokens_per_second=i.last_tps, phase=str(i.phase),
                 up=i.up, starts_total=i.starts, evictions_total=i.evictions, ttl_unloads_total=i.ttl_unloads,
-                drained=i.drained,
+                drained=i.drained, requests_by_endpoint=dict(i.by_endpoint), time_to_first_token=i.ttft.copy(),
+                prompt_tokens_total=i.prompt_tokens_total,
             )
             for name, i in self._instances.items()
         }
+
+    def totals(self) -> dict[str, Any]:
+        """Router-wide counters for /metrics: requests that named no known model, by endpoint."""
+        return {"unknown_model_requests": dict(self._unknown_model)}
 
     async def models(self) -> list[dict[str, Any]]:
         """What /v1/models lists: every instance name, then every alias, once each."""
@@ -238,6 +263,7 @@ class Router:
         Raises RouteError. A connect error before any answer is retried, on another replica when there is one.
         """
         started = self.clock()
+        _ENDPOINT.set(endpoint_label(path))
         failed: set[str] = set()
         last_error = ""
         inst = None
@@ -265,11 +291,13 @@ class Router:
         body: bytes | AsyncIterable[bytes] | None,
     ) -> Upstream:
         """`/upstream/<name>/...`: one instance by name, any method and path, the body streamed; no retry."""
+        _ENDPOINT.set("/upstream")
         inst = self._instances.get(name)
         if inst is None:
             await self._reload(since=self.clock())
             inst = self._instances.get(name)
         if inst is None:
+            self._count_unknown()
             raise RouteError(404, f"no instance named {name!r}; instances: {', '.join(sorted(self._instances))}",
                              "invalid_request_error", "instance_not_found")
         started = self.clock()
@@ -284,10 +312,16 @@ class Router:
         return self._upstream(inst, resp, started)
 
     def _upstream(self, inst: _Instance, resp: aiohttp.ClientResponse, started: float) -> Upstream:
-        def finish(status: int, tokens: TokenReport | None) -> None:
-            self._finish(inst, status, started, tokens)
+        endpoint = _ENDPOINT.get()
 
-        return Upstream(resp, inst.name, started, self.clock, finish)
+        def finish(status: int, tokens: TokenReport | None) -> None:
+            ttft = upstream.time_to_first_token
+            if ttft is not None:
+                inst.ttft.observe(ttft)
+            self._finish(inst, status, started, tokens, endpoint)
+
+        upstream = Upstream(resp, inst.name, started, self.clock, finish)
+        return upstream
 
     async def _exchange(self, inst: _Instance, started: float, method: str, path: str, headers, body,
                         keep_length: bool = False, retry: bool = False, quiet: bool = False,
@@ -346,6 +380,7 @@ class Router:
             if model is None:
                 raise RouteError(400, f"the request names no model; known models: {', '.join(known) or 'none'}",
                                  "invalid_request_error", "model_required")
+            self._count_unknown()
             raise RouteError(404, f"model {model!r} not found; known models: {', '.join(known) or 'none'}",
                              "invalid_request_error", "model_not_found")
         candidates = [self._instances[n] for n in names]
@@ -729,19 +764,27 @@ class Router:
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
-    def _finish(self, inst: _Instance, status: int, started: float, tokens: TokenReport | None) -> None:
+    def _finish(self, inst: _Instance, status: int, started: float, tokens: TokenReport | None,
+                endpoint: str | None = None) -> None:
         self._release(inst)
-        self._record(inst, status, started)
+        self._record(inst, status, started, endpoint)
         if tokens is not None:
             inst.tokens_total += tokens.completion_tokens or 0
+            inst.prompt_tokens_total += tokens.prompt_tokens or 0
             if tokens.tokens_per_second is not None:
                 inst.last_tps = tokens.tokens_per_second
 
-    def _record(self, inst: _Instance, status: int, started: float) -> None:
+    def _record(self, inst: _Instance, status: int, started: float, endpoint: str | None = None) -> None:
         now = self.clock()
         inst.last_used = now
         inst.requests[status] = inst.requests.get(status, 0) + 1
+        key = (endpoint or _ENDPOINT.get(), status)
+        inst.by_endpoint[key] = inst.by_endpoint.get(key, 0) + 1
         inst.duration.observe(max(0.0, now - started))
+
+    def _count_unknown(self) -> None:
+        endpoint = _ENDPOINT.get()
+        self._unknown_model[endpoint] = self._unknown_model.get(endpoint, 0) + 1
 
     def _session(self, inst: _Instance) -> aiohttp.ClientSession:
         if inst.session is None or inst.session.closed:

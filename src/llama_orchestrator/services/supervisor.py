@@ -199,6 +199,7 @@ class Supervisor:
             watch.restart = RestartTracker()  # a person started it: the count begins again, as in Docker
             self.ops.update(name, restart_attempts=0)
         watch.key = key
+        watch.restart_at = None  # a process runs: a pending backoff restart is superseded
         watch.health_saved = None
         watch.health = HealthTracker(started_at=row.started_at or now)
         watch.next_probe_at = now
@@ -239,7 +240,7 @@ class Supervisor:
             watch.restart = watch.restart.on_healthy(now)
             if self.ops.transition(
                 name, Status.starting, Status.running, only_if={"pid": pid}, now=now,
-                event=("healthy", f"answering after {now - tracker.started_at:.1f} s"), **changes,
+                event=("healthy", f"answering after {now - tracker.started_at:.1f} s"), last_error=None, **changes,
             ):
                 return
         else:
@@ -299,6 +300,7 @@ class Supervisor:
             if self.ops.transition(
                 name, current, Status.backoff, event=("backoff", message), now=now,
                 next_restart_at=decision.restart_at, restart_attempts=decision.attempt,
+                last_error=exit_error(reason, row),  # kept through the restarts until it is healthy again
             ):
                 watch.restart_at = decision.restart_at
         elif decision.action == "give_up":
@@ -359,3 +361,12 @@ class Supervisor:
 def _exit_reason(exit_code: int | None) -> ExitReason:
     # Unknown exit code (not our child, or killed): counts as a crash.
     return ExitReason.clean if exit_code == 0 else ExitReason.crashed
+
+
+def exit_error(reason: ExitReason, row: InstanceRow) -> str:
+    """``last_error`` of an instance the supervisor restarts: why its last process ended."""
+    if reason == ExitReason.unhealthy:
+        return f"unhealthy: {row.health_error}" if row.health_error else "unhealthy"
+    if row.exit_code is not None:
+        return f"{reason}: exited with code {row.exit_code}"
+    return f"{reason}: its process ended"

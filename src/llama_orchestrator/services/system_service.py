@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from llama_orchestrator.adapters import binaries
-from llama_orchestrator.adapters.home import Home
+from llama_orchestrator.adapters.home import Home, default_root
 from llama_orchestrator.adapters.service_units import (
     OS_NAMES,
     RemoveFile,
@@ -33,6 +33,7 @@ from llama_orchestrator.adapters.service_units import (
     command_text,
     manager_for,
     output_of,
+    service_name_for,
 )
 from llama_orchestrator.domain.errors import NotFoundError, OrchestratorError, UsageError
 
@@ -64,6 +65,7 @@ def default_target(home: Home, os_name: str, environ: dict[str, str] | None = No
         uid=os.getuid() if hasattr(os, "getuid") else 0,
         user=user,
         path_env=os.pathsep.join(dict.fromkeys(p for p in env.get("PATH", "").split(os.pathsep) if p)),
+        name=service_name_for(home.root, default_root()),
     )
 
 

@@ -86,6 +86,7 @@ class Upstream:
         self._kept: list[bytes] = []
         self._complete = False
         self._closed = False
+        self.first_chunk_at: float | None = None  # on ``clock``: when the first body bytes came (time to first token)
 
     @property
     def small(self) -> bool:
@@ -104,6 +105,8 @@ class Upstream:
         """The body as it arrives: each chunk is yielded as soon as the upstream sent it."""
         sse, kept, budget = self.event_stream, self._kept, TOKEN_BODY_MAX if self._json else 0
         async for chunk in self._resp.content.iter_any():
+            if self.first_chunk_at is None:
+                self.first_chunk_at = self._clock()
             if sse:
                 self._tail.append(chunk)
             elif budget > 0:
@@ -127,6 +130,14 @@ class Upstream:
         delivered = self._complete or (self.event_stream and bool(self._tail) and b"data: [DONE]" in self._tail[-1])
         tokens = self._tokens(self._clock() - self._started) if delivered else None
         self._finish(self.status if delivered else 499 if client_gone else 502, tokens)
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Seconds from the request's arrival to the first streamed bytes; None for an answer that is not a stream
+        (its first byte is its whole answer) or one that sent nothing."""
+        if not self.event_stream or self.first_chunk_at is None:
+            return None
+        return max(0.0, self.first_chunk_at - self._started)
 
     def _tokens(self, elapsed: float) -> TokenReport | None:
         try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from llama_orchestrator.adapters.usage import PsutilSampler, Usage
 from llama_orchestrator.cli.render import HEALTH_STYLE, STATUS_STYLE, duration, status_text, timestamp
 from llama_orchestrator.domain.errors import InstanceNotFound
 from llama_orchestrator.domain.states import ACTIVE, Status
@@ -58,51 +59,11 @@ EVENT_STYLE = {
 # -- CPU and memory --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Usage:
-    cpu_percent: float | None  # None until a second sample exists (psutil measures between two calls)
-    memory_bytes: int | None  # resident memory of the process and its children
-
-
 class Sampler(Protocol):
     def sample(self, pid: int, create_time: float) -> Usage: ...
 
     def keep_only(self, alive: set[tuple[int, float]]) -> None:
         """Forget every process not in ``alive`` (pid, create_time)."""
-
-
-class PsutilSampler:
-    """CPU and memory of real processes. Keeps one ``psutil.Process`` per (pid, create time) across refreshes,
-    because ``cpu_percent`` measures the time since the previous call on the same object."""
-
-    def __init__(self) -> None:
-        self._processes: dict[tuple[int, float], object] = {}
-
-    def sample(self, pid: int, create_time: float) -> Usage:
-        import psutil
-
-        key = (pid, create_time)
-        process = self._processes.get(key)
-        first = process is None
-        try:
-            if process is None:
-                process = psutil.Process(pid)
-                self._processes[key] = process
-            cpu = process.cpu_percent(interval=None)
-            memory = process.memory_info().rss
-            for child in process.children(recursive=True):
-                try:
-                    memory += child.memory_info().rss
-                except psutil.Error:
-                    continue
-        except psutil.Error:
-            self._processes.pop(key, None)
-            return Usage(None, None)
-        return Usage(None if first else cpu, memory)
-
-    def keep_only(self, alive: set[tuple[int, float]]) -> None:
-        for key in set(self._processes) - alive:
-            del self._processes[key]
 
 
 # -- what the screens show ---------------------------------------------------------------------------------------

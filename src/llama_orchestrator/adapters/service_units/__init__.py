@@ -7,6 +7,8 @@ every OS's files are rendered and tested on any OS and no command ever goes thro
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shlex
 import subprocess
 from collections.abc import Callable, Sequence
@@ -25,7 +27,8 @@ class Target:
     """Everything the service files depend on, gathered once (tests build it by hand).
 
     ``argv`` is the daemon command (``<python> -m llama_orchestrator --home <home> daemon run``); ``user_home``,
-    ``config_home`` (XDG), ``uid`` and ``user`` say where and for whom it is installed.
+    ``config_home`` (XDG), ``uid`` and ``user`` say where and for whom it is installed. ``name`` is the unit's,
+    agent's, task's or service's name for this home (``service_name_for``).
     """
 
     home: Path
@@ -36,6 +39,20 @@ class Target:
     uid: int
     user: str
     path_env: str = ""
+    name: str = SERVICE_NAME
+
+
+def service_name_for(home: Path, default_home: Path | None = None) -> str:
+    """``llama-orchestrator`` for the platform's default home (the name earlier versions installed, so their
+    `service uninstall` still finds it), else ``llama-orchestrator-<8 hex>``: a hash of the home's absolute path,
+    so the services of several homes on one machine coexist and each install replaces only its own."""
+
+    def norm(path: Path) -> str:
+        return os.path.normcase(os.path.abspath(path))
+
+    if default_home is not None and norm(home) == norm(default_home):
+        return SERVICE_NAME
+    return f"{SERVICE_NAME}-{hashlib.sha256(norm(home).encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)

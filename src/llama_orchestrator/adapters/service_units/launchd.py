@@ -16,21 +16,26 @@ from llama_orchestrator.adapters.service_units import (
     output_of,
 )
 
-LABEL = "io.github.llama-orchestrator"
+LABEL = "io.github.llama-orchestrator"  # the default home's
+
+
+def label(target: Target) -> str:
+    """``io.github.<Target.name>``: one agent per home."""
+    return f"io.github.{target.name}"
 
 
 class LaunchdAgent:
     name = "launchd agent"
 
     def plist_path(self, target: Target) -> Path:
-        return target.user_home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+        return target.user_home / "Library" / "LaunchAgents" / f"{label(target)}.plist"
 
     def files(self, target: Target) -> list[Path]:
         return [self.plist_path(target)]
 
     def render(self, target: Target) -> str:
         document = {
-            "Label": LABEL,
+            "Label": label(target),
             "ProgramArguments": list(target.argv),
             "RunAtLoad": True,
             # Restarted when it exits with an error or is killed; a clean exit (daemon stop) stays down.
@@ -56,13 +61,13 @@ class LaunchdAgent:
         return [
             WriteFile(plist, self.render(target)),
             # An agent loaded before (a reinstall) must be booted out, or bootstrap fails with "already loaded".
-            RunCommand(["launchctl", "bootout", f"{self._domain(target)}/{LABEL}"], check=False),
+            RunCommand(["launchctl", "bootout", f"{self._domain(target)}/{label(target)}"], check=False),
             RunCommand(["launchctl", "bootstrap", self._domain(target), str(plist)]),
         ]
 
     def uninstall_steps(self, target: Target) -> list[Step]:
         return [
-            RunCommand(["launchctl", "bootout", f"{self._domain(target)}/{LABEL}"], check=False),
+            RunCommand(["launchctl", "bootout", f"{self._domain(target)}/{label(target)}"], check=False),
             RemoveFile(self.plist_path(target)),
         ]
 
@@ -72,7 +77,7 @@ class LaunchdAgent:
     def status(self, target: Target, run: Runner) -> ServiceStatus:
         plist = self.plist_path(target)
         status = ServiceStatus(self.name, plist.is_file(), files=[str(plist)])
-        result = run(["launchctl", "print", f"{self._domain(target)}/{LABEL}"])
+        result = run(["launchctl", "print", f"{self._domain(target)}/{label(target)}"])
         if result.returncode != 0:
             status.enabled, status.active = False, False
             status.detail = "not loaded"

@@ -1,4 +1,5 @@
-"""Linux: a systemd user unit, ``~/.config/systemd/user/llama-orchestrator.service``, started at login."""
+"""Linux: a systemd user unit, ``~/.config/systemd/user/<name>.service``, started at login (``Target.name``:
+``llama-orchestrator`` for the default home, with a hash of the home's path for the others)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from llama_orchestrator.adapters.service_units import (
     output_of,
 )
 
-UNIT = f"{SERVICE_NAME}.service"
+UNIT = f"{SERVICE_NAME}.service"  # the default home's
+
+
+def unit_name(target: Target) -> str:
+    return f"{target.name}.service"
 SYSTEMCTL = ["systemctl", "--user"]
 
 
@@ -26,7 +31,7 @@ class SystemdUserUnit:
 
     def unit_path(self, target: Target) -> Path:
         # systemd reads user units from $XDG_CONFIG_HOME/systemd/user (default ~/.config/systemd/user).
-        return target.config_home / "systemd" / "user" / UNIT
+        return target.config_home / "systemd" / "user" / unit_name(target)
 
     def files(self, target: Target) -> list[Path]:
         return [self.unit_path(target)]
@@ -65,18 +70,18 @@ class SystemdUserUnit:
         return [
             WriteFile(self.unit_path(target), self.render(target)),
             RunCommand([*SYSTEMCTL, "daemon-reload"]),
-            RunCommand([*SYSTEMCTL, "enable", "--now", UNIT]),
+            RunCommand([*SYSTEMCTL, "enable", "--now", unit_name(target)]),
         ]
 
     def uninstall_steps(self, target: Target) -> list[Step]:
         unit = self.unit_path(target)
         return [
-            RunCommand([*SYSTEMCTL, "disable", "--now", UNIT], check=False),
+            RunCommand([*SYSTEMCTL, "disable", "--now", unit_name(target)], check=False),
             RemoveFile(unit),
             # `disable` removes this link; removing it again covers a unit disabled by hand or half installed.
-            RemoveFile(unit.parent / "default.target.wants" / UNIT),
+            RemoveFile(unit.parent / "default.target.wants" / unit_name(target)),
             RunCommand([*SYSTEMCTL, "daemon-reload"]),
-            RunCommand([*SYSTEMCTL, "reset-failed", UNIT], check=False),
+            RunCommand([*SYSTEMCTL, "reset-failed", unit_name(target)], check=False),
         ]
 
     def check_usable(self, target: Target, run: Runner) -> None:
@@ -104,8 +109,8 @@ class SystemdUserUnit:
         except ServiceUnavailable as exc:
             status.detail = str(exc)
             return status
-        enabled = output_of(run([*SYSTEMCTL, "is-enabled", UNIT])).splitlines()
-        active = output_of(run([*SYSTEMCTL, "is-active", UNIT])).splitlines()
+        enabled = output_of(run([*SYSTEMCTL, "is-enabled", unit_name(target)])).splitlines()
+        active = output_of(run([*SYSTEMCTL, "is-active", unit_name(target)])).splitlines()
         status.enabled = bool(enabled) and enabled[0] in ("enabled", "enabled-runtime", "linked")
         status.active = bool(active) and active[0] == "active"
         status.detail = f"{enabled[0] if enabled else '?'}, {active[0] if active else '?'}"

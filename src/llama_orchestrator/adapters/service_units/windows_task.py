@@ -7,7 +7,6 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from llama_orchestrator.adapters.service_units import (
-    SERVICE_NAME,
     RemoveFile,
     RunCommand,
     Runner,
@@ -38,7 +37,7 @@ class ScheduledTask:
     name = "Task Scheduler task"
 
     def xml_path(self, target: Target) -> Path:
-        return target.state_dir / f"{SERVICE_NAME}.task.xml"
+        return target.state_dir / f"{target.name}.task.xml"
 
     def files(self, target: Target) -> list[Path]:
         return [self.xml_path(target)]
@@ -51,7 +50,7 @@ class ScheduledTask:
   <RegistrationInfo>
     <Description>llama-orchestrator daemon: supervises llama-server instances. Written by `llama-orch service
       install`; `llama-orch service uninstall` removes it.</Description>
-    <URI>\\{SERVICE_NAME}</URI>
+    <URI>\\{escape(target.name)}</URI>
   </RegistrationInfo>
   <Triggers>
     <LogonTrigger>
@@ -101,14 +100,14 @@ class ScheduledTask:
         xml = self.xml_path(target)
         return [
             WriteFile(xml, self.render(target), encoding="utf-16"),  # schtasks reads UTF-16 task definitions
-            RunCommand(["schtasks", "/Create", "/TN", SERVICE_NAME, "/XML", str(xml), "/F"]),
-            RunCommand(["schtasks", "/Run", "/TN", SERVICE_NAME]),  # now, not only at the next logon
+            RunCommand(["schtasks", "/Create", "/TN", target.name, "/XML", str(xml), "/F"]),
+            RunCommand(["schtasks", "/Run", "/TN", target.name]),  # now, not only at the next logon
         ]
 
     def uninstall_steps(self, target: Target) -> list[Step]:
         return [
-            RunCommand(["schtasks", "/End", "/TN", SERVICE_NAME], check=False),
-            RunCommand(["schtasks", "/Delete", "/TN", SERVICE_NAME, "/F"]),
+            RunCommand(["schtasks", "/End", "/TN", target.name], check=False),
+            RunCommand(["schtasks", "/Delete", "/TN", target.name, "/F"]),
             RemoveFile(self.xml_path(target)),
         ]
 
@@ -116,7 +115,7 @@ class ScheduledTask:
         return None
 
     def status(self, target: Target, run: Runner) -> ServiceStatus:
-        result = run(["schtasks", "/Query", "/TN", SERVICE_NAME, "/FO", "LIST", "/V"])
+        result = run(["schtasks", "/Query", "/TN", target.name, "/FO", "LIST", "/V"])
         status = ServiceStatus(self.name, result.returncode == 0, files=[str(self.xml_path(target))])
         if result.returncode != 0:
             status.enabled, status.active, status.detail = False, False, "no such task"
@@ -142,37 +141,40 @@ class NssmService:
         nssm = ["nssm"]
         return [
             # A service left by an earlier install is replaced, not reported as "already exists".
-            RunCommand([*nssm, "stop", SERVICE_NAME], check=False),
-            RunCommand([*nssm, "remove", SERVICE_NAME, "confirm"], check=False),
-            RunCommand([*nssm, "install", SERVICE_NAME, target.argv[0]]),
-            RunCommand([*nssm, "set", SERVICE_NAME, "AppParameters", subprocess.list2cmdline(target.argv[1:])]),
-            RunCommand([*nssm, "set", SERVICE_NAME, "AppDirectory", str(target.home)]),
-            RunCommand([*nssm, "set", SERVICE_NAME, "AppStdout", str(target.state_dir / "nssm.stdout.log")]),
-            RunCommand([*nssm, "set", SERVICE_NAME, "AppStderr", str(target.state_dir / "nssm.stderr.log")]),
-            RunCommand([*nssm, "set", SERVICE_NAME, "AppExit", "Default", "Restart"]),
-            RunCommand([*nssm, "set", SERVICE_NAME, "Description",
+            RunCommand([*nssm, "stop", target.name], check=False),
+            RunCommand([*nssm, "remove", target.name, "confirm"], check=False),
+            RunCommand([*nssm, "install", target.name, target.argv[0]]),
+            RunCommand([*nssm, "set", target.name, "AppParameters", subprocess.list2cmdline(target.argv[1:])]),
+            RunCommand([*nssm, "set", target.name, "AppDirectory", str(target.home)]),
+            RunCommand([*nssm, "set", target.name, "AppStdout", str(target.state_dir / "nssm.stdout.log")]),
+            RunCommand([*nssm, "set", target.name, "AppStderr", str(target.state_dir / "nssm.stderr.log")]),
+            RunCommand([*nssm, "set", target.name, "AppExit", "Default", "Restart"]),
+            # Stopping the service stops the daemon only: the instances keep running, as with `daemon stop`
+            # (NSSM's default kills the whole process tree), and the next daemon adopts them.
+            RunCommand([*nssm, "set", target.name, "AppKillProcessTree", "0"]),
+            RunCommand([*nssm, "set", target.name, "Description",
                         "llama-orchestrator daemon: supervises llama-server instances"]),
-            RunCommand([*nssm, "set", SERVICE_NAME, "Start", "SERVICE_AUTO_START"]),
-            RunCommand([*nssm, "start", SERVICE_NAME]),
+            RunCommand([*nssm, "set", target.name, "Start", "SERVICE_AUTO_START"]),
+            RunCommand([*nssm, "start", target.name]),
         ]
 
     def uninstall_steps(self, target: Target) -> list[Step]:
         return [
-            RunCommand(["nssm", "stop", SERVICE_NAME], check=False),
-            RunCommand(["nssm", "remove", SERVICE_NAME, "confirm"]),
+            RunCommand(["nssm", "stop", target.name], check=False),
+            RunCommand(["nssm", "remove", target.name, "confirm"]),
         ]
 
     def check_usable(self, target: Target, run: Runner) -> None:
         return None
 
     def status(self, target: Target, run: Runner) -> ServiceStatus:
-        result = run(["nssm", "status", SERVICE_NAME])
+        result = run(["nssm", "status", target.name])
         state = output_of(result).splitlines()
         status = ServiceStatus(self.name, result.returncode == 0)
         if result.returncode != 0:
             status.enabled, status.active, status.detail = False, False, "no such service"
             return status
-        start = output_of(run(["nssm", "get", SERVICE_NAME, "Start"])).splitlines()
+        start = output_of(run(["nssm", "get", target.name, "Start"])).splitlines()
         status.active = bool(state) and state[0] == "SERVICE_RUNNING"
         status.enabled = bool(start) and start[0] in ("SERVICE_AUTO_START", "SERVICE_DELAYED_AUTO_START")
         status.detail = ", ".join(filter(None, [start[0] if start else None, state[0] if state else None]))
