@@ -153,7 +153,7 @@ def record_api_port(path: Path, port: int) -> None:
 
 def _refuse_open_keys(path: Path, settings) -> None:
     """Keys in a file others can read are keys others have: refuse it, as ssh refuses an open private key."""
-    if not (settings.api.api_keys or settings.api.control_keys):
+    if not (settings.api.api_keys or settings.api.control_keys or any(p.api_key for p in settings.peers)):
         return
     mode = readable_by_others(path)
     if mode is not None:

@@ -184,6 +184,18 @@ def render_metrics(
     out.family("unknown_model_requests_total", "counter",
                "Requests for a model no instance or alias serves (answered 404), by endpoint.",
                [({"endpoint": e}, int(c)) for e, c in sorted(unknown.items())])
+    peers = (totals or {}).get("peers") or []  # other nodes (issue 12), labelled node
+    if peers:
+        out.family("peer_up", "gauge", "1 while the peer node answers its /v1/models.",
+                   [({"node": p["name"]}, 1 if p["up"] else 0) for p in peers])
+        out.family("peer_requests_total", "counter", "Requests relayed to a peer node, by HTTP status (503: it was down).",
+                   [({"node": p["name"], "code": str(code)}, n) for p in peers for code, n in sorted(p["requests"].items())])
+        out.family("peer_in_flight", "gauge", "Requests being relayed to the peer node now.",
+                   [({"node": p["name"]}, p["in_flight"]) for p in peers])
+        out.family("peer_probe_latency_seconds", "gauge", "Round trip of the last successful probe of the peer node.",
+                   [({"node": p["name"]}, p["latency_ms"] / 1000) for p in peers if p["latency_ms"] is not None])
+        out.family("peer_probe_failures_total", "counter", "Probes of the peer node that failed.",
+                   [({"node": p["name"]}, p["probes_failed"]) for p in peers])
 
     out.family("instance_prompt_tokens_total", "counter", "Prompt tokens processed (from usage).",
                each(lambda n: stat(n, "prompt_tokens_total")))

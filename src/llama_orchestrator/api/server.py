@@ -193,6 +193,12 @@ def make_app(
         # async: answered on the event loop, never queued behind busy worker threads
         return {"status": "ok", "version": __version__}
 
+    @control.get("/api/nodes", tags=["nodes"], summary="The peer nodes as this router sees them: state, models, "
+                 "latency, requests (issue 12)", dependencies=[Depends(bearer)])
+    async def nodes() -> list[dict[str, Any]]:
+        peers = getattr(app.router, "peers", None) if app.router is not None else None
+        return peers.snapshot() if peers is not None else []
+
     @control.get("/metrics", tags=["daemon"], summary="Prometheus metrics of every instance",
                  response_class=Response, dependencies=[Depends(bearer)])
     async def metrics() -> Response:

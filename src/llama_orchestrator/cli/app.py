@@ -703,7 +703,10 @@ def daemon_reload() -> None:
 
 
 @daemon_app.command("run")
-def daemon_run() -> None:
+def daemon_run(
+    router_only: Annotated[bool, typer.Option("--router-only", help="Serve only the router over the `peers` of "
+                                              "orchestrator.json; refuses a home with instances.")] = False,
+) -> None:
     """Run the daemon in the foreground (for systemd, launchd, Task Scheduler, or to watch it work).
 
     Example: llama-orch daemon run
@@ -711,6 +714,9 @@ def daemon_run() -> None:
     from llama_orchestrator.services.daemon import run_daemon
 
     local_only("daemon run")
+    if router_only and service().names():
+        raise _usage(f"--router-only: the home {service().home.root} has instances "
+                     f"({', '.join(service().names())}); give it a home of its own")
     run_daemon(service().home)
 
 

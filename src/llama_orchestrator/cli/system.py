@@ -35,6 +35,12 @@ def register(app: typer.Typer) -> None:
     import importlib
 
     importlib.import_module("llama_orchestrator.cli.models_cli")  # adds models pull|register|catalog|unregister|rm
+    from llama_orchestrator.cli.export_cli import export_app
+
+    app.add_typer(export_app, name="export")  # export kubernetes (issue 12)
+    from llama_orchestrator.cli.nodes_cli import nodes
+
+    app.command("nodes")(nodes)
 
 
 def _home():

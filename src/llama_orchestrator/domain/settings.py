@@ -72,10 +72,21 @@ class RouterSettings(_Strict):
     start_timeout: float = Field(300, gt=0, description="seconds a request waits for an on-demand start")
 
 
+class PeerSettings(_Strict):
+    """Another node (issue 12): its router's models are merged into this one's /v1."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", description="the node's name: `NAME/model`")
+    url: str = Field(pattern=r"^https?://", description="the node's daemon (or a llama-server): http://host:port")
+    api_key: str | None = Field(None, description="Bearer key for that node's router (its api.api_keys)")
+    aliases: list[str] = Field(default_factory=list, description="more names it serves (for a plain llama-server)")
+
+
 class Settings(_Strict):
     schema_ref: str | None = Field(None, alias="$schema", exclude=True)
     api: ApiSettings = Field(default_factory=ApiSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    peers: list[PeerSettings] = Field(default_factory=list, description="other nodes whose models this router "
+                                      "serves too (`llama-orch nodes`)")
     reload: Literal["auto", "manual"] = Field(
         "manual",
         description="auto: the daemon applies config changes itself (start new autostart instances, recreate "

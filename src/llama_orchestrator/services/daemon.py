@@ -302,6 +302,10 @@ def _serve_api(
 
     try:
         router = make_router(lambda: service, settings.router)
+        if router is not None and settings.peers:  # other nodes' models through this router (issue 12)
+            from llama_orchestrator.services.peers import PeerPool
+
+            router.peers = PeerPool(settings.peers)
         # drainer: a recreate of a replica first takes it out of the router's rotation (zero-downtime `up`)
         instances = LocalInstances(service, probe_starting=False, drainer=router)
         if reconciler is not None:  # its recreates drain through the router; `daemon reload` reaches it

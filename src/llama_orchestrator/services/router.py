@@ -200,6 +200,7 @@ class Router:
         self._room_waiters = 0
         self._undrained: asyncio.Event | None = None  # set (and replaced) when an instance is undrained
         self._loop: asyncio.AbstractEventLoop | None = None  # ours: drain()/undrain() come from other threads
+        self.peers: Any = None  # services.peers.PeerPool: other nodes' models (issue 12), set by the daemon
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -211,6 +212,8 @@ class Router:
         self._loop = asyncio.get_running_loop()
         await self._reload()
         self._maintainer = asyncio.create_task(self._maintain(), name="router-maintain")
+        if self.peers is not None:
+            await self.peers.start()
 
     async def shutdown(self) -> None:
         """Stop our tasks and close connections. Instances keep running: the next daemon adopts them."""
@@ -223,6 +226,8 @@ class Router:
             await self._close_retired(inst)  # shutting down: in flight or not
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.peers is not None:
+            await self.peers.close()
 
     def stats(self) -> dict[str, InstanceStats]:
         return {
@@ -239,7 +244,8 @@ class Router:
 
     def totals(self) -> dict[str, Any]:
         """Router-wide counters for /metrics: requests that named no known model, by endpoint."""
-        return {"unknown_model_requests": dict(self._unknown_model)}
+        return {"unknown_model_requests": dict(self._unknown_model),
+                "peers": self.peers.snapshot() if self.peers is not None else []}
 
     async def models(self) -> list[dict[str, Any]]:
         """What /v1/models lists: every instance name, then every alias, once each."""
@@ -251,6 +257,8 @@ class Router:
             if alias not in self._instances:
                 loaded = any(self._instances[n].phase in LOADED for n in names)
                 data.append(_model_entry(alias, names, loaded))
+        if self.peers is not None:  # other nodes' models; a local name wins a clash
+            data += self.peers.model_entries(set(self._instances) | set(self._aliases))
         return data
 
     # -- the request path ------------------------------------------------------------------------------------
@@ -264,6 +272,14 @@ class Router:
         """
         started = self.clock()
         _ENDPOINT.set(endpoint_label(path))
+        # Another node's model (issue 12): a local instance's name stays here; an alias is balanced across nodes.
+        if (self.peers is not None and model and model not in self._instances and model not in self._broken
+                and self.peers.has(model)):
+            local = [self._instances[n] for n in self._resolve(model)]
+            load = sum(i.in_flight + len(i.waiters) for i in local) if local else None
+            relayed = await self.peers.forward(model, method, path, headers, body, local_load=load, error=RouteError)
+            if relayed is not None:
+                return relayed
         failed: set[str] = set()
         last_error = ""
         inst = None
