@@ -71,10 +71,14 @@ def cli(home: Path) -> Iterator[Cli]:
 def _kill_leftovers(home: Path) -> None:
     """Whatever a failed test left running under this home is killed, so no test leaks a process or a port."""
     marker = str(home)
+    resolved = str(home.resolve())
     for process in psutil.process_iter(["cmdline", "environ"]):
         try:
             cmdline = " ".join(process.info["cmdline"] or [])
-            if marker in cmdline and process.pid != os.getpid():
+            # Our servers carry their home in the environment (the process marker), not on their command line.
+            environ = process.info["environ"] or {}
+            ours = environ.get("LLAMA_ORCH_INSTANCE_HOME") in (marker, resolved)
+            if (marker in cmdline or ours) and process.pid != os.getpid():
                 process.kill()
         except (psutil.Error, TypeError):
             continue
