@@ -68,6 +68,10 @@ class World:
         row = self.svc.store.get(name)
         os.kill(row.pid, signal.SIGKILL)
         wait_until(lambda: self.status(name) == "exited", 10, message=f"{name} exited")
+        # The scenarios restart at once on a fake clock (a real backoff is seconds): wait until the kernel has
+        # closed the killed server's socket, or the restart's preflight finds the port still taken.
+        config = self.svc.load(name)
+        wait_until(lambda: is_port_free(config.server.port, config.server.host), 30, message="port released")
 
     def spawn_unrecorded(self, name: str) -> int:
         """A marked llama-server the row does not know: a CLI killed between spawn and its write, or a lost DB."""
