@@ -86,27 +86,21 @@ class ApiClient:
 
     def stream_lines(self, path: str, **params: Any) -> Iterator[str]:
         """The lines of a streamed text/plain answer, as they arrive; no read timeout (a log may stay quiet)."""
-        try:
-            with self._http.stream(
-                "GET", path, params=_clean(params), timeout=httpx.Timeout(None, connect=5.0)
-            ) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    self._check(response)
-                yield from response.iter_lines()
-        except httpx.TransportError as exc:
-            raise ApiUnreachable(f"lost the log stream from {self.base_url}: {exc}") from None
+        return self._lines("GET", path, "log stream", params=_clean(params))
 
     def post_lines(self, path: str, json: Any) -> Iterator[str]:
         """POST ``json`` and yield the lines of a streamed answer (NDJSON) as they arrive; no read timeout."""
+        return self._lines("POST", path, "stream", json=json)
+
+    def _lines(self, method: str, path: str, what: str, **request: Any) -> Iterator[str]:
         try:
-            with self._http.stream("POST", path, json=json, timeout=httpx.Timeout(None, connect=5.0)) as response:
+            with self._http.stream(method, path, timeout=httpx.Timeout(None, connect=5.0), **request) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._check(response)
                 yield from response.iter_lines()
         except httpx.TransportError as exc:
-            raise ApiUnreachable(f"lost the stream from {self.base_url}: {exc}") from None
+            raise ApiUnreachable(f"lost the {what} from {self.base_url}: {exc}") from None
 
     def _check(self, response: httpx.Response) -> None:
         if response.status_code < 400:

@@ -65,8 +65,9 @@ export class Api {
   }
 }
 
-// Newline-delimited JSON (a model pull's progress): yields one object a line.
-export async function* parseLines(stream) {
+// The text of a byte stream cut at each `separator` (a RegExp without the g flag); with `keepRest`, what follows
+// the last separator is yielded too when the stream ends.
+async function* pieces(stream, separator, keepRest) {
   const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   try {
@@ -74,16 +75,23 @@ export async function* parseLines(stream) {
       const { value, done } = await reader.read();
       if (done) break;
       buffer += value;
-      let end;
-      while ((end = buffer.indexOf("\n")) >= 0) {
-        const line = buffer.slice(0, end).trim();
-        buffer = buffer.slice(end + 1);
-        if (line) yield JSON.parse(line);
+      let match;
+      while ((match = separator.exec(buffer)) !== null) {
+        yield buffer.slice(0, match.index);
+        buffer = buffer.slice(match.index + match[0].length);
       }
     }
-    if (buffer.trim()) yield JSON.parse(buffer);
+    if (keepRest && buffer) yield buffer;
   } finally {
     reader.releaseLock();
+  }
+}
+
+// Newline-delimited JSON (a model pull's progress): yields one object a line.
+export async function* parseLines(stream) {
+  for await (const piece of pieces(stream, /\n/, true)) {
+    const line = piece.trim();
+    if (line) yield JSON.parse(line);
   }
 }
 
@@ -98,23 +106,9 @@ async function errorMessage(response) {
 }
 
 export async function* parseEvents(stream) {
-  const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  try {
-    while (true) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += value;
-      let end;
-      while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
-        const event = parseBlock(block);
-        if (event) yield event;
-      }
-    }
-  } finally {
-    reader.releaseLock();
+  for await (const block of pieces(stream, /\r?\n\r?\n/, false)) {
+    const event = parseBlock(block);
+    if (event) yield event;
   }
 }
 
