@@ -54,14 +54,20 @@ def upstream_app(chunks: int):
             if not message.get("more_body"):
                 break
         if b'"stream": true' in body or b'"stream":true' in body:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+            )
             for _ in range(chunks):
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(SMALL))]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(SMALL))],
+            }
+        )
         await send({"type": "http.response.body", "body": SMALL})
 
     return app
@@ -116,8 +122,9 @@ def raw_proxy(kind: str, upstream: str):
                 break
         json.loads(body)  # the router parses the body to find `model`
         headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k not in HOP]
-        status, out, chunks, close = await _open(kind, state["client"], upstream + scope["path"], scope["method"],
-                                                 headers, body)
+        status, out, chunks, close = await _open(
+            kind, state["client"], upstream + scope["path"], scope["method"], headers, body
+        )
         try:
             await send({"type": "http.response.start", "status": status, "headers": out})
             async for chunk in chunks:
@@ -144,8 +151,9 @@ def starlette_proxy(kind: str, upstream: str):
         body = await request.body()
         json.loads(body)
         headers = [(k.decode(), v.decode()) for k, v in request.headers.raw if k not in HOP]
-        status, out, chunks, close = await _open(kind, state["client"], upstream + request.url.path,
-                                                 request.method, headers, body)
+        status, out, chunks, close = await _open(
+            kind, state["client"], upstream + request.url.path, request.method, headers, body
+        )
         response = StreamingResponse(chunks, status_code=status, background=BackgroundTask(close))
         response.raw_headers = out
         return response
@@ -168,8 +176,16 @@ def serve(role: str, port: int, upstream_port: int, chunks: int) -> None:
         kind = role.split("-")[1]
         upstream = f"http://127.0.0.1:{upstream_port}"
         app = raw_proxy(kind, upstream) if role.startswith("raw") else starlette_proxy(kind, upstream)
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
-                access_log=False, lifespan="on" if role != "upstream" else "off")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        lifespan="on" if role != "upstream" else "off",
+    )
 
 
 # --------------------------------------------------------------------------------------------------- load
@@ -247,15 +263,37 @@ def main() -> int:
         return 0
 
     upstream_port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, "--serve", "upstream", "--port", str(upstream_port),
-                               "--chunks", str(args.chunks)])]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                "upstream",
+                "--port",
+                str(upstream_port),
+                "--chunks",
+                str(args.chunks),
+            ]
+        )
+    ]
     try:
         wait_port(upstream_port)
         results = {"direct": asyncio.run(measure(upstream_port, args.requests, args.seconds))}
         for variant in args.variants.split(","):
             port = free_port()
-            proc = subprocess.Popen([sys.executable, __file__, "--serve", variant, "--port", str(port),
-                                     "--upstream-port", str(upstream_port)])
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--serve",
+                    variant,
+                    "--port",
+                    str(port),
+                    "--upstream-port",
+                    str(upstream_port),
+                ]
+            )
             procs.append(proc)
             wait_port(port)
             results[variant] = asyncio.run(measure(port, args.requests, args.seconds))
@@ -270,12 +308,16 @@ def main() -> int:
         print(json.dumps(results, indent=2))
         return 0
     direct = results["direct"]
-    print(f"{'stack':<20} {'p50 ms':>8} {'+p50 ms':>8} {'p90 ms':>8} {'rps c16':>9} {'ev/s c1':>9} {'ev/s c16':>9}"
-          f" {'stream c1':>9} {'stream c16':>10}")
+    print(
+        f"{'stack':<20} {'p50 ms':>8} {'+p50 ms':>8} {'p90 ms':>8} {'rps c16':>9} {'ev/s c1':>9} {'ev/s c16':>9}"
+        f" {'stream c1':>9} {'stream c16':>10}"
+    )
     for name, r in results.items():
-        print(f"{name:<20} {r['p50_ms']:8.2f} {r['p50_ms'] - direct['p50_ms']:8.2f} {r['p90_ms']:8.2f} "
-              f"{r['rps_c16']:9.0f} {r['events_s_c1']:9.0f} {r['events_s_c16']:9.0f} "
-              f"{r['events_s_c1'] / direct['events_s_c1']:9.0%} {r['events_s_c16'] / direct['events_s_c16']:10.0%}")
+        print(
+            f"{name:<20} {r['p50_ms']:8.2f} {r['p50_ms'] - direct['p50_ms']:8.2f} {r['p90_ms']:8.2f} "
+            f"{r['rps_c16']:9.0f} {r['events_s_c1']:9.0f} {r['events_s_c16']:9.0f} "
+            f"{r['events_s_c1'] / direct['events_s_c1']:9.0%} {r['events_s_c16'] / direct['events_s_c16']:10.0%}"
+        )
     print(f"(cpu count {os.cpu_count()}; --chunks {args.chunks}; ratios are of direct)")
     return 0
 

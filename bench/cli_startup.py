@@ -33,8 +33,9 @@ def child_env() -> dict[str, str]:
 
 
 def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env or child_env(), timeout=timeout,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=env or child_env(), timeout=timeout, stdin=subprocess.DEVNULL
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -61,8 +62,9 @@ def time_command(cmd: list[str], runs: int) -> list[float]:
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                       env=env, check=True)
+        subprocess.run(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env, check=True
+        )
         samples.append(time.perf_counter() - start)
     return samples
 
@@ -71,8 +73,13 @@ def summarize(samples: list[float], baseline_median: float) -> dict[str, float]:
     median = statistics.median(samples)
     # quantiles(n=10)[-1] is the 90th percentile; "inclusive" keeps it within the observed range for small N.
     p90 = statistics.quantiles(samples, n=10, method="inclusive")[-1] if len(samples) > 1 else samples[0]
-    return {"median_s": median, "p90_s": p90, "min_s": min(samples), "max_s": max(samples),
-            "ratio": median / baseline_median}
+    return {
+        "median_s": median,
+        "p90_s": p90,
+        "min_s": min(samples),
+        "max_s": max(samples),
+        "ratio": median / baseline_median,
+    }
 
 
 def import_times(cmd: list[str], top: int = 10) -> list[tuple[int, int, str]]:
@@ -120,8 +127,14 @@ def main() -> int:
 
     baseline = statistics.median(samples["python -c pass (baseline)"])
     results = {label: summarize(s, baseline) for label, s in samples.items()}
-    meta = {"runs": args.runs, "instances": args.instances, "running": min(args.running, args.instances),
-            "python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": sys.platform}
+    meta = {
+        "runs": args.runs,
+        "instances": args.instances,
+        "running": min(args.running, args.instances),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "platform": sys.platform,
+    }
     if args.json:
         doc = {**meta, "results": results}
         if args.importtime:
@@ -129,12 +142,16 @@ def main() -> int:
         print(json.dumps(doc, indent=2))
         return 0
 
-    print(f"{args.instances} instances ({meta['running']} running), {args.runs} runs each, "
-          f"Python {meta['python']}, {meta['cpus']} CPUs")
+    print(
+        f"{args.instances} instances ({meta['running']} running), {args.runs} runs each, "
+        f"Python {meta['python']}, {meta['cpus']} CPUs"
+    )
     print(f"{'command':<36} {'median':>8} {'p90':>8} {'min':>8} {'max':>8} {'x baseline':>11}")
     for label, r in results.items():
-        print(f"{label:<36} {r['median_s'] * 1000:>6.0f}ms {r['p90_s'] * 1000:>6.0f}ms {r['min_s'] * 1000:>6.0f}ms "
-              f"{r['max_s'] * 1000:>6.0f}ms {r['ratio']:>10.1f}x")
+        print(
+            f"{label:<36} {r['median_s'] * 1000:>6.0f}ms {r['p90_s'] * 1000:>6.0f}ms {r['min_s'] * 1000:>6.0f}ms "
+            f"{r['max_s'] * 1000:>6.0f}ms {r['ratio']:>10.1f}x"
+        )
     if args.importtime:
         print("\nslowest imports of `llama-orch ps` (cumulative, includes children):")
         for cumulative, self_us, module in slowest:

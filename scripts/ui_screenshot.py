@@ -26,8 +26,9 @@ SRC = ROOT / "src"
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LLAMA_ORCH_HOME": str(home), "PYTHONPATH": str(SRC)}
-    return subprocess.run([sys.executable, "-m", "llama_orchestrator", *args], env=env, text=True,
-                          capture_output=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_orchestrator", *args], env=env, text=True, capture_output=True, timeout=120
+    )
 
 
 def free_port() -> int:
@@ -69,8 +70,9 @@ def main() -> int:
     home.mkdir(mode=0o700)
     model = write_tiny_model(work / "qwen2.5-0.5b-tiny.gguf")
     binary = work / "llama-server"
-    binary.write_text(f'#!/bin/sh\nPYTHONPATH="{SRC}" exec "{sys.executable}" '
-                      '-m llama_orchestrator.testing.fake_server "$@"\n')
+    binary.write_text(
+        f'#!/bin/sh\nPYTHONPATH="{SRC}" exec "{sys.executable}" -m llama_orchestrator.testing.fake_server "$@"\n'
+    )
     binary.chmod(0o755)
     api_port = free_port()
     (home / "orchestrator.json").write_text(json.dumps({"api": {"port": api_port}}))
@@ -82,9 +84,13 @@ def main() -> int:
         "slowload": {"args": ["--fake-load-seconds", "600"], "healthcheck": {"start_period": 900, "interval": 1}},
     }
     for name, extra in instances.items():
-        doc = {"name": name, "model": {"path": str(model), "context_size": 2048},
-               "server": {"port": free_port()}, "binary": str(binary),
-               "healthcheck": {"interval": 1, "timeout": 2, "retries": 3, "start_period": 10}}
+        doc = {
+            "name": name,
+            "model": {"path": str(model), "context_size": 2048},
+            "server": {"port": free_port()},
+            "binary": str(binary),
+            "healthcheck": {"interval": 1, "timeout": 2, "retries": 3, "start_period": 10},
+        }
         doc.update(extra)
         folder = home / "instances" / name
         folder.mkdir(parents=True)
@@ -119,14 +125,22 @@ def main() -> int:
 
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
-                    "--hide-scrollbars", "--force-color-profile=srgb"):
+        for arg in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,800",
+            "--hide-scrollbars",
+            "--force-color-profile=srgb",
+        ):
             options.add_argument(arg)
         driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
         try:
             # The page itself at that size (a window of that size has less room for the page).
-            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 700})
+            driver.execute_cdp_cmd(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 700},
+            )
             driver.get(url + "/ui/")
             time.sleep(args.seconds)  # a script, not a test: let the charts fill with real samples
             driver.find_element("css selector", 'tr[data-name="embed"] th button').click()

@@ -38,7 +38,9 @@ class Cli:
             [*_cli_command(), *args], capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"llama-orch {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"llama-orch {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def json(self, *args: str) -> object:

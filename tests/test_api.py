@@ -52,8 +52,10 @@ def start_daemon(cli: Cli, **api: object) -> Daemon:
     result = cli.run("daemon", "start", check=True)
     url = f"http://127.0.0.1:{port}"
     assert f"API: {url}" in result.stdout
-    keys = {"control": (api.get("control_keys") or api.get("api_keys") or [None])[0],  # type: ignore[index]
-            "router": (api.get("api_keys") or [None])[0]}  # type: ignore[index]
+    keys = {
+        "control": (api.get("control_keys") or api.get("api_keys") or [None])[0],  # type: ignore[index]
+        "router": (api.get("api_keys") or [None])[0],
+    }  # type: ignore[index]
     return Daemon(cli, url, keys)
 
 
@@ -149,9 +151,19 @@ def test_openapi_schema_and_docs_are_served(daemon: Daemon) -> None:
     with daemon.client(key=None) as api:
         schema = api.get("/openapi.json").json()
         assert schema["info"]["title"] == "llama-orchestrator"
-        for path in ("/api/instances", "/api/instances/{name}", "/api/instances/{name}/start",
-                     "/api/instances/{name}/stop", "/api/instances/{name}/restart", "/api/instances/{name}/health",
-                     "/api/instances/{name}/logs", "/api/events", "/api/daemon", "/metrics", "/healthz"):
+        for path in (
+            "/api/instances",
+            "/api/instances/{name}",
+            "/api/instances/{name}/start",
+            "/api/instances/{name}/stop",
+            "/api/instances/{name}/restart",
+            "/api/instances/{name}/health",
+            "/api/instances/{name}/logs",
+            "/api/events",
+            "/api/daemon",
+            "/metrics",
+            "/healthz",
+        ):
             assert path in schema["paths"], path
         start = schema["paths"]["/api/instances/{name}/start"]["post"]
         assert {p["name"] for p in start["parameters"]} >= {"name", "wait", "timeout"}
@@ -168,8 +180,9 @@ def test_log_follow_streams_lines_as_they_are_written(daemon: Daemon, tiny_model
         assert 0 < len(tail) <= 2
 
         seen: list[str] = []
-        with api.stream("GET", "/api/instances/chatty/logs", params={"follow": "true", "tail": 1},
-                        timeout=httpx.Timeout(30)) as stream:
+        with api.stream(
+            "GET", "/api/instances/chatty/logs", params={"follow": "true", "tail": 1}, timeout=httpx.Timeout(30)
+        ) as stream:
             assert stream.headers["content-type"].startswith("text/plain")
             lines = stream.iter_lines()
             seen.append(next(lines))  # the tail comes first
@@ -182,8 +195,12 @@ def test_log_follow_streams_lines_as_they_are_written(daemon: Daemon, tiny_model
             wait_until(request_logged, timeout=20)
 
         # Server-sent events, chosen by the Accept header: one event per line, named after its stream.
-        with api.stream("GET", "/api/instances/chatty/logs", params={"follow": "true", "tail": 1, "stream": "stderr"},
-                        headers={"Accept": "text/event-stream"}) as stream:
+        with api.stream(
+            "GET",
+            "/api/instances/chatty/logs",
+            params={"follow": "true", "tail": 1, "stream": "stderr"},
+            headers={"Accept": "text/event-stream"},
+        ) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
             lines = stream.iter_lines()
             assert next(lines) == "event: stderr" and next(lines).startswith("data: ") and next(lines) == ""
@@ -194,8 +211,9 @@ def test_log_follow_streams_lines_as_they_are_written(daemon: Daemon, tiny_model
 
         def read_until_exit() -> None:
             with daemon.client() as own:
-                with own.stream("GET", "/api/instances/chatty/logs",
-                                params={"follow": "true", "tail": 0, "until_exit": "true"}) as stream:
+                with own.stream(
+                    "GET", "/api/instances/chatty/logs", params={"follow": "true", "tail": 0, "until_exit": "true"}
+                ) as stream:
                     got.extend(stream.iter_lines())
             done.set()
 
@@ -231,6 +249,7 @@ def test_daemon_stop_ends_open_streams_and_leaves_instances(cli: Cli, tiny_model
 def test_api_keys_guard_the_router_and_the_control_api(cli: Cli) -> None:
     daemon = start_daemon(cli, api_keys=["router-key"], control_keys=["control-key"])
     try:
+
         def status(path: str, key: str | None) -> int:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             return httpx.get(daemon.url + path, headers=headers, timeout=30).status_code
@@ -339,8 +358,12 @@ def serve_in_process(tmp_path: Path, **api: object):
 
     settings = ApiSettings(port=free_port(), **api)
     router = StandInRouter()
-    app = make_app(LocalInstances(InstanceService(Home(tmp_path)), probe_starting=False), settings, router=router,
-                   proxy=stand_in_proxy)
+    app = make_app(
+        LocalInstances(InstanceService(Home(tmp_path)), probe_starting=False),
+        settings,
+        router=router,
+        proxy=stand_in_proxy,
+    )
     server = ApiServer(app, bind_socket(settings.host, settings.port))
     server.start()
     return server, router, f"http://127.0.0.1:{settings.port}"

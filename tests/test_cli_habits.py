@@ -26,11 +26,14 @@ LONG = "a-rather-long-instance-name-that-a-pipe-must-not-cut"
 
 def run_piped(cli: Cli, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI with stdout a pipe and no COLUMNS (as `llama-orch ps | grep x`)."""
-    base = subprocess_env({"LLAMA_ORCH_HOME": str(cli.home), "LLAMA_ORCH_NO_DAEMON": "1", "NO_COLOR": "1", **(env or {})})
+    base = subprocess_env(
+        {"LLAMA_ORCH_HOME": str(cli.home), "LLAMA_ORCH_NO_DAEMON": "1", "NO_COLOR": "1", **(env or {})}
+    )
     base.pop("COLUMNS", None)
     base.pop("LINES", None)
-    return subprocess.run([*_cli_command(), *args], capture_output=True, text=True, timeout=120, env=base,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*_cli_command(), *args], capture_output=True, text=True, timeout=120, env=base, stdin=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture
@@ -46,16 +49,27 @@ def three(cli: Cli, tiny_model: Path, fake_binary: Path) -> Cli:
 
 def test_install_completion_bash_writes_the_script_and_it_completes(tmp_path: Path) -> None:
     env = subprocess_env({"HOME": str(tmp_path), "SHELL": "/bin/bash"})
-    done = subprocess.run([*_cli_command(), "--install-completion", "bash"], capture_output=True, text=True,
-                          env=env, timeout=60, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [*_cli_command(), "--install-completion", "bash"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     script = tmp_path / ".bash_completions" / "llama-orch.sh"
     assert "_LLAMA_ORCH_COMPLETE=complete_bash" in script.read_text()
     assert str(script) in (tmp_path / ".bashrc").read_text()
     # What bash asks when one presses Tab after `llama-orch p`:
-    answer = subprocess.run([*_cli_command()], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-                            env={**env, "_LLAMA_ORCH_COMPLETE": "complete_bash", "COMP_WORDS": "llama-orch p",
-                                 "COMP_CWORD": "1"})
+    answer = subprocess.run(
+        [*_cli_command()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**env, "_LLAMA_ORCH_COMPLETE": "complete_bash", "COMP_WORDS": "llama-orch p", "COMP_CWORD": "1"},
+    )
     assert "ps" in answer.stdout.split()
 
 
@@ -94,8 +108,10 @@ def test_piped_ps_is_never_cut_to_80_columns(three: Cli) -> None:
 
 def test_filter_parsing_and_template_rendering() -> None:
     wanted = ps_query.parse_filters(["status=exited", "health=healthy"])
-    records = [{"name": "a", "status": "exited", "health": "healthy"}, {"name": "b", "status": "exited",
-                                                                         "health": "unknown"}]
+    records = [
+        {"name": "a", "status": "exited", "health": "healthy"},
+        {"name": "b", "status": "exited", "health": "unknown"},
+    ]
     assert [r["name"] for r in ps_query.apply_filters(records, wanted)] == ["a"]
     with pytest.raises(UsageError):
         ps_query.parse_filters(["status"])
@@ -140,8 +156,14 @@ def test_events_follow_with_tail_0_prints_only_new_events(three: Cli) -> None:
     three.run("ps", check=True)
     add_event(three, "note", "old")
     env = subprocess_env({"LLAMA_ORCH_HOME": str(three.home), "LLAMA_ORCH_NO_DAEMON": "1"})
-    follower = subprocess.Popen([*_cli_command(), "events", "-f", "--tail", "0", "--json"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+    follower = subprocess.Popen(
+        [*_cli_command(), "events", "-f", "--tail", "0", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     seen: list[dict] = []
     reader = threading.Thread(target=lambda: seen.extend(json.loads(line) for line in follower.stdout), daemon=True)
     reader.start()
@@ -174,14 +196,21 @@ def test_since_and_until_take_docker_s_forms() -> None:
 
 
 def test_stats_rates_from_two_samples() -> None:
-    metrics = ('llama_orch_instance_requests_total{model_name="a",endpoint="/v1/completions",code="200"} 10\n'
-               'llama_orch_instance_requests_total{model_name="a",endpoint="other",code="404"} 2\n'
-               'llama_orch_instance_completion_tokens_total{model_name="a"} 300\n')
+    metrics = (
+        'llama_orch_instance_requests_total{model_name="a",endpoint="/v1/completions",code="200"} 10\n'
+        'llama_orch_instance_requests_total{model_name="a",endpoint="other",code="404"} 2\n'
+        'llama_orch_instance_completion_tokens_total{model_name="a"} 300\n'
+    )
     requests, tokens = counters(metrics)
     assert requests == {"a": 12} and tokens == {"a": 300}
     before = Sample(at=10.0, usage={"a": Usage(cpu_s=1.0, rss=100, pids=1)}, requests={"a": 12}, tokens={"a": 300})
-    after = Sample(at=12.0, usage={"a": Usage(cpu_s=2.5, rss=200, pids=1)}, requests={"a": 16}, tokens={"a": 500},
-                   memory_total=1000)
+    after = Sample(
+        at=12.0,
+        usage={"a": Usage(cpu_s=2.5, rss=200, pids=1)},
+        requests={"a": 16},
+        tokens={"a": 500},
+        memory_total=1000,
+    )
     [row] = rows(["a"], before, after)
     assert row["cpu_percent"] == pytest.approx(75.0)
     assert (row["memory_bytes"], row["memory_percent"]) == (200, pytest.approx(20.0))
@@ -216,16 +245,21 @@ def test_ps_backend_shows_what_auto_resolves_to(cli: Cli, tiny_model: Path, fake
     cli.write_config("by-path", instance_doc("by-path", tiny_model, free_port(), fake_binary))
     cli.write_config("by-name", instance_doc("by-name", tiny_model, free_port(), "vk"))
     cli.write_config("unknown", instance_doc("unknown", tiny_model, free_port(), "/nowhere/llama-server"))
-    cli.write_config("pinned", {**instance_doc("pinned", tiny_model, free_port(), fake_binary),
-                                "gpu": {"backend": "cuda"}})
+    cli.write_config(
+        "pinned", {**instance_doc("pinned", tiny_model, free_port(), fake_binary), "gpu": {"backend": "cuda"}}
+    )
     before = {r["name"]: r for r in json.loads(cli.run("ps", "--json", check=True).stdout)}
     assert before["by-path"]["backend"] == "auto" and before["by-path"]["backend_resolved"] is None
     cli.run("bins", "add", "vk", str(fake_binary), "--backend", "vulkan", check=True)
     records = {r["name"]: r for r in json.loads(cli.run("ps", "--json", check=True).stdout)}
     assert {n: (r["backend"], r["backend_resolved"]) for n, r in records.items()} == {
-        "by-path": ("auto", "vulkan"), "by-name": ("auto", "vulkan"), "unknown": ("auto", None),
-        "pinned": ("cuda", "cuda")}
-    table = {line.split()[0]: line.split()[5] for line in cli.run("ps", check=True).stdout.splitlines()[1:]
-             if line.strip()}
+        "by-path": ("auto", "vulkan"),
+        "by-name": ("auto", "vulkan"),
+        "unknown": ("auto", None),
+        "pinned": ("cuda", "cuda"),
+    }
+    table = {
+        line.split()[0]: line.split()[5] for line in cli.run("ps", check=True).stdout.splitlines()[1:] if line.strip()
+    }
     assert table == {"by-name": "vulkan", "by-path": "vulkan", "pinned": "cuda", "unknown": "auto"}
     assert cli.run("ps", "-q", "--filter", "backend=vulkan", check=True).stdout.split() == ["by-name", "by-path"]

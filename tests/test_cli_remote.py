@@ -62,8 +62,17 @@ def test_commands_go_through_the_home_daemon(daemon: Daemon, tiny_model: Path, f
     assert set(record) == set(local) and record["pid"] == local["pid"] and record["port"] == port
 
     table = cli.run("ps", check=True).stdout
-    assert table.splitlines()[0].split() == ["NAME", "STATUS", "HEALTH", "PID", "PORT", "BACKEND", "MODEL", "UPTIME",
-                                             "RESTARTS"]
+    assert table.splitlines()[0].split() == [
+        "NAME",
+        "STATUS",
+        "HEALTH",
+        "PID",
+        "PORT",
+        "BACKEND",
+        "MODEL",
+        "UPTIME",
+        "RESTARTS",
+    ]
     assert "alpha" in table and "running" in table
 
     described = cli.json("describe", "alpha")
@@ -73,8 +82,12 @@ def test_commands_go_through_the_home_daemon(daemon: Daemon, tiny_model: Path, f
     assert "alpha: healthy" in health and "response time" in health
     assert cli.json("health")[0]["name"] == "alpha"
     httpx.get(f"http://127.0.0.1:{port}/v1/models")
-    lines = wait_until(lambda: [x for x in cli.run("logs", "alpha", "--tail", "5", check=True).stdout.splitlines()
-                                if "/v1/models" in x], timeout=20)
+    lines = wait_until(
+        lambda: [
+            x for x in cli.run("logs", "alpha", "--tail", "5", check=True).stdout.splitlines() if "/v1/models" in x
+        ],
+        timeout=20,
+    )
     assert lines
     kinds = [e["kind"] for e in json.loads(cli.run("events", "alpha", "--json", check=True).stdout)]
     assert "started" in kinds
@@ -83,17 +96,27 @@ def test_commands_go_through_the_home_daemon(daemon: Daemon, tiny_model: Path, f
     assert "alpha restarted" in restarted and "alpha healthy" in restarted
     assert cli.run("down", "alpha", check=True).stdout.strip() == "alpha stopped"
     assert cli.run("down", "alpha", check=True).stdout.strip() == "alpha was not running"
-    for method, path in [("GET", "/api/instances/alpha"), ("GET", "/api/instances/alpha/health"),
-                         ("GET", "/api/instances/alpha/logs"), ("GET", "/api/events"),
-                         ("POST", "/api/instances/alpha/restart"), ("POST", "/api/instances/alpha/stop")]:
+    for method, path in [
+        ("GET", "/api/instances/alpha"),
+        ("GET", "/api/instances/alpha/health"),
+        ("GET", "/api/instances/alpha/logs"),
+        ("GET", "/api/events"),
+        ("POST", "/api/instances/alpha/restart"),
+        ("POST", "/api/instances/alpha/stop"),
+    ]:
         assert called(daemon, method, path), (method, path)
 
 
 def test_errors_keep_their_exit_codes_through_the_daemon(daemon: Daemon, tiny_model: Path, fake_binary: Path) -> None:
     cli = daemon.cli
     cli.write_config("broken", {"name": "broken", "model": {"path": "x.gguf"}, "server": {"port": "nope"}})
-    for command in (["describe", "nobody"], ["down", "nobody"], ["logs", "nobody"], ["up", "nobody", "-d"],
-                    ["health", "nobody"]):
+    for command in (
+        ["describe", "nobody"],
+        ["down", "nobody"],
+        ["logs", "nobody"],
+        ["up", "nobody", "-d"],
+        ["health", "nobody"],
+    ):
         result = cli.run(*command)
         assert result.returncode == 3 and "no instance named 'nobody'" in result.stderr, (command, result.stderr)
     bad = cli.run("up", "Bad_Name", "-d")
@@ -109,8 +132,9 @@ def test_errors_keep_their_exit_codes_through_the_daemon(daemon: Daemon, tiny_mo
     assert called(daemon, "POST", "/api/instances/blocked/start")
 
 
-def test_host_targets_another_nodes_daemon(cli: Cli, tmp_path: Path, tiny_model: Path, fake_binary: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_host_targets_another_nodes_daemon(
+    cli: Cli, tmp_path: Path, tiny_model: Path, fake_binary: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     daemon = start_daemon(cli, api_keys=["router-key"], control_keys=["control-key"])
     elsewhere = Cli(tmp_path / "elsewhere")  # another machine's CLI: its own (empty) home, no daemon
     elsewhere.home.mkdir()
@@ -135,8 +159,12 @@ def test_host_targets_another_nodes_daemon(cli: Cli, tmp_path: Path, tiny_model:
         monkeypatch.setenv("LLAMA_ORCH_HOST", daemon.url.removeprefix("http://"))
         monkeypatch.setenv("LLAMA_ORCH_API_KEY", "control-key")
         assert elsewhere.run("down", "remote-one", check=True).stdout.strip() == "remote-one stopped"
-        for command in (["init", "x", "--model", str(tiny_model)], ["rm", "remote-one"], ["config", "validate"],
-                        ["daemon", "stop"]):
+        for command in (
+            ["init", "x", "--model", str(tiny_model)],
+            ["rm", "remote-one"],
+            ["config", "validate"],
+            ["daemon", "stop"],
+        ):
             refused = elsewhere.run(*command)
             assert refused.returncode == 2 and "--host" in refused.stderr, (command, refused.stderr)
         assert (cli.home / "instances" / "remote-one").is_dir()
@@ -156,14 +184,18 @@ def test_logs_follow_and_attached_up_through_the_daemon(daemon: Daemon, tiny_mod
     env = subprocess_env({"LLAMA_ORCH_HOME": str(cli.home)})
 
     # `up` without -d: the logs stream here, through the API, and Ctrl-C stops the instance.
-    attached = subprocess.Popen([*_cli_command(), "up", "chatty"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env)
+    attached = subprocess.Popen(
+        [*_cli_command(), "up", "chatty"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         first = attached.stdout.readline()
         assert first.startswith("chatty starting"), first
         assert attached.stdout.readline().startswith("chatty | ")
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, timeout=30,
-                   ignore=(httpx.TransportError,))
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200,
+            timeout=30,
+            ignore=(httpx.TransportError,),
+        )
         attached.send_signal(signal.SIGINT)
         attached.wait(30)
     finally:
@@ -175,9 +207,11 @@ def test_logs_follow_and_attached_up_through_the_daemon(daemon: Daemon, tiny_mod
     assert called(daemon, "POST", "/api/instances/chatty/stop")
 
     cli.run("up", "chatty", "-d", "--wait", "--timeout", "30", check=True)
-    follower = subprocess.Popen([*_cli_command(), "logs", "chatty", "-f", "--tail", "0"], stdout=subprocess.PIPE,
-                                text=True, env=env)
+    follower = subprocess.Popen(
+        [*_cli_command(), "logs", "chatty", "-f", "--tail", "0"], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
+
         def request_logged() -> bool:
             httpx.get(f"http://127.0.0.1:{port}/v1/models")
             return "/v1/models" in follower.stdout.readline()
@@ -196,10 +230,17 @@ def test_a_daemon_whose_api_does_not_answer_is_worked_around(cli: Cli) -> None:
     try:
         me = psutil.Process(stand_in.pid)
         (cli.home / "state").mkdir(parents=True, exist_ok=True)
-        (cli.home / "state" / "daemon.pid").write_text(json.dumps({
-            "pid": me.pid, "create_time": me.create_time(), "started_at": 1.0, "version": "0",
-            "api_url": f"http://127.0.0.1:{free_port()}",
-        }))
+        (cli.home / "state" / "daemon.pid").write_text(
+            json.dumps(
+                {
+                    "pid": me.pid,
+                    "create_time": me.create_time(),
+                    "started_at": 1.0,
+                    "version": "0",
+                    "api_url": f"http://127.0.0.1:{free_port()}",
+                }
+            )
+        )
         result = cli.run("ps", check=True)
         assert "no instances yet" in result.stdout
         assert "does not answer on its API" in result.stderr and "acting on the home directly" in result.stderr
@@ -230,8 +271,13 @@ def test_api_errors_come_back_as_the_projects_errors() -> None:
 
     remote = RemoteInstances(ApiClient("example:1/", "k", transport=httpx.MockTransport(app)))
     assert remote.origin == "http://example:1" == normalize_url(" http://example:1/ ")
-    expected = {"a": (NotFoundError, 3), "b": (UsageError, 2), "c": (UsageError, 2), "d": (StartError, 1),
-                "e": (OrchestratorError, 1)}
+    expected = {
+        "a": (NotFoundError, 3),
+        "b": (UsageError, 2),
+        "c": (UsageError, 2),
+        "d": (StartError, 1),
+        "e": (OrchestratorError, 1),
+    }
     for name, (kind, code) in expected.items():
         with pytest.raises(kind) as caught:
             remote.describe(name)

@@ -63,8 +63,20 @@ def test_model_path_is_relative_to_the_config_folder(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name, valid",
-    [("a", True), ("qwen-7b", True), ("x" * 63, True), ("x" * 64, False), ("-a", False), ("a-", False),
-     ("A", False), ("a_b", False), ("../x", False), ("a/b", False), ("", False), ("a.b", False)],
+    [
+        ("a", True),
+        ("qwen-7b", True),
+        ("x" * 63, True),
+        ("x" * 64, False),
+        ("-a", False),
+        ("a-", False),
+        ("A", False),
+        ("a_b", False),
+        ("../x", False),
+        ("a/b", False),
+        ("", False),
+        ("a.b", False),
+    ],
 )
 def test_instance_names(name: str, valid: bool) -> None:
     assert is_valid_name(name) is valid
@@ -74,7 +86,10 @@ def test_instance_names(name: str, valid: bool) -> None:
 MALFORMED = {
     "port-too-high": ({"server": {"port": 70000}}, ["server.port", "65535", "70000"]),
     "port-a-string": ({"server": {"port": "eighty"}}, ["server.port", "integer"]),
-    "unknown-field": ({"model": {"path": "m.gguf", "contex_size": 10}}, ["model.contex_size", "did you mean 'context_size'"]),
+    "unknown-field": (
+        {"model": {"path": "m.gguf", "contex_size": 10}},
+        ["model.contex_size", "did you mean 'context_size'"],
+    ),
     "unknown-top-level": ({"gpus": {}}, ["gpus", "unknown field", "did you mean 'gpu'"]),
     "missing-model": ({"model": None}, ["model"]),
     "bad-backend": ({"gpu": {"backend": "opencl"}}, ["gpu.backend", "vulkan"]),
@@ -153,8 +168,10 @@ def test_cli_refuses_every_malformed_config_with_exit_2_and_no_process(
         for word in words:
             assert word in output, (command, word, output)
     assert path.read_bytes() == before, "a refused config must be left exactly as it was"
-    assert not any("fake_server" in " ".join(p.info["cmdline"] or []) and str(cli.home) in " ".join(
-        p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+    assert not any(
+        "fake_server" in " ".join(p.info["cmdline"] or []) and str(cli.home) in " ".join(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["cmdline"])
+    )
     assert not (cli.home / "logs" / name / "stderr.log").exists()
 
 

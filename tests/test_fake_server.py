@@ -110,11 +110,43 @@ def start_fake(tmp_path: Path):
 
 def test_parse_args_accepts_llama_server_args_and_ignores_unknown() -> None:
     argv = [
-        "-m", "models/x.gguf", "--host", "0.0.0.0", "--port", "9000", "-c", "1024", "--batch-size", "256",
-        "-t", "2", "-ngl", "99", "-np", "3", "--timeout", "30", "--alias", "tiny",
+        "-m",
+        "models/x.gguf",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9000",
+        "-c",
+        "1024",
+        "--batch-size",
+        "256",
+        "-t",
+        "2",
+        "-ngl",
+        "99",
+        "-np",
+        "3",
+        "--timeout",
+        "30",
+        "--alias",
+        "tiny",
         # llama-server options we don't know must not be read as -c/-t/-m with a glued value
-        "-ctk", "q8_0", "-ctv", "q8_0", "-cb", "-ts", "1,1", "-mg", "0", "-tb", "4", "--flash-attn", "on",
-        "--no-webui", "--jinja", "--mlock",
+        "-ctk",
+        "q8_0",
+        "-ctv",
+        "q8_0",
+        "-cb",
+        "-ts",
+        "1,1",
+        "-mg",
+        "0",
+        "-tb",
+        "4",
+        "--flash-attn",
+        "on",
+        "--no-webui",
+        "--jinja",
+        "--mlock",
     ]
     ns = parse_args(argv, environ={})
     assert (ns.model, ns.host, ns.port, ns.ctx_size, ns.batch_size) == ("models/x.gguf", "0.0.0.0", 9000, 1024, 256)
@@ -147,8 +179,9 @@ def test_parse_args_env_flags_and_cli_precedence() -> None:
 
 def test_version_and_list_devices_exit_at_once() -> None:
     run = [sys.executable, "-m", MODULE]
-    v = subprocess.run(run + ["--version", "--port", "1"], capture_output=True, text=True, env=subprocess_env(),
-                       timeout=30)
+    v = subprocess.run(
+        run + ["--version", "--port", "1"], capture_output=True, text=True, env=subprocess_env(), timeout=30
+    )
     assert v.returncode == 0 and v.stderr.startswith("version: ")  # to stderr, like llama-server
     d = subprocess.run(run + ["--list-devices"], capture_output=True, text=True, env=subprocess_env(), timeout=30)
     assert d.returncode == 0 and d.stdout.startswith("Available devices:")
@@ -175,8 +208,9 @@ def test_health_is_503_while_loading_then_200(start_fake) -> None:
 
 
 def test_openai_endpoints(start_fake) -> None:
-    fake = start_fake("--alias", "tiny", "-c", "1024", "-np", "2", "-ngl", "99", "-ctk", "q8_0", "--no-webui",
-                      "--fake-tokens", "5")
+    fake = start_fake(
+        "--alias", "tiny", "-c", "1024", "-np", "2", "-ngl", "99", "-ctk", "q8_0", "--no-webui", "--fake-tokens", "5"
+    )
     fake.wait_healthy()
 
     models = fake.get("/v1/models").json()
@@ -206,9 +240,7 @@ def test_openai_endpoints(start_fake) -> None:
 
     metrics = fake.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    values = {
-        line.split()[0]: float(line.split()[1]) for line in metrics.text.splitlines() if line and line[0] != "#"
-    }
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.text.splitlines() if line and line[0] != "#"}
     assert values["llamacpp:prompt_tokens_total"] >= 2 + 1 + 2 + 3
     assert values["llamacpp:tokens_predicted_total"] >= 5 + 2 + 5
 
@@ -232,15 +264,16 @@ def _sse_events(fake: Fake, path: str, body: dict[str, Any]) -> list[tuple[float
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
-                events.append((time.monotonic(), line[len("data: "):]))
+                events.append((time.monotonic(), line[len("data: ") :]))
     return events
 
 
 def test_chat_stream_sends_one_sse_event_per_token_as_it_goes(start_fake) -> None:
     fake = start_fake("--fake-tokens", "4", "--fake-token-delay", "0.3")
     fake.wait_healthy()
-    events = _sse_events(fake, "/v1/chat/completions",
-                         {"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    events = _sse_events(
+        fake, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
     assert events[-1][1] == "[DONE]"
     chunks = [json.loads(data) for _, data in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -267,9 +300,10 @@ def test_completions_stream_matches_non_stream_text(start_fake) -> None:
 def test_client_disconnect_mid_stream_leaves_server_serving(start_fake) -> None:
     fake = start_fake("--fake-tokens", "50", "--fake-token-delay", "0.05")
     fake.wait_healthy()
-    with httpx.Client(timeout=10) as client, client.stream(
-        "POST", fake.url + "/v1/chat/completions", json={"messages": [], "stream": True}
-    ) as r:
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", fake.url + "/v1/chat/completions", json={"messages": [], "stream": True}) as r,
+    ):
         next(r.iter_lines())
     wait_until(lambda: "client disconnected" in fake.stderr(), 10)
     assert fake.get("/health").status_code == 200

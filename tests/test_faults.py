@@ -481,7 +481,12 @@ def test_cli_commands_and_the_daemon_write_state_at_once(faults: Faults) -> None
     for name in names:
         faults.wait_healthy(name)
     commands = [
-        ("ps",), ("ps", "--json"), ("health",), ("health", "w1"), ("describe", "w2"), ("describe", "w3", "--json"),
+        ("ps",),
+        ("ps", "--json"),
+        ("health",),
+        ("health", "w1"),
+        ("describe", "w2"),
+        ("describe", "w3", "--json"),
         ("events", "--json"),
     ]
     jobs = [commands[i % len(commands)] for i in range(20)]

@@ -33,13 +33,28 @@ MiB = 1024 * 1024
 # -- the rules ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("host", "allowed"), [
-    ("127.0.0.1:8000", True), ("127.0.0.1", True), ("127.9.9.9:1", True), ("localhost:8000", True),
-    ("LocalHost.", True), ("ui.localhost:8000", True), ("[::1]:8000", True), ("[0:0:0:0:0:0:0:1]", True),
-    ("box.lan:8000", True), ("api.corp.example", True), ("corp.example", False),
-    ("evil.example", False), ("evil.example:8000", False), ("127.0.0.1.evil.example", False),
-    ("localhost.evil.example", False), ("192.168.1.9:8000", False), (None, True),
-])
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8000", True),
+        ("127.0.0.1", True),
+        ("127.9.9.9:1", True),
+        ("localhost:8000", True),
+        ("LocalHost.", True),
+        ("ui.localhost:8000", True),
+        ("[::1]:8000", True),
+        ("[0:0:0:0:0:0:0:1]", True),
+        ("box.lan:8000", True),
+        ("api.corp.example", True),
+        ("corp.example", False),
+        ("evil.example", False),
+        ("evil.example:8000", False),
+        ("127.0.0.1.evil.example", False),
+        ("localhost.evil.example", False),
+        ("192.168.1.9:8000", False),
+        (None, True),
+    ],
+)
 def test_host_policy(host: str | None, allowed: bool) -> None:
     policy = HostPolicy(served=["127.0.0.1"], allowed=["box.lan", "*.corp.example"])
     assert policy.allows(host) is allowed
@@ -52,21 +67,24 @@ def test_host_policy_bind_address_and_any() -> None:
     assert split_host("[::1]:8000") == ("::1", 8000) and split_host("Example.COM.") == ("example.com", None)
 
 
-@pytest.mark.parametrize(("origin", "host", "allowed", "cross"), [
-    ("http://127.0.0.1:8000", "127.0.0.1:8000", True, False),   # the daemon's own page (/docs, /ui/)
-    ("http://localhost:8000", "localhost:8000", True, False),
-    ("http://[::1]:8000", "[::1]:8000", True, False),
-    ("http://127.0.0.1:9000", "127.0.0.1:8000", False, False),  # another local web app is another origin
-    ("http://localhost:8000", "127.0.0.1:8000", False, False),
-    ("https://127.0.0.1:8000", "127.0.0.1:8000", True, False),  # same host:port (a TLS proxy in front)
-    (EVIL, "127.0.0.1:8000", False, False),
-    ("null", "127.0.0.1:8000", False, False),
-    ("http://app.example:3000", "127.0.0.1:8000", True, True),
-    ("http://APP.example:3000", "127.0.0.1:8000", True, True),
-    ("http://app.example", "127.0.0.1:8000", False, False),
-    ("https://ui.example:443", "127.0.0.1:8000", True, True),    # the default port may be written or not
-    ("garbage", "127.0.0.1:8000", False, False),
-])
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed", "cross"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", True, False),  # the daemon's own page (/docs, /ui/)
+        ("http://localhost:8000", "localhost:8000", True, False),
+        ("http://[::1]:8000", "[::1]:8000", True, False),
+        ("http://127.0.0.1:9000", "127.0.0.1:8000", False, False),  # another local web app is another origin
+        ("http://localhost:8000", "127.0.0.1:8000", False, False),
+        ("https://127.0.0.1:8000", "127.0.0.1:8000", True, False),  # same host:port (a TLS proxy in front)
+        (EVIL, "127.0.0.1:8000", False, False),
+        ("null", "127.0.0.1:8000", False, False),
+        ("http://app.example:3000", "127.0.0.1:8000", True, True),
+        ("http://APP.example:3000", "127.0.0.1:8000", True, True),
+        ("http://app.example", "127.0.0.1:8000", False, False),
+        ("https://ui.example:443", "127.0.0.1:8000", True, True),  # the default port may be written or not
+        ("garbage", "127.0.0.1:8000", False, False),
+    ],
+)
 def test_origin_policy(origin: str, host: str, allowed: bool, cross: bool) -> None:
     policy = OriginPolicy(["http://app.example:3000", "https://ui.example"])
     assert policy.allows(origin, host) is allowed
@@ -78,17 +96,20 @@ def test_origin_policy_any_and_null() -> None:
     assert not OriginPolicy([]).allows("null", "x") and not same_origin("http://x", None)
 
 
-@pytest.mark.parametrize(("media", "has_body", "auth", "origin", "ok"), [
-    ("application/json", True, False, False, True),
-    ("application/json", False, False, False, True),
-    ("text/plain", True, False, False, False),
-    ("application/x-www-form-urlencoded", False, False, True, False),  # an empty form is still a form
-    ("multipart/form-data", True, True, True, False),
-    (None, False, True, False, True),    # `curl -X POST -H "Authorization: ..."`
-    (None, False, False, True, True),    # the daemon's own page, body-less
-    (None, False, False, False, False),  # a bare fetch(url, {method: "POST", mode: "no-cors"})
-    (None, True, True, False, False),
-])
+@pytest.mark.parametrize(
+    ("media", "has_body", "auth", "origin", "ok"),
+    [
+        ("application/json", True, False, False, True),
+        ("application/json", False, False, False, True),
+        ("text/plain", True, False, False, False),
+        ("application/x-www-form-urlencoded", False, False, True, False),  # an empty form is still a form
+        ("multipart/form-data", True, True, True, False),
+        (None, False, True, False, True),  # `curl -X POST -H "Authorization: ..."`
+        (None, False, False, True, True),  # the daemon's own page, body-less
+        (None, False, False, False, False),  # a bare fetch(url, {method: "POST", mode: "no-cors"})
+        (None, True, True, False, False),
+    ],
+)
 def test_which_control_requests_count_as_preflighted(media, has_body, auth, origin, ok) -> None:
     assert preflighted(media=media, has_body=has_body, has_authorization=auth, origin_allowed=origin) is ok
 
@@ -127,8 +148,7 @@ def test_a_foreign_host_is_refused_on_every_zone(daemon: Daemon) -> None:
         error = refused.json()["error"]
         assert "api.allowed_hosts" in error["message"] and error["type"] == "forbidden_host"
         assert ("code" in error) is path.startswith("/v1")  # OpenAI's error object on the router
-    refused = httpx.post(daemon.url + "/api/instances/alpha/start", headers={"Host": f"evil.example:{port}"},
-                         json={})
+    refused = httpx.post(daemon.url + "/api/instances/alpha/start", headers={"Host": f"evil.example:{port}"}, json={})
     assert refused.status_code == 403 and _status(daemon) == "stopped"
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"ui.localhost:{port}"):
         assert httpx.get(daemon.url + "/api/instances", headers={"Host": host}).status_code == 200, host
@@ -150,8 +170,11 @@ def test_a_cross_origin_simple_post_cannot_stop_an_instance(daemon: Daemon) -> N
         assert refused.status_code == 403, (headers, refused.text)
         assert "api.cors_origins" in refused.json()["error"]["message"]
     # Without an Origin (a browser that hides it, a privacy extension): the content type still gives it away.
-    for headers, body in [({"Content-Type": "text/plain"}, b"x"), ({"Content-Type": "multipart/form-data"}, b""),
-                          ({}, None)]:
+    for headers, body in [
+        ({"Content-Type": "text/plain"}, b"x"),
+        ({"Content-Type": "multipart/form-data"}, b""),
+        ({}, None),
+    ]:
         refused = httpx.post(stop, headers=headers, content=body)
         assert refused.status_code == 415, (headers, refused.text)
         assert "application/json" in refused.json()["error"]["message"]
@@ -160,10 +183,19 @@ def test_a_cross_origin_simple_post_cannot_stop_an_instance(daemon: Daemon) -> N
     assert _status(daemon) == "running" and psutil.pid_exists(pid)
 
     # What may: JSON, a key, the daemon's own page, an origin in api.cors_origins (which can read the answer).
-    assert httpx.post(daemon.url + "/api/instances/alpha/wait", headers={"Authorization": "Bearer x"},
-                      params={"until": "started", "timeout": 5}).status_code == 200
-    own = httpx.post(daemon.url + "/api/instances/alpha/wait", headers={"Origin": daemon.url},
-                     params={"until": "started", "timeout": 5})
+    assert (
+        httpx.post(
+            daemon.url + "/api/instances/alpha/wait",
+            headers={"Authorization": "Bearer x"},
+            params={"until": "started", "timeout": 5},
+        ).status_code
+        == 200
+    )
+    own = httpx.post(
+        daemon.url + "/api/instances/alpha/wait",
+        headers={"Origin": daemon.url},
+        params={"until": "started", "timeout": 5},
+    )
     assert own.status_code == 200 and "access-control-allow-origin" not in own.headers
     app = httpx.post(stop, headers={"Origin": "http://app.example:3000"}, json={}, params={"timeout": 5})
     assert app.status_code == 200, app.text
@@ -186,8 +218,9 @@ def test_the_router_answers_cors_itself_by_cors_origins(daemon: Daemon) -> None:
         assert own.status_code == 200, own.text
         assert not [k for k in own.headers if k.startswith("access-control-")], own.headers
         # An origin in api.cors_origins gets exactly our header, once (not llama-server's besides).
-        app = httpx.post(daemon.url + path, json={**chat, "stream": True},
-                         headers={"Origin": "http://app.example:3000"})
+        app = httpx.post(
+            daemon.url + path, json={**chat, "stream": True}, headers={"Origin": "http://app.example:3000"}
+        )
         assert app.status_code == 200 and "data:" in app.text
         assert app.headers.get_list("access-control-allow-origin") == ["http://app.example:3000"]
     # The fake really reflects: what the router strips is there to strip.
@@ -195,8 +228,10 @@ def test_the_router_answers_cors_itself_by_cors_origins(daemon: Daemon) -> None:
     direct = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Origin": EVIL})
     assert direct.headers["access-control-allow-origin"] == EVIL
 
-    preflight = {"Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
     ok = httpx.options(daemon.url + "/v1/chat/completions", headers={**preflight, "Origin": "http://app.example:3000"})
     assert ok.status_code == 204 and ok.headers["access-control-allow-origin"] == "http://app.example:3000"
     assert "POST" in ok.headers["access-control-allow-methods"]
@@ -229,12 +264,17 @@ def test_oversized_bodies_are_refused_early_and_the_memory_stays_bounded(daemon:
         warm.post("/v1/chat/completions", content=b"{}", headers={"Content-Type": "application/json"})
     before = process.memory_info().rss
     peak = before
-    targets = ["/v1/chat/completions", "/upstream/alpha/v1/chat/completions", "/api/instances/alpha/start",
-               "/v1/embeddings"]
+    targets = [
+        "/v1/chat/completions",
+        "/upstream/alpha/v1/chat/completions",
+        "/api/instances/alpha/start",
+        "/v1/embeddings",
+    ]
     for chunked in (False, True):
         results: list[int | str] = []
-        threads = [threading.Thread(target=lambda t=t: results.append(_post_big(daemon.url + t, chunked)))
-                   for t in targets]
+        threads = [
+            threading.Thread(target=lambda t=t: results.append(_post_big(daemon.url + t, chunked))) for t in targets
+        ]
         for thread in threads:
             thread.start()
         while any(thread.is_alive() for thread in threads):
@@ -244,6 +284,7 @@ def test_oversized_bodies_are_refused_early_and_the_memory_stays_bounded(daemon:
     growth = (peak - before) / MiB
     print(f"daemon RSS {before / MiB:.0f} MiB, peak +{growth:.1f} MiB")
     assert growth < 100, f"the daemon's RSS grew by {growth:.0f} MiB"
+
     # Memory read for the refused bodies is given back (not kept by the allocator).
     def settled() -> tuple[int] | None:
         left = process.memory_info().rss - before
@@ -253,8 +294,11 @@ def test_oversized_bodies_are_refused_early_and_the_memory_stays_bounded(daemon:
     print(f"daemon RSS afterwards: {left / MiB:+.1f} MiB")
     assert 'POST /api/instances/alpha/start HTTP/1.1" 413' in daemon.log()  # refused before the route ran
     assert 'POST /api/instances/alpha/start HTTP/1.1" 200' not in daemon.log()
-    small = httpx.post(daemon.url + "/v1/chat/completions", content=b"{" + b" " * (MiB) + b"}",
-                       headers={"Content-Type": "application/json"})
+    small = httpx.post(
+        daemon.url + "/v1/chat/completions",
+        content=b"{" + b" " * (MiB) + b"}",
+        headers={"Content-Type": "application/json"},
+    )
     assert small.status_code != 413
 
 
@@ -266,15 +310,19 @@ def test_the_cli_still_drives_the_daemon(daemon: Daemon) -> None:
     down = daemon.cli.run("down", "alpha")
     assert down.returncode == 0, down.stderr
     assert _status(daemon) == "stopped"
-    assert 'POST /api/instances/alpha/stop' in daemon.log()
+    assert "POST /api/instances/alpha/stop" in daemon.log()
 
 
 def test_a_wildcard_bind_also_serves_the_machine_names(tmp_path: Path) -> None:
     server, _, url = serve_in_process(tmp_path, host="0.0.0.0", api_keys=["k"], allowed_hosts=["gpu.example"])
     key = {"Authorization": "Bearer k"}
     try:
-        addresses = [a.address for found in psutil.net_if_addrs().values() for a in found
-                     if a.family == socket.AF_INET and not a.address.startswith("127.")]
+        addresses = [
+            a.address
+            for found in psutil.net_if_addrs().values()
+            for a in found
+            if a.family == socket.AF_INET and not a.address.startswith("127.")
+        ]
         for host in (socket.gethostname(), *(f"{a}:1234" for a in addresses[:1]), "gpu.example", "localhost"):
             assert httpx.get(url + "/api/instances", headers={**key, "Host": host}).status_code == 200, host
         refused = httpx.get(url + "/api/instances", headers={**key, "Host": "evil.example"})

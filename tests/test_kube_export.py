@@ -26,8 +26,9 @@ def validate_all(docs: list[dict]) -> None:
 
 
 def cfg(name: str, **extra) -> InstanceConfig:
-    return InstanceConfig.model_validate({"name": name, "model": {"path": "m.gguf", "context_size": 2048},
-                                          "server": {"port": 8101}, **extra})
+    return InstanceConfig.model_validate(
+        {"name": name, "model": {"path": "m.gguf", "context_size": 2048}, "server": {"port": 8101}, **extra}
+    )
 
 
 CASES = {
@@ -35,8 +36,11 @@ CASES = {
     "cuda": cfg("cuda", gpu={"backend": "cuda", "device_id": 1, "layers": -1}, env={"FOO": "bar"}),
     "rocm": cfg("rocm", gpu={"backend": "rocm", "device_id": 0, "layers": 99}),
     "vulkan": cfg("vulkan", gpu={"backend": "vulkan", "device_id": 1, "layers": 10}),
-    "hf": cfg("hf", model={"path": "../../models/hf/me/tiny-GGUF/tiny-Q8_0.gguf",
-                           "source": "hf.co/me/tiny-GGUF:Q8_0"}, aliases=["chat"]),
+    "hf": cfg(
+        "hf",
+        model={"path": "../../models/hf/me/tiny-GGUF/tiny-Q8_0.gguf", "source": "hf.co/me/tiny-GGUF:Q8_0"},
+        aliases=["chat"],
+    ),
 }
 
 
@@ -44,8 +48,9 @@ CASES = {
 def test_each_backend_renders_valid_manifests(case: str) -> None:
     config = CASES[case]
     relpath = "hf/me/tiny-GGUF/tiny-Q8_0.gguf" if case == "hf" else "m.gguf"
-    files = render([ExportInstance(config, relpath, 3 * 1024**3, 4000.4)], ExportOptions(namespace="llm"),
-                   router_key="sk-test")
+    files = render(
+        [ExportInstance(config, relpath, 3 * 1024**3, 4000.4)], ExportOptions(namespace="llm"), router_key="sk-test"
+    )
     for docs in files.values():
         validate_all(docs)
     deployment = next(d for d in files[f"{case}.yaml"] if d["kind"] == "Deployment")
@@ -64,8 +69,11 @@ def test_each_backend_renders_valid_manifests(case: str) -> None:
         assert env["GGML_VK_VISIBLE_DEVICES"] == "1"
     init = pod["initContainers"][0]
     if case == "hf":
-        assert init["command"] == ["sh", "-c", f"test -f /data/models/{relpath} || exec llama-orch --home /data "
-                                               "models pull hf.co/me/tiny-GGUF:Q8_0"]
+        assert init["command"] == [
+            "sh",
+            "-c",
+            f"test -f /data/models/{relpath} || exec llama-orch --home /data models pull hf.co/me/tiny-GGUF:Q8_0",
+        ]
         assert container["args"][container["args"].index("--model") + 1] == "/data/models/" + relpath
         assert "router.yaml" in files
     else:
@@ -89,8 +97,9 @@ def test_argv_is_the_one_up_builds() -> None:
 
     config = CASES["cuda"]
     argv, _ = container_launch(ExportInstance(config, "m.gguf"))
-    here = build_launch(config, PurePosixPath("/app/llama-server"), PurePosixPath("/data/models/m.gguf"), {},
-                        platform="linux")
+    here = build_launch(
+        config, PurePosixPath("/app/llama-server"), PurePosixPath("/data/models/m.gguf"), {}, platform="linux"
+    )
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
     swapped = list(here.argv)
     swapped[swapped.index("--host") + 1] = "0.0.0.0"
@@ -99,20 +108,39 @@ def test_argv_is_the_one_up_builds() -> None:
 
 def test_export_all_three_instances_through_the_cli(cli: Cli, tiny_model: Path, tmp_path: Path) -> None:
     docs = [
-        {"name": "alpha", "model": {"path": str(tiny_model), "context_size": 1024}, "server": {"port": 8201},
-         "aliases": ["chat"], "healthcheck": {"path": "/health", "interval": 7, "timeout": 3, "retries": 4,
-                                              "start_period": 70}},
-        {"name": "beta", "model": {"path": str(tiny_model), "context_size": 2048}, "server": {"port": 8202},
-         "aliases": ["chat"], "gpu": {"backend": "cuda", "layers": -1}},
-        {"name": "gamma", "model": {"path": str(tiny_model), "context_size": 512}, "server": {"port": 8203},
-         "gpu": {"backend": "rocm", "layers": 20}, "healthcheck": {"path": "/v1/health"}},
+        {
+            "name": "alpha",
+            "model": {"path": str(tiny_model), "context_size": 1024},
+            "server": {"port": 8201},
+            "aliases": ["chat"],
+            "healthcheck": {"path": "/health", "interval": 7, "timeout": 3, "retries": 4, "start_period": 70},
+        },
+        {
+            "name": "beta",
+            "model": {"path": str(tiny_model), "context_size": 2048},
+            "server": {"port": 8202},
+            "aliases": ["chat"],
+            "gpu": {"backend": "cuda", "layers": -1},
+        },
+        {
+            "name": "gamma",
+            "model": {"path": str(tiny_model), "context_size": 512},
+            "server": {"port": 8203},
+            "gpu": {"backend": "rocm", "layers": 20},
+            "healthcheck": {"path": "/v1/health"},
+        },
     ]
     for doc in docs:
         cli.write_config(doc["name"], doc)
     out = tmp_path / "k8s"
     cli.run("export", "kubernetes", "--all", "-o", str(out), "--namespace", "llm", check=True)
-    assert sorted(p.name for p in out.iterdir()) == ["alpha.yaml", "beta.yaml", "gamma.yaml",
-                                                     "kustomization.yaml", "router.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "alpha.yaml",
+        "beta.yaml",
+        "gamma.yaml",
+        "kustomization.yaml",
+        "router.yaml",
+    ]
     for path in out.iterdir():
         validate_all(list(yaml.safe_load_all(path.read_text())))
     for doc in docs:
@@ -135,7 +163,9 @@ def test_export_all_three_instances_through_the_cli(cli: Cli, tiny_model: Path, 
     secret = next(d for d in router if d["kind"] == "Secret")
     settings = json.loads(secret["stringData"]["orchestrator.json"])
     assert {p["name"]: (p["url"], p["aliases"]) for p in settings["peers"]} == {
-        "alpha": ("http://alpha:8201", ["chat"]), "beta": ("http://beta:8202", ["chat"]),
-        "gamma": ("http://gamma:8203", [])}
+        "alpha": ("http://alpha:8201", ["chat"]),
+        "beta": ("http://beta:8202", ["chat"]),
+        "gamma": ("http://gamma:8203", []),
+    }
     printed = cli.run("export", "kubernetes", "gamma", "-o", "-", check=True).stdout
     assert "kind: Deployment" in printed and "router.yaml" not in printed

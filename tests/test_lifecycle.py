@@ -32,7 +32,15 @@ def start(cli: Cli, name: str) -> dict:
 def test_init_up_ps_down_with_the_fake(cli: Cli, tiny_model: Path, fake_binary: Path) -> None:
     # An explicit free port: the automatic pick starts at 8001, which other programs on a CI machine may take.
     result = cli.run(
-        "init", "alpha", "--model", str(tiny_model), "--binary", str(fake_binary), "--port", str(free_port()), check=True
+        "init",
+        "alpha",
+        "--model",
+        str(tiny_model),
+        "--binary",
+        str(fake_binary),
+        "--port",
+        str(free_port()),
+        check=True,
     )
     assert "created alpha on port" in result.stdout
     config = cli.json("describe", "alpha")["config"]
@@ -89,9 +97,7 @@ def test_two_simultaneous_up_leave_exactly_one_server(cli: Cli, tiny_model: Path
     cli.run("down", "race", check=True)
 
 
-def test_kill_9_shows_exited_and_a_reused_pid_is_never_signalled(
-    cli: Cli, tiny_model: Path, fake_binary: Path
-) -> None:
+def test_kill_9_shows_exited_and_a_reused_pid_is_never_signalled(cli: Cli, tiny_model: Path, fake_binary: Path) -> None:
     port = free_port()
     cli.write_config("victim", instance_doc("victim", tiny_model, port, fake_binary))
     pid = start(cli, "victim")["pid"]

@@ -154,8 +154,9 @@ def test_rotated_copies_are_private(tmp_path: Path) -> None:
     assert path.stat().st_size == 0
 
 
-def test_the_dashboard_detail_of_an_instance_with_a_50_mb_line_is_quick(cli: Cli, tiny_model: Path,
-                                                                          fake_binary: Path) -> None:
+def test_the_dashboard_detail_of_an_instance_with_a_50_mb_line_is_quick(
+    cli: Cli, tiny_model: Path, fake_binary: Path
+) -> None:
     from llama_orchestrator.adapters.home import Home
     from llama_orchestrator.services.instances import InstanceService
     from llama_orchestrator.tui.data import Backend
@@ -182,8 +183,17 @@ def test_tailing_a_50_mb_line_through_the_daemon_does_not_stall_the_api(
 
     port = free_port()
     # logs.max_size_mb above what is written: the daemon's rotation would truncate the log under the tail.
-    cli.write_config("flood", instance_doc("flood", tiny_model, port, fake_binary, env={"HF_TOKEN": "hf_secret"},
-                                           logs={"max_size_mb": 1000, "rotation": 1}))
+    cli.write_config(
+        "flood",
+        instance_doc(
+            "flood",
+            tiny_model,
+            port,
+            fake_binary,
+            env={"HF_TOKEN": "hf_secret"},
+            logs={"max_size_mb": 1000, "rotation": 1},
+        ),
+    )
     cli.run("up", "flood", "-d", "--wait", "--timeout", "60", check=True)
     daemon = start_daemon(cli)  # adopts the running instance
     try:
@@ -223,8 +233,10 @@ def test_tailing_a_50_mb_line_through_the_daemon_does_not_stall_the_api(
             assert client.get("/healthz").status_code == 200
             health_s.append(time.perf_counter() - started)
             started = time.perf_counter()
-            routed = client.post("/v1/chat/completions", json={
-                "model": "flood", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            routed = client.post(
+                "/v1/chat/completions",
+                json={"model": "flood", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
             assert routed.status_code == 200, routed.text
             routed_s.append(time.perf_counter() - started)
         for worker in workers:

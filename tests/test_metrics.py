@@ -55,7 +55,7 @@ def parse(text: str) -> dict[str, Family]:
             for label in LABEL.finditer(label_text):
                 assert label.start() == consumed, f"bad labels: {line!r}"
                 labels[label.group(1)] = label.group(2).replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
-                consumed = label.end() + (1 if label_text[label.end():label.end() + 1] == "," else 0)
+                consumed = label.end() + (1 if label_text[label.end() : label.end() + 1] == "," else 0)
             assert consumed == len(label_text), f"bad labels: {line!r}"
         owner = next((n for n in (name, re.sub(r"_(bucket|sum|count)$", "", name)) if n in families), None)
         assert owner is not None, f"sample of an undeclared family: {line!r}"
@@ -72,7 +72,9 @@ def parse(text: str) -> dict[str, Family]:
                     counts[key] = value
             for key, buckets in series.items():
                 assert [b for b, _ in buckets] == sorted(b for b, _ in buckets), name
-                assert all(a <= b for (_, a), (_, b) in zip(buckets, buckets[1:], strict=False)), f"{name} not cumulative"
+                assert all(a <= b for (_, a), (_, b) in zip(buckets, buckets[1:], strict=False)), (
+                    f"{name} not cumulative"
+                )
                 assert math.isinf(buckets[-1][0]) and buckets[-1][1] == counts[key], name
     return families
 
@@ -109,8 +111,14 @@ def router_stats() -> dict:
         from types import SimpleNamespace as InstanceStats  # type: ignore[assignment]
     return {
         "alpha": InstanceStats(
-            requests_total={200: 4, 429: 1}, in_flight=2, queued=3, loaded=True, last_used=90.0, duration=hist,
-            completion_tokens_total=321, last_tokens_per_second=42.5,
+            requests_total={200: 4, 429: 1},
+            in_flight=2,
+            queued=3,
+            loaded=True,
+            last_used=90.0,
+            duration=hist,
+            completion_tokens_total=321,
+            last_tokens_per_second=42.5,
         ),
     }
 
@@ -118,8 +126,9 @@ def router_stats() -> dict:
 def test_every_instance_in_one_scrape_with_model_name_labels() -> None:
     from llama_orchestrator.api.metrics import render_metrics
 
-    text = render_metrics(records(), router_stats(), {"version": "9.9", "pid": 42, "started_at": 1000.0},
-                          now=1060.0, router_now=100.0)
+    text = render_metrics(
+        records(), router_stats(), {"version": "9.9", "pid": 42, "started_at": 1000.0}, now=1060.0, router_now=100.0
+    )
     families = parse(text)
     assert value(families, "llama_orch_daemon_info", version="9.9", pid="42") == 1
     assert value(families, "llama_orch_daemon_uptime_seconds") == 60
@@ -151,8 +160,13 @@ def test_no_sample_carries_a_label_prometheus_sets_on_the_target() -> None:
     `exported_instance`/`exported_job` (honor_labels: false, the default), and the per-instance label is lost."""
     from llama_orchestrator.api.metrics import render_metrics
 
-    text = render_metrics(records(), router_stats(), {"version": "1", "pid": 1, "started_at": 1.0}, now=2.0,
-                          totals={"unknown_model_requests": {"/v1/chat/completions": 2}})
+    text = render_metrics(
+        records(),
+        router_stats(),
+        {"version": "1", "pid": 1, "started_at": 1.0},
+        now=2.0,
+        totals={"unknown_model_requests": {"/v1/chat/completions": 2}},
+    )
     labels = {k for family in parse(text).values() for _, sample_labels, _ in family.samples for k in sample_labels}
     assert "model_name" in labels
     assert not labels & {"instance", "job"}
@@ -167,13 +181,24 @@ def test_requests_by_endpoint_time_to_first_token_prompt_tokens_and_unknown_mode
     ttft = Histogram()
     ttft.observe(0.02)
     ttft.observe(0.3)
-    stats = {"alpha": InstanceStats(
-        requests_total={200: 3, 404: 1}, in_flight=0, queued=0, loaded=True, last_used=None, duration=Histogram(),
-        completion_tokens_total=9, last_tokens_per_second=None, prompt_tokens_total=17, time_to_first_token=ttft,
-        requests_by_endpoint={("/v1/chat/completions", 200): 2, ("/v1/embeddings", 200): 1, ("other", 404): 1},
-    )}
-    families = parse(render_metrics(records()[:1], stats, {}, now=0.0,
-                                    totals={"unknown_model_requests": {"/v1/completions": 4}}))
+    stats = {
+        "alpha": InstanceStats(
+            requests_total={200: 3, 404: 1},
+            in_flight=0,
+            queued=0,
+            loaded=True,
+            last_used=None,
+            duration=Histogram(),
+            completion_tokens_total=9,
+            last_tokens_per_second=None,
+            prompt_tokens_total=17,
+            time_to_first_token=ttft,
+            requests_by_endpoint={("/v1/chat/completions", 200): 2, ("/v1/embeddings", 200): 1, ("other", 404): 1},
+        )
+    }
+    families = parse(
+        render_metrics(records()[:1], stats, {}, now=0.0, totals={"unknown_model_requests": {"/v1/completions": 4}})
+    )
     requests = "llama_orch_instance_requests_total"
     assert value(families, requests, model_name="alpha", endpoint="/v1/chat/completions", code="200") == 2
     assert value(families, requests, model_name="alpha", endpoint="/v1/embeddings", code="200") == 1
@@ -212,8 +237,14 @@ def promtool_check(text: str) -> str:
 def test_promtool_finds_the_scrape_clean() -> None:
     from llama_orchestrator.api.metrics import render_metrics
 
-    text = render_metrics(records(), router_stats(), {"version": "1", "pid": 1, "started_at": 1.0}, now=2.0,
-                          router_now=3.0, totals={"unknown_model_requests": {"/v1/chat/completions": 1}})
+    text = render_metrics(
+        records(),
+        router_stats(),
+        {"version": "1", "pid": 1, "started_at": 1.0},
+        now=2.0,
+        router_now=3.0,
+        totals={"unknown_model_requests": {"/v1/chat/completions": 1}},
+    )
     assert promtool_check(text) == ""
     # The check is real: a counter without `_total` is a lint problem it reports.
     assert promtool_check("# HELP x_requests Bad.\n# TYPE x_requests counter\nx_requests 1\n") != ""
@@ -260,8 +291,9 @@ def test_the_daemon_serves_metrics_for_all_instances(cli: Cli, tiny_model: Path,
         with daemon.client() as api:
             api.post("/api/instances/up-one/start", params={"wait": "true", "timeout": 30}).raise_for_status()
             # One request through the router: its counters reach the scrape.
-            chat = api.post("/v1/chat/completions", json={"model": "up-one", "messages": [
-                {"role": "user", "content": "hi"}]})
+            chat = api.post(
+                "/v1/chat/completions", json={"model": "up-one", "messages": [{"role": "user", "content": "hi"}]}
+            )
             assert chat.status_code == 200, chat.text
             stream = api.post("/v1/completions", json={"model": "up-one", "prompt": "one two", "stream": True})
             assert stream.status_code == 200 and "[DONE]" in stream.text, stream.text

@@ -27,8 +27,10 @@ def hub(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     server = FakeHub()
     # Q8_0 differs from Q4_K_M by a trailing byte (a GGUF reader ignores it), so the two have different checksums.
     server.add(REPO, {"tiny-Q4_K_M.gguf": data, "tiny-Q8_0.gguf": data + b"\0", "README.md": b"# tiny\n"})
-    server.add("me/split-GGUF", {"big-Q4_K_M-00001-of-00002.gguf": data[:200_000],
-                                 "big-Q4_K_M-00002-of-00002.gguf": data[200_000:]})
+    server.add(
+        "me/split-GGUF",
+        {"big-Q4_K_M-00001-of-00002.gguf": data[:200_000], "big-Q4_K_M-00002-of-00002.gguf": data[200_000:]},
+    )
     server.start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # never the user's own token or cache
@@ -84,7 +86,8 @@ def test_split_model_brings_every_part(cli: Cli, hub: FakeHub, home: Path, tiny_
     assert out["path"] == str(folder / "big-Q4_K_M-00001-of-00002.gguf")
     assert sorted(out["downloaded"]) == ["big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf"]
     joined = (folder / "big-Q4_K_M-00001-of-00002.gguf").read_bytes() + (
-        folder / "big-Q4_K_M-00002-of-00002.gguf").read_bytes()
+        folder / "big-Q4_K_M-00002-of-00002.gguf"
+    ).read_bytes()
     assert joined == tiny_model.read_bytes()
     rows = [r for r in cli.json("models", "list") if "split-GGUF" in r["path"]]
     assert [r["file"] for r in rows] == ["big-Q4_K_M-00001-of-00002.gguf"]  # one model, its parts summed
@@ -102,7 +105,7 @@ def test_checksum_mismatch_installs_nothing(cli: Cli, hub: FakeHub, home: Path) 
 
 
 def test_no_disk_space_is_refused_before_the_first_byte(cli: Cli, hub: FakeHub, home: Path) -> None:
-    hub.advertised_size["tiny-Q8_0.gguf"] = 2 ** 60  # an exabyte: no disk has it
+    hub.advertised_size["tiny-Q8_0.gguf"] = 2**60  # an exabyte: no disk has it
     result = cli.run("models", "pull", f"{REPO}:Q8_0")
     assert result.returncode == 1
     assert "not enough disk space" in result.stderr and "nothing was downloaded" in result.stderr
@@ -110,8 +113,9 @@ def test_no_disk_space_is_refused_before_the_first_byte(cli: Cli, hub: FakeHub, 
     assert not list((home / "models").rglob("*.gguf"))
 
 
-def test_no_network_and_unknown_repo_are_clear_errors(cli: Cli, hub: FakeHub, home: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_network_and_unknown_repo_are_clear_errors(
+    cli: Cli, hub: FakeHub, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     unknown = cli.run("models", "pull", "me/nope-GGUF:Q8_0")
     assert unknown.returncode == 1
     assert "no model repository 'me/nope-GGUF'" in unknown.stderr and hub.url in unknown.stderr
@@ -147,8 +151,13 @@ def test_a_pull_killed_half_way_transfers_only_the_rest(cli: Cli, hub: FakeHub, 
     hub.add("me/big-GGUF", {name: os.urandom(3 * mib)})
     hub.stall_after[name] = 2 * mib
     env = subprocess_env({"LLAMA_ORCH_HOME": str(home), "LLAMA_ORCH_NO_DAEMON": "1", "NO_COLOR": "1"})
-    first = subprocess.Popen([*_cli_command(), "models", "pull", "me/big-GGUF:Q8_0"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [*_cli_command(), "models", "pull", "me/big-GGUF:Q8_0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
     partial = home / "models" / ".partial"
 
     def two_mib_on_disk() -> list[Path]:
@@ -179,8 +188,16 @@ def test_catalog_register_pull_unregister(cli: Cli, hub: FakeHub, home: Path) ->
     cli.run("models", "register", "tiny", "--repo", f"{REPO}:Q8_0", "--name", "Tiny test model", check=True)
     assert (home / "models" / "catalog.json").stat().st_mode & 0o077 == 0  # private
     rows = cli.json("models", "catalog")
-    assert rows == [{"id": "tiny", "name": "Tiny test model", "repo": f"{REPO}:Q8_0", "downloaded": False,
-                     "path": None, "size_bytes": None}]
+    assert rows == [
+        {
+            "id": "tiny",
+            "name": "Tiny test model",
+            "repo": f"{REPO}:Q8_0",
+            "downloaded": False,
+            "path": None,
+            "size_bytes": None,
+        }
+    ]
     table = cli.run("models", "catalog", check=True).stdout
     assert "ID" in table and "DOWNLOADED" in table and "Tiny test model" in table
     cli.run("models", "pull", "tiny", check=True)
@@ -194,13 +211,18 @@ def test_catalog_register_pull_unregister(cli: Cli, hub: FakeHub, home: Path) ->
 
 
 def test_init_pulls_and_rm_refuses_while_used(cli: Cli, hub: FakeHub, home: Path, fake_binary: Path) -> None:
-    result = cli.run("init", "tiny", "--model", f"hf.co/{REPO}:Q8_0", "--binary", str(fake_binary),
-                     "--port", str(free_port()))
+    result = cli.run(
+        "init", "tiny", "--model", f"hf.co/{REPO}:Q8_0", "--binary", str(fake_binary), "--port", str(free_port())
+    )
     assert result.returncode == 0, result.stderr
     assert "context 512 tokens (trained: 512)" in result.stdout
     config = json.loads((home / "instances" / "tiny" / "config.json").read_text())
-    assert config["model"] == {"path": str(pulled(home, "tiny-Q8_0.gguf")), "context_size": 512, "batch_size": 512,
-                               "source": f"hf.co/{REPO}:Q8_0"}
+    assert config["model"] == {
+        "path": str(pulled(home, "tiny-Q8_0.gguf")),
+        "context_size": 512,
+        "batch_size": 512,
+        "source": f"hf.co/{REPO}:Q8_0",
+    }
     row = {r["path"]: r for r in cli.json("models", "list")}[config["model"]["path"]]
     assert row["used_by"] == ["tiny"]
 
@@ -228,8 +250,7 @@ def test_init_by_catalog_id(cli: Cli, hub: FakeHub, home: Path, fake_binary: Pat
     assert config["model"]["source"] == "tiny-q4"
 
 
-def test_init_warns_when_the_estimate_does_not_fit(cli: Cli, home: Path, tiny_model: Path,
-                                                   fake_binary: Path) -> None:
+def test_init_warns_when_the_estimate_does_not_fit(cli: Cli, home: Path, tiny_model: Path, fake_binary: Path) -> None:
     # A memory budget smaller than the smallest context: the context is the minimum, and init says so.
     (home / "orchestrator.json").write_text(json.dumps({"router": {"memory_budget_mb": 1}}))
     os.chmod(home / "orchestrator.json", 0o600)
@@ -245,8 +266,9 @@ def test_acceptance_pull_init_up_real_server(cli: Cli, hub: FakeHub, home: Path,
     listed = cli.json("models", "list")
     assert [r["path"] for r in listed] == [str(pulled(home, "tiny-Q8_0.gguf"))]
     port = free_port()
-    cli.run("init", "tiny", "--model", f"hf.co/{REPO}:Q8_0", "--binary", str(real_binary), "--port", str(port),
-            check=True)
+    cli.run(
+        "init", "tiny", "--model", f"hf.co/{REPO}:Q8_0", "--binary", str(real_binary), "--port", str(port), check=True
+    )
     try:
         up = cli.run("up", "tiny", "-d", "--wait", "--timeout", "90")
         assert up.returncode == 0, up.stdout + up.stderr
@@ -257,9 +279,9 @@ def test_acceptance_pull_init_up_real_server(cli: Cli, hub: FakeHub, home: Path,
         cli.run("down", "tiny")
 
 
-
-def test_daemon_api_lists_pulls_with_progress_and_removes(cli: Cli, hub: FakeHub, home: Path,
-                                                          fake_binary: Path) -> None:
+def test_daemon_api_lists_pulls_with_progress_and_removes(
+    cli: Cli, hub: FakeHub, home: Path, fake_binary: Path
+) -> None:
     from test_api import start_daemon
 
     daemon = start_daemon(cli)  # HF_ENDPOINT reaches it through the environment, as for a user's daemon
@@ -295,8 +317,10 @@ def test_daemon_api_lists_pulls_with_progress_and_removes(cli: Cli, hub: FakeHub
             cli.run("--host", daemon.url, "models", "rm", f"{REPO}:Q4_K_M", check=True)
             assert not pulled(home, "tiny-Q4_K_M.gguf").exists()
 
-            cli.write_config("user", {"name": "user", "model": {"path": str(pulled(home, "tiny-Q8_0.gguf"))},
-                                      "binary": str(fake_binary)})
+            cli.write_config(
+                "user",
+                {"name": "user", "model": {"path": str(pulled(home, "tiny-Q8_0.gguf"))}, "binary": str(fake_binary)},
+            )
             refused = api.post("/api/models/remove", json={"reference": f"{REPO}:Q8_0"})
             assert refused.status_code == 409 and "user" in refused.json()["error"]["message"]
             refused_cli = cli.run("--host", daemon.url, "models", "rm", f"{REPO}:Q8_0")

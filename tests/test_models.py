@@ -48,8 +48,12 @@ def test_lists_folder_and_config_models_with_metadata_and_users(stocked_home, tm
     assert entries["notes.GGUF"]["error"].startswith("not a readable GGUF file")
     assert entries["notes.GGUF"]["used_by"] == []
     gone = entries["gone.gguf"]
-    assert (gone["exists"], gone["in_folder"], gone["error"], gone["used_by"]) == (False, False, "file not found",
-                                                                                   ["gamma"])
+    assert (gone["exists"], gone["in_folder"], gone["error"], gone["used_by"]) == (
+        False,
+        False,
+        "file not found",
+        ["gamma"],
+    )
 
 
 def test_another_folder_and_a_missing_one(stocked_home, tmp_path, tiny_model):

@@ -67,8 +67,9 @@ def test_pool_marks_down_and_probes_back_with_backoff() -> None:
             view = pool.views["b"]
             assert not view.up and view.next_probe_at == 101.0
             with pytest.raises(RouteError) as caught:
-                await pool.forward("b/bee", "POST", "/v1/chat/completions", [], b"{}", local_load=None,
-                                   error=RouteError)
+                await pool.forward(
+                    "b/bee", "POST", "/v1/chat/completions", [], b"{}", local_load=None, error=RouteError
+                )
             assert caught.value.status == 503 and caught.value.code == "peer_unavailable"
             now[0] = 100.5
             await pool.probe_due()  # not due: no probe
@@ -103,8 +104,16 @@ def _start(cli: Cli, port: int, **extra: object) -> str:
 
 def _chat(url: str, model: str) -> tuple[int, str, dict]:
     # Greedy towards the byte "a" (see test_router_real.py): visible text from the tiny model, not left to luck.
-    body = {"model": model, "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}],
-            "temperature": 0, "top_k": 1, "ignore_eos": True, "logit_bias": [[3 + ord("a"), 100]]}
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "hello"}],
+        "temperature": 0,
+        "top_k": 1,
+        "ignore_eos": True,
+        "logit_bias": [[3 + ord("a"), 100]],
+    }
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as resp:
         text = "".join(resp.iter_text())
         return resp.status_code, text, dict(resp.headers)
@@ -137,8 +146,11 @@ def test_node_a_serves_node_b_model_and_recovers(tmp_path: Path, tiny_model: Pat
         status, text, headers = _chat(a_url, "bee")
         assert status == 200 and headers["content-type"].startswith("text/event-stream")
         assert text.count("data: ") > 2 and "data: [DONE]" in text
-        content = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-                          for line in text.splitlines() if line.startswith("data: {") and json.loads(line[6:])["choices"])
+        content = "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            for line in text.splitlines()
+            if line.startswith("data: {") and json.loads(line[6:])["choices"]
+        )
         assert content  # tokens came through, streamed
         assert headers["x-llama-orch-instance"] == "bee"  # B's router answered from its instance
         assert headers["x-llama-orch-node"] == "nodeb"
@@ -164,8 +176,13 @@ def test_node_a_serves_node_b_model_and_recovers(tmp_path: Path, tiny_model: Pat
         assert "bee" in httpx.get(f"{a_url}/v1/models", timeout=10).text  # still listed, as not loaded
 
         _start(b, b_port, api={"port": b_port, "api_keys": ["sk-b"]})
-        wait_until(lambda: _chat(a_url, "bee")[0] == 200, timeout=60, interval=0.5, ignore=(httpx.HTTPError,),
-                   message="A answering bee again once B is back")
+        wait_until(
+            lambda: _chat(a_url, "bee")[0] == 200,
+            timeout=60,
+            interval=0.5,
+            ignore=(httpx.HTTPError,),
+            message="A answering bee again once B is back",
+        )
         metrics = httpx.get(f"{a_url}/metrics", timeout=10).text
         assert 'llama_orch_peer_requests_total{node="nodeb",code="503"}' in metrics
     finally:
@@ -188,10 +205,26 @@ def test_router_only_balances_an_alias_over_plain_llama_servers(tmp_path: Path) 
     servers, ports = [], [free_port(), free_port()]
     logs = {name: tmp_path / f"{name}.log" for name in ("alpha", "beta")}
     for name, port in zip(("alpha", "beta"), ports):
-        servers.append(subprocess.Popen(
-            [sys.executable, "-m", "llama_orchestrator.testing.fake_server", "--port", str(port), "--alias", name,
-             "--model", "tiny.gguf", "--fake-token-delay", "0.2"], env=subprocess_env(), stdout=subprocess.DEVNULL,
-            stderr=logs[name].open("w")))
+        servers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "llama_orchestrator.testing.fake_server",
+                    "--port",
+                    str(port),
+                    "--alias",
+                    name,
+                    "--model",
+                    "tiny.gguf",
+                    "--fake-token-delay",
+                    "0.2",
+                ],
+                env=subprocess_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=logs[name].open("w"),
+            )
+        )
     home = tmp_path / "router"
     home.mkdir()
     (home / "instances").mkdir()
@@ -199,11 +232,15 @@ def test_router_only_balances_an_alias_over_plain_llama_servers(tmp_path: Path) 
     peers = [{"name": n, "url": f"http://127.0.0.1:{p}", "aliases": ["chat"]} for n, p in zip(("alpha", "beta"), ports)]
     (home / "orchestrator.json").write_text(json.dumps({"api": {"port": router_port}, "peers": peers}))
     (home / "orchestrator.json").chmod(0o600)
-    router = subprocess.Popen([*__import__("conftest")._cli_command(), "--home", str(home), "daemon", "run",
-                               "--router-only"], env=subprocess_env({"LLAMA_ORCH_NO_DAEMON": "1"}),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    router = subprocess.Popen(
+        [*__import__("conftest")._cli_command(), "--home", str(home), "daemon", "run", "--router-only"],
+        env=subprocess_env({"LLAMA_ORCH_NO_DAEMON": "1"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{router_port}"
     try:
+
         def both_up() -> bool:
             data = httpx.get(f"{url}/v1/models", timeout=5).json()["data"]
             chat = next((m for m in data if m["id"] == "chat"), None)
@@ -213,6 +250,7 @@ def test_router_only_balances_an_alias_over_plain_llama_servers(tmp_path: Path) 
 
         async def two_at_once() -> list[str]:
             async with httpx.AsyncClient(timeout=30) as client:
+
                 async def one() -> str:
                     body = {"model": "chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
                     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
@@ -220,6 +258,7 @@ def test_router_only_balances_an_alias_over_plain_llama_servers(tmp_path: Path) 
                         async for _ in resp.aiter_bytes():
                             pass
                         return resp.headers["x-llama-orch-node"]
+
                 return list(await asyncio.gather(one(), one()))
 
         assert sorted(asyncio.run(two_at_once())) == ["alpha", "beta"]  # the second went to the idle node
@@ -229,10 +268,18 @@ def test_router_only_balances_an_alias_over_plain_llama_servers(tmp_path: Path) 
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as resp:
             assert resp.status_code == 200 and resp.headers["x-llama-orch-node"] == "alpha"
             next(resp.iter_raw())
-        wait_until(lambda: "client disconnected during stream" in logs["alpha"].read_text(), timeout=20,
-                   message="the upstream stream cancelled")
-        wait_until(lambda: 'llama_orch_peer_requests_total{node="alpha",code="499"} 1'
-                   in httpx.get(f"{url}/metrics", timeout=5).text, timeout=10)
+        wait_until(
+            lambda: "client disconnected during stream" in logs["alpha"].read_text(),
+            timeout=20,
+            message="the upstream stream cancelled",
+        )
+        wait_until(
+            lambda: (
+                'llama_orch_peer_requests_total{node="alpha",code="499"} 1'
+                in httpx.get(f"{url}/metrics", timeout=5).text
+            ),
+            timeout=10,
+        )
     finally:
         router.terminate()
         router.wait(timeout=30)

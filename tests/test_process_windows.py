@@ -37,11 +37,7 @@ from llama_orchestrator.adapters.process.windows import (
 
 SLEEPER = "import time; time.sleep(60)"
 # A parent that starts one grandchild, so trees have two levels.
-PARENT = (
-    "import subprocess, sys, time; "
-    f"subprocess.Popen([sys.executable, '-c', {SLEEPER!r}]); "
-    "time.sleep(60)"
-)
+PARENT = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {SLEEPER!r}]); time.sleep(60)"
 ALL_FLAGS = 0x00000200 | 0x08000000 | 0x01000000
 
 
@@ -561,7 +557,9 @@ def test_scan_finds_the_top_marked_process_of_each_instance_on_windows() -> None
     wp = WindowsProcesses(api=None, process_iter=lambda: iter(table))  # type: ignore[arg-type]
     found = wp.scan(Path(home))
     assert [(f.name, f.pid, f.create_time) for f in found] == [
-        ("gemma", 70, 1070.0), ("phi", 20, 1020.0), ("qwen", 10, 1010.0),
+        ("gemma", 70, 1070.0),
+        ("phi", 20, 1020.0),
+        ("qwen", 10, 1010.0),
     ]
     assert found[0].handle == ProcessHandle(70, 1070.0)
 

@@ -38,8 +38,14 @@ def test_auto_backend(devices, platform, available, expected):
 
 @pytest.mark.parametrize(
     ("name", "vendor"),
-    [("NVIDIA GeForce RTX 3060", "nvidia"), ("AMD Radeon Pro W7900", "amd"), ("Radeon RX 580 Series (RADV POLARIS10)",
-     "amd"), ("Intel(R) UHD Graphics 770", "intel"), ("Apple M3", "apple"), ("llvmpipe (LLVM 15)", None)],
+    [
+        ("NVIDIA GeForce RTX 3060", "nvidia"),
+        ("AMD Radeon Pro W7900", "amd"),
+        ("Radeon RX 580 Series (RADV POLARIS10)", "amd"),
+        ("Intel(R) UHD Graphics 770", "intel"),
+        ("Apple M3", "apple"),
+        ("llvmpipe (LLVM 15)", None),
+    ],
 )
 def test_vendor_from_name(name, vendor):
     assert vendor_of(name) == vendor
@@ -83,8 +89,11 @@ def test_profile_threads_never_below_one_and_unknown_profile_is_a_usage_error():
 def test_profile_defaults_make_a_valid_config_under_the_users_options():
     from llama_orchestrator.domain.config import InstanceConfig
 
-    explicit = {"name": "qwen", "model": {"path": "q.gguf", "context_size": 8192, "threads": None},
-                "gpu": {"layers": 20, "backend": None}}
+    explicit = {
+        "name": "qwen",
+        "model": {"path": "q.gguf", "context_size": 8192, "threads": None},
+        "gpu": {"layers": 20, "backend": None},
+    }
     document = merge_under(profile_defaults("cuda", physical_cores=6, devices=[NVIDIA]), explicit)
     config = InstanceConfig.from_document(document)
     assert (config.model.threads, config.model.context_size) == (6, 8192)  # None = not given: the profile's

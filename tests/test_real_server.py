@@ -30,8 +30,9 @@ def servers_on(port: int) -> list[psutil.Process]:
 
 
 def test_init_up_chat_logs_down(cli: Cli, tiny_model: Path, real_binary: Path) -> None:
-    cli.run("init", "tiny", "--model", str(tiny_model), "--context-size", "512", "--binary", str(real_binary),
-            check=True)
+    cli.run(
+        "init", "tiny", "--model", str(tiny_model), "--context-size", "512", "--binary", str(real_binary), check=True
+    )
     cli.run("up", "tiny", "-d", "--wait", "--timeout", "60", check=True)
     record = cli.ps()["tiny"]
     port = record["port"]
@@ -43,8 +44,15 @@ def test_init_up_chat_logs_down(cli: Cli, tiny_model: Path, real_binary: Path) -
         f"http://127.0.0.1:{port}/v1/chat/completions",
         # Deterministic (greedy, fixed seed, exactly max_tokens): the model's random weights sample noise.
         # The bias picks the byte token "a" (tiny_gguf's vocab: 3 special tokens, then the 256 bytes).
-        json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0, "seed": 42,
-              "top_k": 1, "ignore_eos": True, "logit_bias": [[3 + ord("a"), 100]]},
+        json={
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "seed": 42,
+            "top_k": 1,
+            "ignore_eos": True,
+            "logit_bias": [[3 + ord("a"), 100]],
+        },
         timeout=60,
     )
     assert reply.status_code == 200, reply.text
@@ -87,8 +95,7 @@ def test_simultaneous_up_starts_one_real_server(cli: Cli, tiny_model: Path, real
     for thread in threads:
         thread.join()
     assert codes == [0, 0]
-    wait_until(lambda: cli.ps()["race"]["health"] == "healthy" or cli.run("health", "race").returncode == 0,
-               timeout=60)
+    wait_until(lambda: cli.ps()["race"]["health"] == "healthy" or cli.run("health", "race").returncode == 0, timeout=60)
     assert len(servers_on(port)) == 1
     cli.run("down", "race", check=True)
     assert servers_on(port) == []

@@ -22,8 +22,14 @@ def config(
     name: str, *, ctx: int = 512, autostart: bool = False, aliases: tuple[str, ...] = (), **extra
 ) -> InstanceConfig:
     return InstanceConfig.from_document(
-        {"name": name, "model": {"path": "/m/tiny.gguf", "context_size": ctx}, "server": {"port": 9000},
-         "autostart": autostart, "aliases": list(aliases), **extra}
+        {
+            "name": name,
+            "model": {"path": "/m/tiny.gguf", "context_size": ctx},
+            "server": {"port": 9000},
+            "autostart": autostart,
+            "aliases": list(aliases),
+            **extra,
+        }
     )
 
 
@@ -126,8 +132,13 @@ def test_reconcile_covers_every_kind_in_one_pass() -> None:
         "lost": Row(status="exited", pid=4),  # the record says exited, but the process lives on
         "bad": Row(pid=5),
     }
-    observed = {"kept": Observed(1), "changed": Observed(2), "gone": Observed(3), "lost": Observed(4),
-                "bad": Observed(5)}
+    observed = {
+        "kept": Observed(1),
+        "changed": Observed(2),
+        "gone": Observed(3),
+        "lost": Observed(4),
+        "bad": Observed(5),
+    }
 
     actions = plan(declared, recorded, observed, mode="reconcile")
 

@@ -83,8 +83,12 @@ def test_a_database_deleted_while_the_daemon_runs_is_rebuilt(faults: Faults) -> 
     running = two_running_under_the_daemon(faults)
     for path in db_files(faults.cli.home):
         path.unlink(missing_ok=True)
-    wait_until(lambda: all(db_row(faults.cli.home, n).get("status") == "running" for n in running), 30,
-               ignore=(sqlite3.Error,), message="rows rebuilt")
+    wait_until(
+        lambda: all(db_row(faults.cli.home, n).get("status") == "running" for n in running),
+        30,
+        ignore=(sqlite3.Error,),
+        message="rows rebuilt",
+    )
     check_supervised_and_down(faults, running)
 
 

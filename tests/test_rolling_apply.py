@@ -62,8 +62,12 @@ class StreamingClient:
         try:
             with client.stream("POST", "/v1/chat/completions", json=self.body) as response:
                 lines = list(response.iter_lines())
-                outcome = Outcome(response.status_code, response.headers.get("x-llama-orch-instance"),
-                                  "data: [DONE]" in lines, None if response.status_code == 200 else "\n".join(lines))
+                outcome = Outcome(
+                    response.status_code,
+                    response.headers.get("x-llama-orch-instance"),
+                    "data: [DONE]" in lines,
+                    None if response.status_code == 200 else "\n".join(lines),
+                )
         except httpx.HTTPError as exc:
             outcome = Outcome(0, None, False, f"{type(exc).__name__}: {exc}")
         with self.lock:
@@ -115,8 +119,7 @@ def rolling_apply(daemon: Daemon, configure: Callable[[str, int], dict], body: d
     assert all(new[n] != old[n] for n in REPLICAS), (old, new)
 
     # One after the other: every stop and start of the second replica came after the first was recreated.
-    lifecycle = [e for e in events(cli)
-              if e["id"] > before and e["instance"] in REPLICAS and e["kind"] in LIFECYCLE]
+    lifecycle = [e for e in events(cli) if e["id"] > before and e["instance"] in REPLICAS and e["kind"] in LIFECYCLE]
     order = [e["instance"] for e in lifecycle]
     assert sorted(set(order)) == sorted(REPLICAS), lifecycle
     first = order[0]
@@ -134,13 +137,20 @@ def daemon(cli: Cli):
         cli.run("down", "--all", "--timeout", "2", timeout=120)
 
 
-def test_rolling_apply_of_two_fake_replicas_loses_no_request(daemon: Daemon, tiny_model: Path,
-                                                            fake_binary: Path) -> None:
+def test_rolling_apply_of_two_fake_replicas_loses_no_request(
+    daemon: Daemon, tiny_model: Path, fake_binary: Path
+) -> None:
     ports = {name: free_port() for name in REPLICAS}
 
     def configure(name: str, version: int) -> dict:
-        doc = instance_doc(name, tiny_model, ports[name], fake_binary, aliases=["shared"],
-                           args=["--fake-token-delay", "0.02", "--fake-tokens", "10"])
+        doc = instance_doc(
+            name,
+            tiny_model,
+            ports[name],
+            fake_binary,
+            aliases=["shared"],
+            args=["--fake-token-delay", "0.02", "--fake-tokens", "10"],
+        )
         doc["model"]["context_size"] = 512 + 128 * version
         doc["server"]["parallel"] = 2
         return doc
@@ -150,8 +160,9 @@ def test_rolling_apply_of_two_fake_replicas_loses_no_request(daemon: Daemon, tin
 
 
 @pytest.mark.real_server
-def test_rolling_apply_of_two_real_replicas_loses_no_request(daemon: Daemon, tiny_model: Path,
-                                                            real_binary: Path) -> None:
+def test_rolling_apply_of_two_real_replicas_loses_no_request(
+    daemon: Daemon, tiny_model: Path, real_binary: Path
+) -> None:
     ports = {name: free_port() for name in REPLICAS}
 
     def configure(name: str, version: int) -> dict:
@@ -160,6 +171,12 @@ def test_rolling_apply_of_two_real_replicas_loses_no_request(daemon: Daemon, tin
         doc["server"]["parallel"] = 2
         return doc
 
-    body = {"model": "shared", "messages": [{"role": "user", "content": "hello"}], "stream": True,
-            "max_tokens": 16, "temperature": 0, "seed": 42}
+    body = {
+        "model": "shared",
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": True,
+        "max_tokens": 16,
+        "temperature": 0,
+        "seed": 42,
+    }
     rolling_apply(daemon, configure, body, timeout=300)

@@ -57,11 +57,22 @@ def serve(home: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Callable[...
     taken: list[tuple[str, Phase, Phase]] = []
 
     def start(**settings: object) -> Served:
-        router = Router(lambda: InstanceService(Home(home)), RouterSettings(**settings), tick_s=0.1,
-                        on_phase=lambda name, old, new: taken.append((name, old, new)))
+        router = Router(
+            lambda: InstanceService(Home(home)),
+            RouterSettings(**settings),
+            tick_s=0.1,
+            on_phase=lambda name, old, new: taken.append((name, old, new)),
+        )
         port = free_port()
-        config = uvicorn.Config(make_proxy_app(router), host="127.0.0.1", port=port, loop="uvloop",
-                                http="httptools", lifespan="on", log_level="warning")
+        config = uvicorn.Config(
+            make_proxy_app(router),
+            host="127.0.0.1",
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_level="warning",
+        )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -223,14 +234,22 @@ def test_ttl_stops_an_idle_instance(cli, tiny_model, fake_binary, serve) -> None
 
 
 def test_start_past_the_timeout_is_503_with_retry_after(cli, tiny_model, fake_binary, serve) -> None:
-    add(cli, tiny_model, fake_binary, "slow", "--fake-load-seconds", "3",
-        healthcheck={"interval": 0.5, "timeout": 2, "retries": 3, "start_period": 30})
+    add(
+        cli,
+        tiny_model,
+        fake_binary,
+        "slow",
+        "--fake-load-seconds",
+        "3",
+        healthcheck={"interval": 0.5, "timeout": 2, "retries": 3, "start_period": 30},
+    )
     served = serve(start_timeout=1)
     reply = served.client.post(CHAT, json=chat("slow"))
     assert reply.status_code == 503 and int(reply.headers["retry-after"]) >= 1
     assert reply.json()["error"]["code"] == "starting"
-    wait_until(lambda: served.client.post(CHAT, json=chat("slow")).status_code == 200, 15,
-               message="answered once loaded")
+    wait_until(
+        lambda: served.client.post(CHAT, json=chat("slow")).status_code == 200, 15, message="answered once loaded"
+    )
 
 
 # -- swaps and eviction ----------------------------------------------------------------------------------------
@@ -321,8 +340,18 @@ def test_a_model_over_the_budget_alone_is_refused_clearly(cli, tiny_model, fake_
 
 def test_replicas_are_balanced_and_a_dead_one_is_taken_out(cli, tiny_model, fake_binary, serve) -> None:
     for name in ("r1", "r2"):
-        add(cli, tiny_model, fake_binary, name, "--fake-token-delay", "0.1", "--fake-tokens", "5",
-            aliases=["shared"], server={"port": free_port(), "parallel": 2})
+        add(
+            cli,
+            tiny_model,
+            fake_binary,
+            name,
+            "--fake-token-delay",
+            "0.1",
+            "--fake-tokens",
+            "5",
+            aliases=["shared"],
+            server={"port": free_port(), "parallel": 2},
+        )
     served = serve()
     for name in ("r1", "r2"):
         served.service.start(name)
@@ -341,8 +370,17 @@ def test_replicas_are_balanced_and_a_dead_one_is_taken_out(cli, tiny_model, fake
 
 
 def test_a_full_queue_is_429_with_retry_after(cli, tiny_model, fake_binary, serve) -> None:
-    add(cli, tiny_model, fake_binary, "alpha", "--fake-token-delay", "0.1", "--fake-tokens", "30",
-        concurrency={"limit": 1, "queue": 1, "queue_timeout": 30})
+    add(
+        cli,
+        tiny_model,
+        fake_binary,
+        "alpha",
+        "--fake-token-delay",
+        "0.1",
+        "--fake-tokens",
+        "30",
+        concurrency={"limit": 1, "queue": 1, "queue_timeout": 30},
+    )
     served = serve()
     with served.client.stream("POST", CHAT, json=chat("alpha", stream=True)) as first:
         events = sse_events(first)  # kept: a dropped generator closes the stream (a disconnect)
@@ -359,8 +397,17 @@ def test_a_full_queue_is_429_with_retry_after(cli, tiny_model, fake_binary, serv
 
 
 def test_queue_timeout_is_429(cli, tiny_model, fake_binary, serve) -> None:
-    add(cli, tiny_model, fake_binary, "alpha", "--fake-token-delay", "0.1", "--fake-tokens", "30",
-        concurrency={"limit": 1, "queue": 4, "queue_timeout": 0.5})
+    add(
+        cli,
+        tiny_model,
+        fake_binary,
+        "alpha",
+        "--fake-token-delay",
+        "0.1",
+        "--fake-tokens",
+        "30",
+        concurrency={"limit": 1, "queue": 4, "queue_timeout": 0.5},
+    )
     served = serve()
     with served.client.stream("POST", CHAT, json=chat("alpha", stream=True)) as first:
         events = sse_events(first)  # kept: a dropped generator closes the stream (a disconnect)
@@ -374,8 +421,18 @@ def test_queue_timeout_is_429(cli, tiny_model, fake_binary, serve) -> None:
 def test_an_upstream_that_dies_mid_request_is_502_in_openai_format(cli, tiny_model, fake_binary, serve) -> None:
     # Through /upstream/ (no retry: its body is streamed). On /v1/ the router would retry and restart it; the fake
     # cannot be restarted on its port at once after a crash (it does not set SO_REUSEADDR, llama-server does).
-    add(cli, tiny_model, fake_binary, "crashy", "--fake-crash-after", "0.8", "--fake-token-delay", "0.5",
-        "--fake-tokens", "10")
+    add(
+        cli,
+        tiny_model,
+        fake_binary,
+        "crashy",
+        "--fake-crash-after",
+        "0.8",
+        "--fake-token-delay",
+        "0.5",
+        "--fake-tokens",
+        "10",
+    )
     served = serve()
     reply = served.client.post("/upstream/crashy/v1/chat/completions", json=chat("crashy"))
     assert reply.status_code == 502, reply.text

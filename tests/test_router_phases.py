@@ -52,8 +52,9 @@ class ScriptedService:
     def run(self, name: str) -> InstanceRow:
         """A process appears (started by us, or by someone else)."""
         self.next_pid += 1
-        row = self.rows[name] = InstanceRow(name=name, status="running", health="healthy", pid=self.next_pid,
-                                            port=self.load(name).server.port)
+        row = self.rows[name] = InstanceRow(
+            name=name, status="running", health="healthy", pid=self.next_pid, port=self.load(name).server.port
+        )
         return row
 
     def gone(self, name: str) -> None:
@@ -87,8 +88,17 @@ def scripted(tmp_path: Path, tiny_model: Path) -> tuple[ScriptedService, int]:
     port = free_port()
     path = home.config_path(NAME)
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"name": NAME, "model": {"path": str(tiny_model)}, "server": {"port": port},
-                                "ttl": 5, "aliases": ["shared"]}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": NAME,
+                "model": {"path": str(tiny_model)},
+                "server": {"port": port},
+                "ttl": 5,
+                "aliases": ["shared"],
+            }
+        )
+    )
     return ScriptedService(home), port
 
 
@@ -102,6 +112,7 @@ class Clock:
 
 async def health_server(port: int) -> web.AppRunner:
     app = web.Application()
+
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -117,8 +128,13 @@ def test_every_row_of_the_phase_table_is_reached_and_no_edge_outside_it(scripted
     monkeypatch.setattr(router_module, "REPROBE_S", 0.01)
     clock = Clock()
     taken: list[tuple[Phase, Phase]] = []
-    router = Router(lambda: service, RouterSettings(), clock=clock, tick_s=3600,
-                    on_phase=lambda _name, old, new: taken.append((old, new)))
+    router = Router(
+        lambda: service,
+        RouterSettings(),
+        clock=clock,
+        tick_s=3600,
+        on_phase=lambda _name, old, new: taken.append((old, new)),
+    )
 
     async def scenario() -> None:
         runner = await health_server(port)
@@ -191,8 +207,13 @@ def test_every_row_of_the_phase_table_is_reached_and_no_edge_outside_it(scripted
 def test_an_edge_outside_the_table_or_a_stale_expectation_is_refused_and_logged(scripted, caplog) -> None:
     service, _ = scripted
     taken: list[tuple[Phase, Phase]] = []
-    router = Router(lambda: service, RouterSettings(), clock=Clock(), tick_s=3600,
-                    on_phase=lambda _name, old, new: taken.append((old, new)))
+    router = Router(
+        lambda: service,
+        RouterSettings(),
+        clock=Clock(),
+        tick_s=3600,
+        on_phase=lambda _name, old, new: taken.append((old, new)),
+    )
 
     async def scenario() -> None:
         await router.startup()

@@ -31,8 +31,11 @@ LETTER_A = 3 + ord("a")
 # Greedy and bounded: the same request gives the same tokens, and always exactly max_tokens of them. The bias makes
 # greedy pick the byte "a" whatever the random weights say: visible text by construction, not by luck (left to
 # the weights, greedy picked bytes that are no valid UTF-8, and llama-server streamed no content at all).
-DETERMINISTIC = {"temperature": 0, "seed": 42,
-                 "extra_body": {"top_k": 1, "ignore_eos": True, "logit_bias": [[LETTER_A, 100]]}}
+DETERMINISTIC = {
+    "temperature": 0,
+    "seed": 42,
+    "extra_body": {"top_k": 1, "ignore_eos": True, "logit_bias": [[LETTER_A, 100]]},
+}
 
 
 def client_for(served: Served) -> OpenAI:
@@ -49,8 +52,8 @@ def test_openai_client_lists_streams_on_demand_and_ttl_unloads(cli, tiny_model, 
 
     for name in ("tiny-a", "tiny-b"):
         stream = client.chat.completions.create(
-            model=name, messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True,
-            **DETERMINISTIC)
+            model=name, messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True, **DETERMINISTIC
+        )
         chunks = list(stream)
         assert chunks and {c.model for c in chunks} == {name}
         with_choices = [c for c in chunks if c.choices]
@@ -74,7 +77,8 @@ def test_openai_client_max_loaded_one_alternating(cli, tiny_model, real_binary, 
     contents: dict[str, list[str | None]] = {"tiny-a": [], "tiny-b": []}
     for name in ["tiny-a", "tiny-b", "tiny-a", "tiny-b"]:
         reply = client.chat.completions.create(
-            model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **DETERMINISTIC)
+            model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **DETERMINISTIC
+        )
         assert reply.model == name and reply.choices[0].message.role == "assistant"
         assert reply.usage.completion_tokens == 4 and reply.choices[0].finish_reason == "length"
         assert served.running() == {name}

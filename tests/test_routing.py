@@ -35,14 +35,23 @@ PICKS = [
     ("fewest in flight among loaded", [R("a", 2, limit=4, loaded=True), R("b", 1, limit=4, loaded=True)], "b"),
     ("tie: least recently picked", [R("a", loaded=True, last_picked=5), R("b", loaded=True, last_picked=3)], "b"),
     ("tie, never picked: by name", [R("b", loaded=True), R("a", loaded=True)], "a"),
-    ("a loaded one with a free slot beats starting another",
-     [R("a", 1, limit=2, loaded=True), R("b", 0, loaded=False)], "a"),
+    (
+        "a loaded one with a free slot beats starting another",
+        [R("a", 1, limit=2, loaded=True), R("b", 0, loaded=False)],
+        "a",
+    ),
     ("all loaded ones full: start a stopped one", [R("a", 2, limit=2, loaded=True), R("b")], "b"),
-    ("full, and the stopped one cannot start: shortest wait",
-     [R("a", 2, 3, limit=2, loaded=True), R("b", 2, 1, limit=2, loaded=True), R("c", startable=False)], "b"),
+    (
+        "full, and the stopped one cannot start: shortest wait",
+        [R("a", 2, 3, limit=2, loaded=True), R("b", 2, 1, limit=2, loaded=True), R("c", startable=False)],
+        "b",
+    ),
     ("a replica taken out is skipped", [R("a", loaded=True, up=False), R("b", 3, limit=4, loaded=True)], "b"),
-    ("a down replica loses even to a full one",
-     [R("a", loaded=True, up=False), R("b", 9, 9, limit=1, loaded=True)], "b"),
+    (
+        "a down replica loses even to a full one",
+        [R("a", loaded=True, up=False), R("b", 9, 9, limit=1, loaded=True)],
+        "b",
+    ),
     ("all down: still try one", [R("a", 1, loaded=True, up=False), R("b", 0, loaded=True, up=False)], "b"),
     ("stopped and not startable, vs full", [R("a", startable=False), R("b", 1, limit=1, loaded=True)], "b"),
 ]
@@ -65,21 +74,40 @@ EVICTIONS = [
     ("pinned never", [res("a", 1, pinned=True), res("b", 2)], 2, None, 0, ["b"]),
     ("busy never", [res("a", 1, busy=True), res("b", 2)], 2, None, 0, ["b"]),
     ("nothing evictable: impossible", [res("a", 1, busy=True), res("b", 2, pinned=True)], 2, None, 0, None),
-    ("budget: as many as needed, LRU first",
-     [res("a", 1, 300), res("b", 2, 300), res("c", 3, 300)], None, 1000, 500, ["a", "b"]),
+    (
+        "budget: as many as needed, LRU first",
+        [res("a", 1, 300), res("b", 2, 300), res("c", 3, 300)],
+        None,
+        1000,
+        500,
+        ["a", "b"],
+    ),
     ("budget fits already", [res("a", 1, 300)], None, 1000, 500, []),
-    ("budget: pinned skipped, the next oldest goes",
-     [res("p", 0, 400, pinned=True), res("a", 1, 300), res("b", 2, 300)], None, 1000, 300, ["a"]),
-    ("budget impossible while the big one is busy",
-     [res("big", 1, 800, busy=True), res("a", 2, 100)], None, 1000, 300, None),
+    (
+        "budget: pinned skipped, the next oldest goes",
+        [res("p", 0, 400, pinned=True), res("a", 1, 300), res("b", 2, 300)],
+        None,
+        1000,
+        300,
+        ["a"],
+    ),
+    (
+        "budget impossible while the big one is busy",
+        [res("big", 1, 800, busy=True), res("a", 2, 100)],
+        None,
+        1000,
+        300,
+        None,
+    ),
     ("over the budget alone", [], None, 1000, 1500, None),
     ("both limits: the stricter decides", [res("a", 1, 10), res("b", 2, 10)], 2, 10_000, 10, ["a"]),
     ("equal last use: by name", [res("b", 1), res("a", 1)], 2, None, 0, ["a"]),
 ]
 
 
-@pytest.mark.parametrize(("why", "loaded", "max_loaded", "budget", "need", "expected"), EVICTIONS,
-                         ids=[e[0] for e in EVICTIONS])
+@pytest.mark.parametrize(
+    ("why", "loaded", "max_loaded", "budget", "need", "expected"), EVICTIONS, ids=[e[0] for e in EVICTIONS]
+)
 def test_choose_evictions(why, loaded, max_loaded, budget, need, expected) -> None:
     assert choose_evictions(loaded, max_loaded=max_loaded, budget_mb=budget, need_mb=need) == expected
 
@@ -100,9 +128,17 @@ def test_admit(in_flight: int, limit: int, queued: int, queue_max: int, expected
     assert admit(in_flight=in_flight, limit=limit, queued=queued, queue_max=queue_max) is expected
 
 
-@pytest.mark.parametrize(("queued", "limit", "typical", "expected"), [
-    (0, 1, None, 1), (5, 1, None, 5), (5, 1, 2.0, 10), (8, 4, 3.0, 6), (3, 1, 0.1, 1), (10_000, 1, 60, 600),
-])
+@pytest.mark.parametrize(
+    ("queued", "limit", "typical", "expected"),
+    [
+        (0, 1, None, 1),
+        (5, 1, None, 5),
+        (5, 1, 2.0, 10),
+        (8, 4, 3.0, 6),
+        (3, 1, 0.1, 1),
+        (10_000, 1, 60, 600),
+    ],
+)
 def test_retry_after(queued: int, limit: int, typical: float | None, expected: int) -> None:
     assert retry_after_s(queued=queued, limit=limit, typical_s=typical) == expected
 
@@ -144,11 +180,19 @@ def test_histogram_is_cumulative_like_prometheus() -> None:
 
 
 TOKENS = [
-    ("usage and timings", {"usage": {"completion_tokens": 7}, "timings": {"predicted_per_second": 42.5}},
-     2.0, TokenReport(7, 42.5)),
+    (
+        "usage and timings",
+        {"usage": {"completion_tokens": 7}, "timings": {"predicted_per_second": 42.5}},
+        2.0,
+        TokenReport(7, 42.5),
+    ),
     ("usage only: speed over the elapsed time", {"usage": {"completion_tokens": 8}}, 2.0, TokenReport(8, 4.0)),
-    ("timings only (llama-server's stream)", {"timings": {"predicted_n": 4, "predicted_per_second": 100}}, None,
-     TokenReport(4, 100.0)),
+    (
+        "timings only (llama-server's stream)",
+        {"timings": {"predicted_n": 4, "predicted_per_second": 100}},
+        None,
+        TokenReport(4, 100.0),
+    ),
     ("nothing about tokens", {"choices": []}, 1.0, None),
     ("not an object", [1, 2], 1.0, None),
     ("garbage types", {"usage": "x", "timings": {"predicted_per_second": "fast"}}, 1.0, None),
@@ -173,4 +217,5 @@ def test_sse_token_report_reads_the_last_events() -> None:
 
 def test_error_body_is_openai_format() -> None:
     assert error_body("nope", "invalid_request_error", "model_not_found") == {
-        "error": {"message": "nope", "type": "invalid_request_error", "code": "model_not_found"}}
+        "error": {"message": "nope", "type": "invalid_request_error", "code": "model_not_found"}
+    }

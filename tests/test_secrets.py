@@ -32,11 +32,23 @@ def open_to_others(paths: list[Path]) -> dict[str, str]:
 # -- which names are secret ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "secret"), [
-    ("HF_TOKEN", True), ("LLAMA_API_KEY", True), ("OPENAI_KEY", True), ("aws_secret_access_key", True),
-    ("DB_PASSWORD", True), ("Password", True), ("GITHUB_TOKEN_FILE", True), ("MY_CREDENTIALS", True),
-    ("CUDA_VISIBLE_DEVICES", False), ("OMP_NUM_THREADS", False), ("LLAMA_ARG_CTX_SIZE", False), ("PATH", False),
-])
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("HF_TOKEN", True),
+        ("LLAMA_API_KEY", True),
+        ("OPENAI_KEY", True),
+        ("aws_secret_access_key", True),
+        ("DB_PASSWORD", True),
+        ("Password", True),
+        ("GITHUB_TOKEN_FILE", True),
+        ("MY_CREDENTIALS", True),
+        ("CUDA_VISIBLE_DEVICES", False),
+        ("OMP_NUM_THREADS", False),
+        ("LLAMA_ARG_CTX_SIZE", False),
+        ("PATH", False),
+    ],
+)
 def test_secret_names(name: str, secret: bool) -> None:
     assert is_secret_name(name) is secret
 
@@ -49,8 +61,17 @@ def test_mask_env_hides_the_values_of_secret_names_only() -> None:
 
 def test_mask_args_hides_the_values_of_secret_options() -> None:
     args = ["--api-key", "sk-1", "--alias", "x", "--api-key=sk-2", "--api-key-file", "/run/key", "--hf-token", "t"]
-    assert mask_args(args) == ["--api-key", MASK, "--alias", "x", f"--api-key={MASK}", "--api-key-file",
-                               "/run/key", "--hf-token", MASK]
+    assert mask_args(args) == [
+        "--api-key",
+        MASK,
+        "--alias",
+        "x",
+        f"--api-key={MASK}",
+        "--api-key-file",
+        "/run/key",
+        "--hf-token",
+        MASK,
+    ]
 
 
 # -- masked where shown, not where used -------------------------------------------------------------------------
@@ -61,8 +82,9 @@ def test_describe_and_the_dashboard_mask_secret_env_but_the_server_gets_it(
     cli: Cli, tiny_model: Path, fake_binary: Path
 ) -> None:
     env = {"HF_TOKEN": "hf_live_secret_value", "LLAMA_API_KEY": "sk-instance-key", "OMP_NUM_THREADS": "2"}
-    config = cli.write_config("keyed", instance_doc("keyed", tiny_model, free_port(), fake_binary, env=env,
-                                                    args=["--api-key", "sk-arg-key"]))
+    config = cli.write_config(
+        "keyed", instance_doc("keyed", tiny_model, free_port(), fake_binary, env=env, args=["--api-key", "sk-arg-key"])
+    )
 
     shown = cli.json("describe", "keyed")
     assert shown["config"]["env"] == {"HF_TOKEN": MASK, "LLAMA_API_KEY": MASK, "OMP_NUM_THREADS": "2"}
@@ -98,8 +120,17 @@ def test_a_new_home_is_created_private(cli: Cli, tiny_model: Path, fake_binary: 
     fresh = Cli(tmp_path / "fresh-home")  # does not exist yet: every folder is made by us
     previous = os.umask(0o022)  # the common default, under which plain creation gives 0755/0644
     try:
-        fresh.run("init", "one", "--model", str(tiny_model), "--binary", str(fake_binary), "--port",
-                  str(free_port()), check=True)
+        fresh.run(
+            "init",
+            "one",
+            "--model",
+            str(tiny_model),
+            "--binary",
+            str(fake_binary),
+            "--port",
+            str(free_port()),
+            check=True,
+        )
         fresh.run("up", "one", "-d", "--wait", "--timeout", "30", check=True)
         fresh.run("down", "one", check=True)
     finally:
@@ -107,8 +138,12 @@ def test_a_new_home_is_created_private(cli: Cli, tiny_model: Path, fake_binary: 
     home = fresh.home
     state = home / "state"
     folders = [home, home / "instances", home / "instances" / "one", home / "logs", home / "logs" / "one", state]
-    files = [home / "instances" / "one" / "config.json", state / "state.sqlite",
-             home / "logs" / "one" / "stdout.log", home / "logs" / "one" / "stderr.log"]
+    files = [
+        home / "instances" / "one" / "config.json",
+        state / "state.sqlite",
+        home / "logs" / "one" / "stdout.log",
+        home / "logs" / "one" / "stderr.log",
+    ]
     files += [p for p in (state / "state.sqlite-wal", state / "state.sqlite-shm") if p.exists()]
     assert open_to_others(folders + files) == {}
     assert all(mode(p) == 0o700 for p in folders)
@@ -134,8 +169,9 @@ def test_the_daemon_writes_its_log_and_pid_file_private(cli: Cli) -> None:
 
 
 @posix_only
-def test_a_home_left_open_by_an_older_version_is_tightened_when_opened(cli: Cli, tiny_model: Path,
-                                                                       fake_binary: Path) -> None:
+def test_a_home_left_open_by_an_older_version_is_tightened_when_opened(
+    cli: Cli, tiny_model: Path, fake_binary: Path
+) -> None:
     cli.write_config("old", instance_doc("old", tiny_model, free_port(), fake_binary))
     cli.run("ps", check=True)  # makes state/state.sqlite
     logs = cli.home / "logs" / "old"
@@ -155,14 +191,17 @@ def test_a_home_left_open_by_an_older_version_is_tightened_when_opened(cli: Cli,
 
 
 @posix_only
-@pytest.mark.parametrize(("permissions", "keys", "refused"), [
-    (0o644, {"api_keys": ["sk-router"]}, True),
-    (0o640, {"control_keys": ["admin"]}, True),
-    (0o604, {"api_keys": ["sk-router"]}, True),
-    (0o600, {"api_keys": ["sk-router"], "control_keys": ["admin"]}, False),
-    (0o400, {"api_keys": ["sk-router"]}, False),
-    (0o644, {}, False),  # nothing secret in it: readable is fine
-])
+@pytest.mark.parametrize(
+    ("permissions", "keys", "refused"),
+    [
+        (0o644, {"api_keys": ["sk-router"]}, True),
+        (0o640, {"control_keys": ["admin"]}, True),
+        (0o604, {"api_keys": ["sk-router"]}, True),
+        (0o600, {"api_keys": ["sk-router"], "control_keys": ["admin"]}, False),
+        (0o400, {"api_keys": ["sk-router"]}, False),
+        (0o644, {}, False),  # nothing secret in it: readable is fine
+    ],
+)
 def test_settings_with_keys_must_be_private(tmp_path: Path, permissions: int, keys: dict, refused: bool) -> None:
     from llama_orchestrator.adapters.config_files import load_settings
     from llama_orchestrator.domain.errors import ConfigError
@@ -193,5 +232,12 @@ def test_the_daemon_refuses_open_settings_with_keys_and_says_the_fix(cli: Cli) -
 def test_only_an_option_whose_last_word_is_secret_is_masked() -> None:
     # "token" inside an option name is not enough: --draft-token-delay takes a number, --ssl-key-file a path.
     args = ["--fake-token-delay", "0.1", "--ssl-key-file", "/k.pem", "--api_key", "sk", "--hf-token=t"]
-    assert mask_args(args) == ["--fake-token-delay", "0.1", "--ssl-key-file", "/k.pem", "--api_key", MASK,
-                               f"--hf-token={MASK}"]
+    assert mask_args(args) == [
+        "--fake-token-delay",
+        "0.1",
+        "--ssl-key-file",
+        "/k.pem",
+        "--api_key",
+        MASK,
+        f"--hf-token={MASK}",
+    ]

@@ -53,8 +53,16 @@ def orch(tmp_path: Path) -> Home:
 @pytest.fixture
 def target(orch: Home, tmp_path: Path) -> Target:
     user_home = tmp_path / "user"
-    return Target(home=orch.root, argv=daemon_argv(orch), state_dir=orch.state_dir, user_home=user_home,
-                  config_home=user_home / ".config", uid=501, user="alice", path_env="/usr/local/bin:/usr/bin")
+    return Target(
+        home=orch.root,
+        argv=daemon_argv(orch),
+        state_dir=orch.state_dir,
+        user_home=user_home,
+        config_home=user_home / ".config",
+        uid=501,
+        user="alice",
+        path_env="/usr/local/bin:/usr/bin",
+    )
 
 
 def installer(orch: Home, target: Target, os_name: str, runner: Runner, **kw) -> ServiceInstaller:
@@ -74,11 +82,15 @@ def test_the_unit_runs_the_daemon_in_the_foreground_and_restarts_on_failure(targ
     assert f"ExecStart={exec_line(target.argv)}" in lines
     assert f'--home "{orch.root}"'.replace("%", "%%") in unit  # a space quoted, the specifier doubled
     assert exec_line(target.argv).endswith(" daemon run")
-    for line in ("Restart=on-failure", "Type=simple", "WantedBy=default.target", "KillMode=process",
-                 "Environment=PATH=/usr/local/bin:/usr/bin"):
+    for line in (
+        "Restart=on-failure",
+        "Type=simple",
+        "WantedBy=default.target",
+        "KillMode=process",
+        "Environment=PATH=/usr/local/bin:/usr/bin",
+    ):
         assert line in lines, line
-    assert exec_line(["/a b/python", "-c", 'print("$HOME 100%")']) == \
-        '"/a b/python" -c "print(\\"$$HOME 100%%\\")"'
+    assert exec_line(["/a b/python", "-c", 'print("$HOME 100%")']) == '"/a b/python" -c "print(\\"$$HOME 100%%\\")"'
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
@@ -92,8 +104,14 @@ def test_the_unit_passes_systemd_analyze_verify(target, tmp_path):
     def verify(text: str) -> subprocess.CompletedProcess[str]:
         unit = folder / "llama-orchestrator.service"
         unit.write_text(text)
-        return subprocess.run(["systemd-analyze", "verify", "--user", str(unit)], capture_output=True, text=True,
-                              env=env, cwd=folder, timeout=60)
+        return subprocess.run(
+            ["systemd-analyze", "verify", "--user", str(unit)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=folder,
+            timeout=60,
+        )
 
     good = verify(SystemdUserUnit().render(target))
     assert good.returncode == 0 and "llama-orchestrator.service" not in good.stderr, good.stderr
@@ -116,12 +134,15 @@ def test_linux_install_writes_the_unit_then_reloads_and_enables(orch, target):
 
 
 def test_linux_status_asks_is_enabled_and_is_active(orch, target):
-    runner = Runner({("systemctl", "--user", "is-enabled"): (0, "enabled\n"),
-                     ("systemctl", "--user", "is-active"): (0, "active\n")})
+    runner = Runner(
+        {("systemctl", "--user", "is-enabled"): (0, "enabled\n"), ("systemctl", "--user", "is-active"): (0, "active\n")}
+    )
     status = installer(orch, target, "linux", runner).status()
     assert (status.installed, status.enabled, status.active) == (False, True, True)
-    assert runner.calls[1:] == [["systemctl", "--user", "is-enabled", "llama-orchestrator.service"],
-                                ["systemctl", "--user", "is-active", "llama-orchestrator.service"]]
+    assert runner.calls[1:] == [
+        ["systemctl", "--user", "is-enabled", "llama-orchestrator.service"],
+        ["systemctl", "--user", "is-active", "llama-orchestrator.service"],
+    ]
 
 
 def test_linux_uninstall_removes_every_trace(orch, target):
@@ -134,8 +155,10 @@ def test_linux_uninstall_removes_every_trace(orch, target):
     assert plan is not None
     assert every_file(target.config_home) == ["systemd", "systemd/user", "systemd/user/default.target.wants"]
     assert [c[2:] for c in runner.calls[-3:]] == [
-        ["disable", "--now", "llama-orchestrator.service"], ["daemon-reload"],
-        ["reset-failed", "llama-orchestrator.service"]]
+        ["disable", "--now", "llama-orchestrator.service"],
+        ["daemon-reload"],
+        ["reset-failed", "llama-orchestrator.service"],
+    ]
     assert installer(orch, target, "linux", Runner()).uninstall() is None  # again: nothing to do
 
 
@@ -154,8 +177,11 @@ def test_without_a_user_bus_install_fails_clearly_and_writes_nothing(orch, targe
 
 def test_a_failing_command_stops_the_install_and_names_it(orch, target):
     runner = Runner({("systemctl", "--user", "enable"): (1, "Failed to enable unit: Access denied")})
-    with pytest.raises(OrchestratorError, match=r"`systemctl --user enable --now llama-orchestrator.service` "
-                                                r"failed \(exit 1\): Failed to enable unit: Access denied"):
+    with pytest.raises(
+        OrchestratorError,
+        match=r"`systemctl --user enable --now llama-orchestrator.service` "
+        r"failed \(exit 1\): Failed to enable unit: Access denied",
+    ):
         installer(orch, target, "linux", runner).install()
 
 
@@ -179,8 +205,10 @@ def test_macos_install_status_uninstall(orch, target):
     runner = Runner({("launchctl", "bootout"): (3, "Boot-out failed: 3: No such process")})
     installer(orch, target, "macos", runner).install()
     assert plist.read_text() == LaunchdAgent().render(target)
-    assert runner.calls == [["launchctl", "bootout", "gui/501/io.github.llama-orchestrator"],
-                            ["launchctl", "bootstrap", "gui/501", str(plist)]]
+    assert runner.calls == [
+        ["launchctl", "bootout", "gui/501/io.github.llama-orchestrator"],
+        ["launchctl", "bootstrap", "gui/501", str(plist)],
+    ]
 
     printed = "gui/501/io.github.llama-orchestrator = {\n\tactive count = 1\n\tstate = running\n\tpid = 4242\n}"
     status = installer(orch, target, "macos", Runner({("launchctl", "print"): (0, printed)})).status()
@@ -224,16 +252,21 @@ def test_windows_task_install_status_uninstall(orch, target):
         ["schtasks", "/Run", "/TN", "llama-orchestrator"],
     ]
 
-    listing = ("Folder: \\\nHostName:      DESKTOP-1\nTaskName:      \\llama-orchestrator\nStatus:        Running\n"
-               "Scheduled Task State:          Enabled\n")
-    status = installer(orch, target, "windows", Runner({("schtasks", "/Query"): (0, listing)}),
-                       which=lambda program: None).status()
+    listing = (
+        "Folder: \\\nHostName:      DESKTOP-1\nTaskName:      \\llama-orchestrator\nStatus:        Running\n"
+        "Scheduled Task State:          Enabled\n"
+    )
+    status = installer(
+        orch, target, "windows", Runner({("schtasks", "/Query"): (0, listing)}), which=lambda program: None
+    ).status()
     assert (status.installed, status.enabled, status.active) == (True, True, True)
 
     runner = Runner()
     installer(orch, target, "windows", runner, which=lambda program: None).uninstall()
-    assert runner.calls[1:] == [["schtasks", "/End", "/TN", "llama-orchestrator"],
-                                ["schtasks", "/Delete", "/TN", "llama-orchestrator", "/F"]]
+    assert runner.calls[1:] == [
+        ["schtasks", "/End", "/TN", "llama-orchestrator"],
+        ["schtasks", "/Delete", "/TN", "llama-orchestrator", "/F"],
+    ]
     assert not xml.exists()
 
 
@@ -252,8 +285,12 @@ def test_nssm_is_used_when_it_is_on_path(orch, target):
     assert kill_tree in runner.calls and runner.calls.index(kill_tree) < runner.calls.index(runner.calls[-1])
     assert runner.calls[-1] == ["nssm", "start", "llama-orchestrator"]
     # NSSM answers in UTF-16: the NULs are dropped before reading.
-    utf16 = Runner({("nssm", "status"): (0, "\x00".join("SERVICE_RUNNING") + "\x00"),
-                    ("nssm", "get"): (0, "SERVICE_AUTO_START\r\n")})
+    utf16 = Runner(
+        {
+            ("nssm", "status"): (0, "\x00".join("SERVICE_RUNNING") + "\x00"),
+            ("nssm", "get"): (0, "SERVICE_AUTO_START\r\n"),
+        }
+    )
     status = installer(orch, target, "windows", utf16, which=nssm).status()
     assert (status.installed, status.enabled, status.active) == (True, True, True)
     runner = Runner()
@@ -277,12 +314,34 @@ def test_options_that_do_not_fit_are_usage_errors(orch, target):
     ("os_name", "expected"),
     [
         # NAME: this (not default) home's service name, llama-orchestrator-<hash of its path>
-        ("linux", ["[Service]", "Restart=on-failure", "$ systemctl --user daemon-reload",
-                   "$ systemctl --user enable --now NAME.service", "/systemd/user/NAME.service"]),
-        ("macos", ["<key>RunAtLoad</key>", "<key>SuccessfulExit</key>", "$ launchctl bootstrap gui/",
-                   "/Library/LaunchAgents/io.github.NAME.plist"]),
-        ("windows", ["<LogonTrigger>", "<RunLevel>LeastPrivilege</RunLevel>",
-                     "> schtasks /Create /TN NAME /XML", "> schtasks /Run /TN NAME"]),
+        (
+            "linux",
+            [
+                "[Service]",
+                "Restart=on-failure",
+                "$ systemctl --user daemon-reload",
+                "$ systemctl --user enable --now NAME.service",
+                "/systemd/user/NAME.service",
+            ],
+        ),
+        (
+            "macos",
+            [
+                "<key>RunAtLoad</key>",
+                "<key>SuccessfulExit</key>",
+                "$ launchctl bootstrap gui/",
+                "/Library/LaunchAgents/io.github.NAME.plist",
+            ],
+        ),
+        (
+            "windows",
+            [
+                "<LogonTrigger>",
+                "<RunLevel>LeastPrivilege</RunLevel>",
+                "> schtasks /Create /TN NAME /XML",
+                "> schtasks /Run /TN NAME",
+            ],
+        ),
     ],
 )
 def test_dry_run_prints_the_files_and_commands_of_each_os(cli, os_name, expected):
@@ -349,9 +408,16 @@ def test_two_homes_install_side_by_side(tmp_path, os_name):
     plans, runners = [], []
     for folder in ("home-a", "home-b"):
         orch = Home(tmp_path / folder)
-        target = Target(home=orch.root, argv=daemon_argv(orch), state_dir=orch.state_dir, user_home=user_home,
-                        config_home=user_home / ".config", uid=501, user="alice",
-                        name=service_name_for(orch.root, tmp_path / "default"))
+        target = Target(
+            home=orch.root,
+            argv=daemon_argv(orch),
+            state_dir=orch.state_dir,
+            user_home=user_home,
+            config_home=user_home / ".config",
+            uid=501,
+            user="alice",
+            name=service_name_for(orch.root, tmp_path / "default"),
+        )
         runner = Runner({("nssm", "stop"): (3, ""), ("nssm", "remove"): (3, "")})
         via = {"via": "nssm", "which": lambda p: "nssm"} if os_name == "nssm" else {}
         real_os = "windows" if os_name == "nssm" else os_name

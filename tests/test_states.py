@@ -66,4 +66,3 @@ def test_states_is_a_leaf_module() -> None:
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}
-

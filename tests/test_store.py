@@ -34,8 +34,9 @@ def test_transition_is_a_compare_and_swap_with_its_event(tmp_path: Path) -> None
     assert not store.transition("a", Status.starting, Status.exited, event=("exited", "x")), "status moved on"
     assert not store.transition("a", Status.running, Status.exited, only_if={"pid": 11}), "another process"
     assert store.get("a").status == "running" and store.events() == []
-    assert store.transition("a", {Status.running, Status.starting}, Status.exited, event=("exited", "gone"),
-                            now=5.0, exit_code=3)
+    assert store.transition(
+        "a", {Status.running, Status.starting}, Status.exited, event=("exited", "gone"), now=5.0, exit_code=3
+    )
     row = store.get("a")
     assert (row.status, row.exit_code, row.updated_at) == ("exited", 3, 5.0)
     assert [(e.instance, e.kind, e.message, e.ts) for e in store.events()] == [("a", "exited", "gone", 5.0)]
@@ -176,8 +177,9 @@ def test_several_processes_write_at_once_without_database_is_locked(tmp_path: Pa
     path = tmp_path / "state.sqlite"
     Store(path)
     writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"w{n}"], stderr=subprocess.PIPE, text=True,
-                         env=subprocess_env())
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), f"w{n}"], stderr=subprocess.PIPE, text=True, env=subprocess_env()
+        )
         for n in range(4)
     ]
     errors = [w.communicate(timeout=120)[1] for w in writers]
@@ -202,8 +204,13 @@ def test_processes_finding_the_same_corrupt_file_at_once_all_carry_on(tmp_path: 
     _filled(path).close()
     _corrupt(path)
     openers = [
-        subprocess.Popen([sys.executable, "-c", OPENER, str(path), f"p{n}"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, str(path), f"p{n}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+        )
         for n in range(4)
     ]
     results = [o.communicate(timeout=120) for o in openers]

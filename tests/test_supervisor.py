@@ -37,8 +37,13 @@ class FakeOps:
     def run(self, name: str) -> None:
         self.next_pid += 1
         self.rows[name] = replace(
-            self.rows[name], status="starting", pid=self.next_pid, create_time=float(self.next_pid),
-            started_at=self.now, stopped_by_user=False, exit_code=None,
+            self.rows[name],
+            status="starting",
+            pid=self.next_pid,
+            create_time=float(self.next_pid),
+            started_at=self.now,
+            stopped_by_user=False,
+            exit_code=None,
         )
 
     def crash(self, name: str, code: int | None = 1) -> None:
@@ -110,8 +115,14 @@ def config(name: str = "m", **sections: dict) -> InstanceConfig:
         "name": name,
         "model": {"path": "m.gguf"},
         "healthcheck": {"interval": 1, "timeout": 1, "retries": 3, "start_period": 10},
-        "restart": {"policy": "on-failure", "max_retries": 5, "backoff_seconds": 10, "backoff_multiplier": 2,
-                    "max_backoff_seconds": 300, "reset_after_seconds": 300},
+        "restart": {
+            "policy": "on-failure",
+            "max_retries": 5,
+            "backoff_seconds": 10,
+            "backoff_multiplier": 2,
+            "max_backoff_seconds": 300,
+            "reset_after_seconds": 300,
+        },
     }
     for key, value in sections.items():
         document[key] = {**document.get(key, {}), **value} if isinstance(value, dict) else value
@@ -289,7 +300,9 @@ def test_a_person_start_after_failed_begins_the_count_again() -> None:
         ("never", True, True, True),
     ],
 )
-def test_boot_starts_per_policy_and_autostart(policy: str, stopped_by_user: bool, autostart: bool, started: bool) -> None:
+def test_boot_starts_per_policy_and_autostart(
+    policy: str, stopped_by_user: bool, autostart: bool, started: bool
+) -> None:
     ops, sup = world(config(restart={"policy": policy}, autostart=autostart))
     ops.rows["m"] = replace(ops.rows["m"], status="stopped", stopped_by_user=stopped_by_user)
     sup.boot(0.0)

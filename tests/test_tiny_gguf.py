@@ -55,7 +55,10 @@ def test_cli_writes_and_prints_the_path(tmp_path: Path) -> None:
     out = tmp_path / "m" / "tiny.gguf"
     proc = subprocess.run(
         [sys.executable, "-m", "llama_orchestrator.testing.tiny_gguf", str(out), "--seed", "3"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=60,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()) == out.resolve()
@@ -108,13 +111,28 @@ def test_real_llama_server_loads_and_chats(tmp_path: Path) -> None:
     )
     env = subprocess_env({"LD_LIBRARY_PATH": lib_dirs, "DYLD_LIBRARY_PATH": str(binary.parent)})
     err_path = tmp_path / "llama-server.stderr"
-    argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-c", "512", "-np", "1", "-t", "2", "--no-webui"]
+    argv = [
+        str(binary),
+        "-m",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        "512",
+        "-np",
+        "1",
+        "-t",
+        "2",
+        "--no-webui",
+    ]
     started = time.monotonic()
     with open(err_path, "wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
+
         def healthy() -> bool:
             assert proc.poll() is None, f"llama-server exited {proc.returncode}:\n{err_path.read_text()[-4000:]}"
             return httpx.get(url + "/health", timeout=2).status_code == 200
@@ -128,8 +146,13 @@ def test_real_llama_server_loads_and_chats(tmp_path: Path) -> None:
         r = httpx.post(
             url + "/v1/chat/completions",
             # Deterministic (random weights sample noise); the asserts below do not depend on what it samples.
-            json={"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8, "temperature": 0, "seed": 42,
-                  "top_k": 1},
+            json={
+                "messages": [{"role": "user", "content": "Hello!"}],
+                "max_tokens": 8,
+                "temperature": 0,
+                "seed": 42,
+                "top_k": 1,
+            },
             timeout=60,
         )
         assert r.status_code == 200, r.text

@@ -90,6 +90,7 @@ class World:
         ops = ServiceOps(self.svc)
         ops.probe = lambda config, port: ProbeOutcome(200, latency_ms=1.0)  # type: ignore[method-assign]
         if fail_starts:
+
             def failing_start(name: str):
                 raise StartError(f"{name}: port in use")
 
@@ -108,8 +109,13 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, tiny_model: Path, fake_binary: Path, monkeypatch: pytest.MonkeyPatch,
-          caplog: pytest.LogCaptureFixture) -> Iterator[World]:
+def world(
+    tmp_path: Path,
+    tiny_model: Path,
+    fake_binary: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> Iterator[World]:
     w = World(tmp_path / "home", tiny_model, fake_binary)
     original = Store.transition
 
@@ -190,8 +196,12 @@ def _interrupted_down(w: World) -> int:
     w.healthy("a")
     pid = w.svc.store.get("a").pid
     env = subprocess_env({"LLAMA_ORCH_HOME": str(w.root), "LLAMA_ORCH_NO_DAEMON": "1"})
-    down = subprocess.Popen([*_cli_command(), "down", "a", "--timeout", "120"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    down = subprocess.Popen(
+        [*_cli_command(), "down", "a", "--timeout", "120"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until(lambda: w.svc.store.get("a").status == "stopping", 30, message="down wrote stopping")
         assert w.svc.refresh("a").status == "stopping", "a stop in progress (its lock held) is left alone"

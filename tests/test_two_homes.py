@@ -30,7 +30,11 @@ def test_the_chosen_port_is_recorded_and_the_rest_of_the_file_kept(tmp_path: Pat
     record_api_port(kept, 41235)
     settings = load_settings(kept)
     assert (settings.api.port, settings.api.host, settings.reload, settings.router.max_loaded) == (
-        41235, "127.0.0.1", "auto", 2)
+        41235,
+        "127.0.0.1",
+        "auto",
+        2,
+    )
 
 
 def _hold(port: int) -> socket.socket | None:

@@ -47,8 +47,15 @@ def browser() -> Iterator:
         _missing("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
-                "--disable-extensions", "--no-first-run", "--disable-background-networking"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,800",
+        "--disable-extensions",
+        "--no-first-run",
+        "--disable-background-networking",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
@@ -82,9 +89,12 @@ def wait_for(driver, condition, timeout: float = WAIT_S, message: str = ""):
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.05,
-                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
-        lambda d: condition(d), message)
+    return WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.05,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    ).until(lambda d: condition(d), message)
 
 
 def open_page(driver, daemon: Daemon, key: str | None = KEY) -> None:
@@ -167,8 +177,11 @@ def test_log_view_follows_new_lines(browser, keyed_daemon: Daemon, tiny_model: P
     open_page(browser, keyed_daemon)
     wait_status(browser, "alpha", "running")
     by_css(browser, 'tr[data-name="alpha"] th button').click()
-    wait_for(browser, lambda d: "main: server is listening" in by_css(d, "#log").text or
-             len(by_css(d, "#log").text.splitlines()) > 2, message="the log's tail")
+    wait_for(
+        browser,
+        lambda d: "main: server is listening" in by_css(d, "#log").text or len(by_css(d, "#log").text.splitlines()) > 2,
+        message="the log's tail",
+    )
     wait_for(browser, lambda d: '"port"' in by_css(d, "#detail-config").text, message="the config")
     wait_for(browser, lambda d: "healthy" in by_css(d, "#detail-health").text, message="the health history")
     marker = f"line written by the test at {time.time()}"
@@ -180,8 +193,9 @@ def test_log_view_follows_new_lines(browser, keyed_daemon: Daemon, tiny_model: P
 
 
 def test_playground_shows_streamed_tokens(browser, keyed_daemon: Daemon, tiny_model: Path, fake_binary: Path) -> None:
-    add_instance(keyed_daemon.cli, "alpha", tiny_model, fake_binary,
-                 args=["--fake-token-delay", "0.25", "--fake-tokens", "8"])
+    add_instance(
+        keyed_daemon.cli, "alpha", tiny_model, fake_binary, args=["--fake-token-delay", "0.25", "--fake-tokens", "8"]
+    )
     start(keyed_daemon, "alpha")
     open_page(browser, keyed_daemon)
     wait_status(browser, "alpha", "running")
@@ -189,8 +203,13 @@ def test_playground_shows_streamed_tokens(browser, keyed_daemon: Daemon, tiny_mo
     wait_for(browser, lambda d: "alpha" in [o.text for o in d.find_elements("css selector", "#chat-model option")])
     by_css(browser, "#chat-send").click()
     # Streamed: some tokens are on the page while the answer is still coming, then all of them.
-    partial = wait_for(browser, lambda d: (by_css(d, "#chat-output").get_attribute("data-state") == "streaming"
-                                           and int(by_css(d, "#chat-output").get_attribute("data-chunks") or 0)))
+    partial = wait_for(
+        browser,
+        lambda d: (
+            by_css(d, "#chat-output").get_attribute("data-state") == "streaming"
+            and int(by_css(d, "#chat-output").get_attribute("data-chunks") or 0)
+        ),
+    )
     assert 0 < partial < 8
     wait_for(browser, lambda d: by_css(d, "#chat-output").get_attribute("data-state") == "done")
     assert by_css(browser, "#chat-output").get_attribute("data-chunks") == "8"
@@ -212,16 +231,15 @@ def test_a_wrong_key_is_refused(browser, keyed_daemon: Daemon, tiny_model: Path,
     assert not [u for u in requested_urls(browser) if KEY in u or "sk-wrong" in u]
 
 
-def test_keyboard_only_and_a_phone_width(
-    browser, keyed_daemon: Daemon, tiny_model: Path, fake_binary: Path
-) -> None:
+def test_keyboard_only_and_a_phone_width(browser, keyed_daemon: Daemon, tiny_model: Path, fake_binary: Path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
     add_instance(keyed_daemon.cli, "alpha", tiny_model, fake_binary)
     start(keyed_daemon, "alpha")
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                            {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True}
+    )
     open_page(browser, keyed_daemon)
     wait_status(browser, "alpha", "running")
     # Readable on a phone: the table fits the width, with its status, health and actions.
@@ -273,8 +291,12 @@ def test_models_view_lists_files_and_pulls_with_progress(
         wait_for(browser, lambda d: "alpha" in by_css(d, "#models").text, message="the router's models")
         by_css(browser, "#pull-ref").send_keys("me/tiny-GGUF:Q8_0")
         by_css(browser, "#pull-send").click()
-        wait_for(browser, lambda d: "pulled" in by_css(d, "#pull-msg").text or "failed" in by_css(d, "#pull-msg").text,
-                 timeout=60, message="the pull's end")
+        wait_for(
+            browser,
+            lambda d: "pulled" in by_css(d, "#pull-msg").text or "failed" in by_css(d, "#pull-msg").text,
+            timeout=60,
+            message="the pull's end",
+        )
         assert "pulled" in by_css(browser, "#pull-msg").text, by_css(browser, "#pull-msg").text
         meter = by_css(browser, "#pull-progress progress")
         size = str(hub.size("me/tiny-GGUF", "tiny-Q8_0.gguf"))
@@ -339,13 +361,16 @@ def test_static_files_headers_and_the_stream_needs_the_key(
 
 
 @pytest.mark.real_server
-def test_playground_streams_from_the_real_llama_server(
-    browser, cli: Cli, tiny_model: Path, real_binary: Path
-) -> None:
+def test_playground_streams_from_the_real_llama_server(browser, cli: Cli, tiny_model: Path, real_binary: Path) -> None:
     daemon = start_daemon(cli)  # no keys: the page opens straight away, as for a new user on loopback
     try:
-        add_instance(cli, "tiny", tiny_model, real_binary,
-                     healthcheck={"interval": 0.5, "timeout": 5, "retries": 3, "start_period": 120})
+        add_instance(
+            cli,
+            "tiny",
+            tiny_model,
+            real_binary,
+            healthcheck={"interval": 0.5, "timeout": 5, "retries": 3, "start_period": 120},
+        )
         with daemon.client() as api:
             answer = api.post("/api/instances/tiny/start", params={"wait": "true", "timeout": 120})
             assert answer.status_code == 200, answer.text
@@ -354,12 +379,12 @@ def test_playground_streams_from_the_real_llama_server(
         by_css(browser, "#chat-max").clear()
         by_css(browser, "#chat-max").send_keys("16")
         by_css(browser, "#chat-send").click()
-        wait_for(browser, lambda d: by_css(d, "#chat-output").get_attribute("data-state") in ("done", "failed"),
-                 timeout=120)
+        wait_for(
+            browser, lambda d: by_css(d, "#chat-output").get_attribute("data-state") in ("done", "failed"), timeout=120
+        )
         assert by_css(browser, "#chat-error").text == ""
         assert int(by_css(browser, "#chat-output").get_attribute("data-chunks") or 0) >= 2
         assert_local_only(requested_urls(browser), daemon)
     finally:
         cli.run("daemon", "stop", timeout=60)
         cli.run("down", "--all", "--timeout", "1", timeout=120)
-

@@ -209,8 +209,9 @@ class RemoteInstances:
 
         def pump(name: str) -> None:
             try:
-                for line in self.client.stream_lines(f"/api/instances/{name}/logs", tail=0, follow=True,
-                                                     until_exit=True, new_only=True):
+                for line in self.client.stream_lines(
+                    f"/api/instances/{name}/logs", tail=0, follow=True, until_exit=True, new_only=True
+                ):
                     merged.put((name, line))
                 merged.put((name, None))
             except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, which raises it

@@ -37,7 +37,12 @@ def run_command(
     argv = [str(a) for a in argv]
     try:
         return subprocess.run(
-            argv, capture_output=True, text=True, errors="replace", timeout=timeout, stdin=subprocess.DEVNULL,
+            argv,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else None,
         )
     except FileNotFoundError:
@@ -199,8 +204,18 @@ _DEVICE_LINE = re.compile(
     r"^\s+(?P<id>(?P<prefix>[A-Za-z][A-Za-z_]*?)(?P<index>\d+)?):\s*(?P<name>.*?)"
     r"(?:\s*\((?P<total>\d+)\s*MiB,\s*(?P<free>\d+)\s*MiB free\))?\s*$"
 )
-_PREFIX_BACKENDS = {"vulkan": "vulkan", "cuda": "cuda", "rocm": "rocm", "hip": "rocm", "mtl": "metal",
-                    "metal": "metal", "sycl": "sycl", "cann": "cann", "opencl": "opencl", "musa": "musa"}
+_PREFIX_BACKENDS = {
+    "vulkan": "vulkan",
+    "cuda": "cuda",
+    "rocm": "rocm",
+    "hip": "rocm",
+    "mtl": "metal",
+    "metal": "metal",
+    "sycl": "sycl",
+    "cann": "cann",
+    "opencl": "opencl",
+    "musa": "musa",
+}
 _VERSION_LINE = re.compile(r"^\s*version:\s*(?P<version>\S.*?)\s*$", re.MULTILINE)
 
 
@@ -219,15 +234,17 @@ def parse_list_devices(text: str) -> list[GpuDevice]:
         if match is None or not match["name"]:
             continue
         prefix = match["prefix"].lower()
-        devices.append(GpuDevice(
-            source="llama-server",
-            backend=_PREFIX_BACKENDS.get(prefix, prefix),
-            name=match["name"],
-            index=int(match["index"]) if match["index"] is not None else None,
-            id=match["id"],
-            total_mib=int(match["total"]) if match["total"] else None,
-            free_mib=int(match["free"]) if match["free"] else None,
-        ))
+        devices.append(
+            GpuDevice(
+                source="llama-server",
+                backend=_PREFIX_BACKENDS.get(prefix, prefix),
+                name=match["name"],
+                index=int(match["index"]) if match["index"] is not None else None,
+                id=match["id"],
+                total_mib=int(match["total"]) if match["total"] else None,
+                free_mib=int(match["free"]) if match["free"] else None,
+            )
+        )
     return devices
 
 

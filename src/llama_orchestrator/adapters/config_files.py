@@ -157,5 +157,11 @@ def _refuse_open_keys(path: Path, settings) -> None:
         return
     mode = readable_by_others(path)
     if mode is not None:
-        raise ConfigError(str(path), [ConfigProblem(
-            "api", f"holds keys but its permissions {mode:04o} let other users read it: run `chmod 600 {path}`")])
+        raise ConfigError(
+            str(path),
+            [
+                ConfigProblem(
+                    "api", f"holds keys but its permissions {mode:04o} let other users read it: run `chmod 600 {path}`"
+                )
+            ],
+        )

@@ -34,8 +34,12 @@ class SourceResult:
     detail: str = ""
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "status": self.status, "detail": self.detail,
-                "devices": [d.as_dict() for d in self.devices]}
+        return {
+            "source": self.source,
+            "status": self.status,
+            "detail": self.detail,
+            "devices": [d.as_dict() for d in self.devices],
+        }
 
 
 @dataclass
@@ -60,10 +64,18 @@ def parse_nvidia_smi(text: str) -> list[GpuDevice]:
         parts = [p.strip() for p in line.split(",")]
         if len(parts) < 4 or not parts[0].isdigit():
             continue
-        devices.append(GpuDevice(
-            source="nvidia-smi", backend="cuda", name=parts[1], index=int(parts[0]), id=f"CUDA{parts[0]}",
-            total_mib=_int_or_none(parts[2]), free_mib=_int_or_none(parts[3]), vendor="nvidia",
-        ))
+        devices.append(
+            GpuDevice(
+                source="nvidia-smi",
+                backend="cuda",
+                name=parts[1],
+                index=int(parts[0]),
+                id=f"CUDA{parts[0]}",
+                total_mib=_int_or_none(parts[2]),
+                free_mib=_int_or_none(parts[3]),
+                vendor="nvidia",
+            )
+        )
     return devices
 
 
@@ -81,12 +93,18 @@ def parse_rocm_smi(text: str) -> list[GpuDevice]:
         total = _int_or_none(info.get("VRAM Total Memory (B)"))
         used = _int_or_none(info.get("VRAM Total Used Memory (B)"))
         name = info.get("Card series") or info.get("Card SKU") or f"AMD GPU {card}"
-        devices.append(GpuDevice(
-            source="rocm-smi", backend="rocm", name=str(name),
-            index=index, id=f"ROCm{index}" if index is not None else card,
-            total_mib=total // _MIB if total is not None else None,
-            free_mib=(total - used) // _MIB if total is not None and used is not None else None, vendor="amd",
-        ))
+        devices.append(
+            GpuDevice(
+                source="rocm-smi",
+                backend="rocm",
+                name=str(name),
+                index=index,
+                id=f"ROCm{index}" if index is not None else card,
+                total_mib=total // _MIB if total is not None else None,
+                free_mib=(total - used) // _MIB if total is not None and used is not None else None,
+                vendor="amd",
+            )
+        )
     return devices
 
 
@@ -107,8 +125,16 @@ def parse_vulkaninfo_summary(text: str) -> list[GpuDevice]:
             continue
         vendor = PCI_VENDORS.get(block.get("vendorID", "").lower())
         index = int(block["index"])
-        devices.append(GpuDevice(source="vulkaninfo", backend="vulkan", name=block["deviceName"], index=index,
-                                 id=f"Vulkan{index}", vendor=vendor))
+        devices.append(
+            GpuDevice(
+                source="vulkaninfo",
+                backend="vulkan",
+                name=block["deviceName"],
+                index=index,
+                id=f"Vulkan{index}",
+                vendor=vendor,
+            )
+        )
     return devices
 
 
@@ -143,8 +169,11 @@ def detect(
         result = run([found, *query])
         if result.returncode != 0:
             reason = (result.stderr or result.stdout or "").strip().splitlines()
-            sources.append(SourceResult(program, "failed", detail=f"exit {result.returncode}: "
-                                        f"{reason[-1] if reason else 'no output'}"))
+            sources.append(
+                SourceResult(
+                    program, "failed", detail=f"exit {result.returncode}: {reason[-1] if reason else 'no output'}"
+                )
+            )
             continue
         sources.append(SourceResult(program, "ok", parse(result.stdout)))
     return GpuReport(sources)
@@ -160,8 +189,9 @@ def _from_binary(binary: Path | None, runner: Runner | None) -> SourceResult:
         result = runner([str(binary), "--list-devices"])
     if result.returncode != 0:
         return SourceResult("llama-server", "failed", detail=f"{binary} --list-devices: exit {result.returncode}")
-    return SourceResult("llama-server", "ok", parse_list_devices(f"{result.stdout}\n{result.stderr}"),
-                        detail=str(binary))
+    return SourceResult(
+        "llama-server", "ok", parse_list_devices(f"{result.stdout}\n{result.stderr}"), detail=str(binary)
+    )
 
 
 def physical_cores() -> int:

@@ -52,15 +52,23 @@ class HubClient:
 
         with _translated(self.endpoint, repo, revision):
             info = HfApi(endpoint=self.endpoint, token=self.token).model_info(
-                repo, revision=revision, files_metadata=True)
+                repo, revision=revision, files_metadata=True
+            )
         files = {}
         for sibling in info.siblings or []:
             sha = sibling.lfs.sha256 if sibling.lfs else None
             files[sibling.rfilename] = RemoteFile(sibling.rfilename, sibling.size, sha)
         return RepoListing(repo, info.sha or revision or "main", files)
 
-    def download(self, repo: str, filename: str, commit: str, local_dir: Path, sha256: str | None,
-                 on_progress: Progress | None = None) -> Path:
+    def download(
+        self,
+        repo: str,
+        filename: str,
+        commit: str,
+        local_dir: Path,
+        sha256: str | None,
+        on_progress: Progress | None = None,
+    ) -> Path:
         """Download one file to ``local_dir/<filename>.<sha>.incomplete``, resuming (HTTP Range) what an
         interrupted pull left there. Returns that file; the caller verifies it and moves it in place.
 
@@ -87,9 +95,15 @@ class HubClient:
             # Written to disk every CHUNK_BYTES (the library's default is 10 MiB): what a kill can lose.
             constants.DOWNLOAD_CHUNK_SIZE = CHUNK_BYTES
             with open(incomplete, "ab") as handle:
-                http_get(meta.location, handle, resume_size=resume, headers=build_hf_headers(token=self.token),
-                         expected_size=meta.size, displayed_filename=filename,
-                         tqdm_class=_progress_class(filename, on_progress))
+                http_get(
+                    meta.location,
+                    handle,
+                    resume_size=resume,
+                    headers=build_hf_headers(token=self.token),
+                    expected_size=meta.size,
+                    displayed_filename=filename,
+                    tqdm_class=_progress_class(filename, on_progress),
+                )
         return incomplete
 
 
@@ -132,11 +146,14 @@ class _translated:
 
         where = f"on {self.endpoint}"
         if isinstance(exc, errors.GatedRepoError):
-            raise HubError(f"{self.repo} is gated {where}: accept its terms on the Hub, then set HF_TOKEN or run "
-                           "`hf auth login`") from exc
+            raise HubError(
+                f"{self.repo} is gated {where}: accept its terms on the Hub, then set HF_TOKEN or run `hf auth login`"
+            ) from exc
         if isinstance(exc, errors.RepositoryNotFoundError):
-            raise HubError(f"no model repository {self.repo!r} {where} (check the name; a private repo needs "
-                           "HF_TOKEN or `hf auth login`)") from exc
+            raise HubError(
+                f"no model repository {self.repo!r} {where} (check the name; a private repo needs "
+                "HF_TOKEN or `hf auth login`)"
+            ) from exc
         if isinstance(exc, errors.RevisionNotFoundError):
             raise HubError(f"{self.repo} has no revision {self.revision!r} {where}") from exc
         if isinstance(exc, (errors.EntryNotFoundError,)) and not isinstance(exc, errors.LocalEntryNotFoundError):
@@ -151,11 +168,13 @@ class _translated:
             import httpx as http
 
         if isinstance(exc, (http.HTTPError, ConnectionError, TimeoutError)):
-            raise HubError(f"cannot reach the Hub {where}: {exc or type(exc).__name__} (offline? HF_ENDPOINT "
-                           "names a mirror)") from exc
+            raise HubError(
+                f"cannot reach the Hub {where}: {exc or type(exc).__name__} (offline? HF_ENDPOINT names a mirror)"
+            ) from exc
         if isinstance(exc, OSError) and self.filename:
-            raise HubError(f"the download of {self.filename} {where} failed: {exc}; `llama-orch models pull` again "
-                           "resumes it") from exc
+            raise HubError(
+                f"the download of {self.filename} {where} failed: {exc}; `llama-orch models pull` again resumes it"
+            ) from exc
         return False
 
 

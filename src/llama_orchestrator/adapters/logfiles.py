@@ -71,7 +71,7 @@ def _decode_cut(head: bytes, length: int) -> str:
 def _slice(data: bytes, start: int, end: int, line_cap: int) -> str:
     if end - start <= line_cap:
         return _decode(data[start:end])
-    return _decode_cut(data[start:start + line_cap], end - start)
+    return _decode_cut(data[start : start + line_cap], end - start)
 
 
 def _line_at(handle, start: int, end: int, line_cap: int) -> str:
@@ -250,4 +250,3 @@ def follow(
     finally:
         for cursor in cursors:
             cursor.close()
-

@@ -168,9 +168,7 @@ class Store:
 
     def _connect(self) -> None:
         # isolation_level=None: we issue BEGIN ourselves, so each transaction is exactly as long as we say.
-        db = sqlite3.connect(
-            self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
         self._db = db
         db.row_factory = sqlite3.Row
         db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
@@ -319,10 +317,12 @@ class Store:
         row.updated_at = time.time() if now is None else now
         values = asdict(row)
         placeholders = ", ".join("?" for _ in _COLUMNS)
-        self._write(lambda db: db.execute(
-            f"INSERT OR REPLACE INTO instances ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-            [values[c] for c in _COLUMNS],
-        ))
+        self._write(
+            lambda db: db.execute(
+                f"INSERT OR REPLACE INTO instances ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                [values[c] for c in _COLUMNS],
+            )
+        )
 
     def update(
         self,
@@ -355,6 +355,7 @@ class Store:
                 raise ValueError(f"unknown column {column}")
             sql += f" AND {column} IS ?"
             params.append(value)
+
         def work(db: sqlite3.Connection) -> bool:
             db.execute("INSERT OR IGNORE INTO instances (name, updated_at) VALUES (?, ?)", (name, time.time()))
             return db.execute(sql, params).rowcount == 1
@@ -381,9 +382,13 @@ class Store:
         Staying in the same status is not an edge: only the other fields change.
         """
         new = Status(new)
-        allowed = None if expected is None else {Status(expected)} if isinstance(expected, str) else {
-            Status(e) for e in expected
-        }
+        allowed = (
+            None
+            if expected is None
+            else {Status(expected)}
+            if isinstance(expected, str)
+            else {Status(e) for e in expected}
+        )
         unknown = (set(changes) | set(only_if or {})) - set(_COLUMNS)
         if unknown or "status" in changes:
             raise ValueError(f"bad columns {unknown or {'status'}}")
@@ -406,9 +411,7 @@ class Store:
             sets = ", ".join(f"{k} = ?" for k in values)
             db.execute(f"UPDATE instances SET {sets} WHERE name = ?", [*values.values(), name])
             if event is not None:
-                db.execute(
-                    "INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)", (ts, name, *event)
-                )
+                db.execute("INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)", (ts, name, *event))
             return True
 
         return bool(self._write(work))
@@ -419,10 +422,12 @@ class Store:
     # -- events ------------------------------------------------------------------------------------------------
 
     def add_event(self, instance: str, kind: str, message: str, ts: float | None = None) -> None:
-        self._write(lambda db: db.execute(
-            "INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)",
-            (time.time() if ts is None else ts, instance, kind, message),
-        ))
+        self._write(
+            lambda db: db.execute(
+                "INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)",
+                (time.time() if ts is None else ts, instance, kind, message),
+            )
+        )
 
     def events(self, instance: str | None = None, *, limit: int = 50, after_id: int = 0) -> list[Event]:
         """The newest ``limit`` events (of one instance, or all) with id > after_id, oldest first."""

@@ -86,8 +86,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return JSONResponse(error_body(str(exc.detail), "http_error"), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(str(exc.detail), "http_error"),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     app.add_exception_handler(OrchestratorError, orchestrator_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
@@ -97,8 +100,9 @@ def install_error_handlers(app: FastAPI) -> None:
 class PlanRequest(BaseModel):
     names: list[str] = Field(description="the instances `up` names, in order")
     recreate: Literal["changed", "never", "force"] = Field(
-        "changed", description="changed: recreate running instances whose config changed; never: --no-recreate; "
-        "force: --force-recreate"
+        "changed",
+        description="changed: recreate running instances whose config changed; never: --no-recreate; "
+        "force: --force-recreate",
     )
 
 
@@ -198,8 +202,16 @@ def make_control_router(
             if follow:
                 raise UsageError("format=json cannot follow: use text or sse")
             return await _read_logs(lambda: list(instances.logs(name, tail=tail, streams=streams)))
-        lines = _follow_lines(instances, name, paths, 0 if new_only else tail, follow, until_exit, shutting_down,
-                              new_only=new_only and follow)
+        lines = _follow_lines(
+            instances,
+            name,
+            paths,
+            0 if new_only else tail,
+            follow,
+            until_exit,
+            shutting_down,
+            new_only=new_only and follow,
+        )
         if format == "sse":
             body = (f"event: {kind}\ndata: {line}\n\n" async for kind, line in lines)
             return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -232,9 +244,7 @@ def make_control_router(
 
 
 # One limiter per event loop (a limiter belongs to the loop it was made on; tests run several daemons).
-_log_readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
-    weakref.WeakKeyDictionary()
-)
+_log_readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
 
 
 async def _read_logs(function: Callable[..., Any], *args: Any) -> Any:
@@ -309,4 +319,3 @@ async def _follow_lines(
     finally:
         for cursor in cursors:
             cursor.close()
-

@@ -51,12 +51,17 @@ MACHINE_NAMES_TTL_S = 30.0  # addresses change (DHCP, VPN): a Host that misses l
 
 async def send_json(send: Callable, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                    *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -119,15 +124,19 @@ class RequestGuard:
         http = scope["type"] == "http"
         host = header(headers, b"host")
         if not self.host_allowed(host):
-            message = (f"Host {host!r} is not a name this daemon serves (a page using DNS rebinding sends its own "
-                       "name): add it to api.allowed_hosts in orchestrator.json to allow it")
+            message = (
+                f"Host {host!r} is not a name this daemon serves (a page using DNS rebinding sends its own "
+                "name): add it to api.allowed_hosts in orchestrator.json to allow it"
+            )
             await _refuse(http, send, 403, refusal(zone, message, "forbidden_host", "host_not_allowed"))
             return
         origin = header(headers, b"origin")
         if origin is not None and zone != "open":
             if not self.origins.allows(origin, host):
-                message = (f"requests from the web page at {origin} are refused: add that origin to "
-                           "api.cors_origins in orchestrator.json to allow it")
+                message = (
+                    f"requests from the web page at {origin} are refused: add that origin to "
+                    "api.cors_origins in orchestrator.json to allow it"
+                )
                 await _refuse(http, send, 403, refusal(zone, message, "forbidden_origin", "origin_not_allowed"))
                 return
             if http and scope["method"] == "OPTIONS" and header(headers, b"access-control-request-method"):
@@ -146,14 +155,18 @@ class RequestGuard:
         chunked = length is None and header(headers, b"transfer-encoding") is not None
         if zone == "control" and scope["method"] not in SAFE_METHODS:
             has_body = chunked or (length or "0").strip() not in ("", "0")
-            if not preflighted(media=media_type(header(headers, b"content-type")), has_body=has_body,
-                               has_authorization=header(headers, b"authorization") is not None,
-                               origin_allowed=origin is not None):  # a disallowed one was refused above
-                message = (f"{scope['method']} {scope['path']} needs `Content-Type: application/json` (or no body "
-                           "and an `Authorization: Bearer` header): an HTML form or text/plain request from a web "
-                           "page must not change anything")
-                await send_json(send, 415, refusal(zone, message, "unsupported_media_type",
-                                                   "content_type_not_allowed"))
+            if not preflighted(
+                media=media_type(header(headers, b"content-type")),
+                has_body=has_body,
+                has_authorization=header(headers, b"authorization") is not None,
+                origin_allowed=origin is not None,
+            ):  # a disallowed one was refused above
+                message = (
+                    f"{scope['method']} {scope['path']} needs `Content-Type: application/json` (or no body "
+                    "and an `Authorization: Bearer` header): an HTML form or text/plain request from a web "
+                    "page must not change anything"
+                )
+                await send_json(send, 415, refusal(zone, message, "unsupported_media_type", "content_type_not_allowed"))
                 return
         if not chunked:
             await inner(scope, receive, send)
@@ -178,8 +191,9 @@ class RequestGuard:
 
     async def _too_large(self, zone: str, send: Callable) -> None:
         message = f"request body over {self.settings.max_body_mb:g} MiB (api.max_body_mb in orchestrator.json)"
-        await send_json(send, 413, refusal(zone, message, "invalid_request_error", "body_too_large"),
-                        [(b"connection", b"close")])
+        await send_json(
+            send, 413, refusal(zone, message, "invalid_request_error", "body_too_large"), [(b"connection", b"close")]
+        )
 
 
 async def _refuse(http: bool, send: Callable, status: int, body: dict) -> None:
@@ -192,21 +206,30 @@ async def _refuse(http: bool, send: Callable, status: int, body: dict) -> None:
 async def _preflight(send: Callable, origin: str, wanted_headers: str | None) -> None:
     # Any header may be asked for: the browser still enforces the answer, and keys are checked on the request.
     allow_headers = (wanted_headers or "authorization, content-type").encode("latin-1")
-    await send({"type": "http.response.start", "status": 204, "headers": [
-        (b"access-control-allow-origin", origin.encode("latin-1")),
-        (b"access-control-allow-methods", PREFLIGHT_METHODS),
-        (b"access-control-allow-headers", allow_headers),
-        (b"access-control-max-age", PREFLIGHT_MAX_AGE_S),
-        (b"vary", b"origin"),
-    ]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 204,
+            "headers": [
+                (b"access-control-allow-origin", origin.encode("latin-1")),
+                (b"access-control-allow-methods", PREFLIGHT_METHODS),
+                (b"access-control-allow-headers", allow_headers),
+                (b"access-control-max-age", PREFLIGHT_MAX_AGE_S),
+                (b"vary", b"origin"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": b""})
 
 
 def _with_cors(send: Callable, origin: str) -> Callable:
     """``send`` that makes the answer readable by the page at ``origin`` (an allowed foreign one): whatever CORS
     headers an app set are replaced by ours, so only ``api.cors_origins`` decides."""
-    allow = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"origin"),
-             (b"access-control-expose-headers", EXPOSED_HEADERS)]
+    allow = [
+        (b"access-control-allow-origin", origin.encode("latin-1")),
+        (b"vary", b"origin"),
+        (b"access-control-expose-headers", EXPOSED_HEADERS),
+    ]
 
     async def cors_send(message: dict) -> None:
         if message["type"] == "http.response.start":

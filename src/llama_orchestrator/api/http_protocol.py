@@ -18,15 +18,19 @@ import logging
 log = logging.getLogger("llama_orchestrator.api")
 
 _TIMEOUT_TEXT = b"request headers not complete in time (api.header_timeout)\n"
-TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_TEXT), _TIMEOUT_TEXT))
+TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_TEXT), _TIMEOUT_TEXT)
+)
 
 
 MAX_PENDING_HEADS = 512  # far above what a daemon's real clients keep half-sent; far below the usual fd limit
 
 
-def head_deadline_protocol(header_timeout: float, max_pending: int = MAX_PENDING_HEADS,
-                           ) -> type[asyncio.Protocol] | None:
+def head_deadline_protocol(
+    header_timeout: float,
+    max_pending: int = MAX_PENDING_HEADS,
+) -> type[asyncio.Protocol] | None:
     """A protocol class for ``uvicorn.Config(http=...)``; None where httptools (uvicorn[standard]) is missing,
     and uvicorn then runs its own without the deadline."""
     try:

@@ -49,14 +49,19 @@ def make_models_router(home: Home) -> APIRouter:
 
         return [entry.as_dict() for entry in list_models(home)]
 
-    @api.post("/pull", summary="Pull a model from Hugging Face; progress streamed as NDJSON",
-              response_model=None, responses={200: {"content": {"application/x-ndjson": {}}}})
+    @api.post(
+        "/pull",
+        summary="Pull a model from Hugging Face; progress streamed as NDJSON",
+        response_model=None,
+        responses={200: {"content": {"application/x-ndjson": {}}}},
+    )
     async def pull(body: PullRequest) -> StreamingResponse:
         from llama_orchestrator.services import model_store
 
         ref = model_store.resolve(home, body.reference, file=body.file, revision=body.revision)  # 400/404 now
-        return StreamingResponse(_pull_events(home, ref), media_type="application/x-ndjson",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _pull_events(home, ref), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"}
+        )
 
     @api.post("/remove", summary="Delete a pulled model's files; 409 while an instance uses them")
     def remove(body: RemoveRequest) -> dict[str, Any]:

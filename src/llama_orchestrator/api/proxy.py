@@ -56,14 +56,19 @@ async def _http(router: Router, scope: Scope, receive: Receive, send: Send, max_
     suffix = "?" + query.decode("latin-1") if query else ""
     target = raw + suffix
     if path.startswith("/upstream/"):
-        name = path[len("/upstream/"):].partition("/")[0]
-        rest_target = "/" + raw[len("/upstream/"):].partition("/")[2] + suffix
-        await _guarded(scope, receive, send, lambda watch: _passthrough(router, name, method, rest_target, scope,
-                                                                         receive, send, watch))
+        name = path[len("/upstream/") :].partition("/")[0]
+        rest_target = "/" + raw[len("/upstream/") :].partition("/")[2] + suffix
+        await _guarded(
+            scope,
+            receive,
+            send,
+            lambda watch: _passthrough(router, name, method, rest_target, scope, receive, send, watch),
+        )
         return
     if not path.startswith("/v1/"):
-        await _error(send, 404, f"no route for {path}: use /v1/... or /upstream/<instance>/...", "not_found_error",
-                     "not_found")
+        await _error(
+            send, 404, f"no route for {path}: use /v1/... or /upstream/<instance>/...", "not_found_error", "not_found"
+        )
         return
     if path == "/v1/models" or path.startswith("/v1/models/"):
         await _models(router, path, method, send)
@@ -73,15 +78,17 @@ async def _http(router: Router, scope: Scope, receive: Receive, send: Send, max_
     except _ClientGone:
         return
     if body is None:
-        await _error(send, 413, f"request body over {max_body / (1024 * 1024):g} MiB", "invalid_request_error",
-                     "body_too_large")
+        await _error(
+            send, 413, f"request body over {max_body / (1024 * 1024):g} MiB", "invalid_request_error", "body_too_large"
+        )
         return
     model = _model_of(body)
     if model is _BAD:
         await _error(send, 400, "the body is not a JSON object", "invalid_request_error", "invalid_json")
         return
-    await _guarded(scope, receive, send, lambda watch: _forward(router, model, method, target, scope, body, send,
-                                                                watch))
+    await _guarded(
+        scope, receive, send, lambda watch: _forward(router, model, method, target, scope, body, send, watch)
+    )
 
 
 # -- routes ------------------------------------------------------------------------------------------------------
@@ -89,25 +96,28 @@ async def _http(router: Router, scope: Scope, receive: Receive, send: Send, max_
 
 async def _models(router: Router, path: str, method: str, send: Send) -> None:
     if method not in ("GET", "HEAD"):
-        await _error(send, 405, f"{method} {path} is not allowed: use GET", "invalid_request_error",
-                     "method_not_allowed")
+        await _error(
+            send, 405, f"{method} {path} is not allowed: use GET", "invalid_request_error", "method_not_allowed"
+        )
         return
     models = await router.models()
     if path == "/v1/models":
         await _json(send, 200, {"object": "list", "data": models})
         return
-    wanted = path[len("/v1/models/"):]
+    wanted = path[len("/v1/models/") :]
     found = next((m for m in models if m["id"] == wanted), None)
     if found is None:
         known = ", ".join(m["id"] for m in models) or "none"
-        await _error(send, 404, f"model {wanted!r} not found; known models: {known}", "invalid_request_error",
-                     "model_not_found")
+        await _error(
+            send, 404, f"model {wanted!r} not found; known models: {known}", "invalid_request_error", "model_not_found"
+        )
         return
     await _json(send, 200, found)
 
 
-async def _forward(router: Router, model: str | None, method: str, target: str, scope: Scope, body: bytes,
-                   send: Send, watch: _Watch) -> None:
+async def _forward(
+    router: Router, model: str | None, method: str, target: str, scope: Scope, body: bytes, send: Send, watch: _Watch
+) -> None:
     watch.arm()
     try:
         upstream = await router.forward(model, method, target, scope["headers"], body)
@@ -118,11 +128,13 @@ async def _forward(router: Router, model: str | None, method: str, target: str, 
     await _relay(upstream, send, watch)
 
 
-async def _passthrough(router: Router, name: str, method: str, target: str, scope: Scope, receive: Receive,
-                       send: Send, watch: _Watch) -> None:
+async def _passthrough(
+    router: Router, name: str, method: str, target: str, scope: Scope, receive: Receive, send: Send, watch: _Watch
+) -> None:
     headers = scope["headers"]
     has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in headers) and not any(
-        k == b"content-length" and v.strip() == b"0" for k, v in headers)
+        k == b"content-length" and v.strip() == b"0" for k, v in headers
+    )
     if has_body:
         body: Any = _stream_body(receive, watch)
     else:
@@ -166,10 +178,12 @@ async def _relay(upstream: Upstream, send: Send, watch: _Watch) -> None:
             if client_gone or not upstream.event_stream:
                 raise  # a cut connection is the honest answer for a broken non-stream body
             # A stream that breaks half way ends with an error event, as llama-server reports its own errors.
-            event = json.dumps(error_body(f"instance {upstream.instance!r} failed mid-stream: {exc}",
-                                          "server_error", "upstream_failed"))
-            await emit({"type": "http.response.body", "body": b"data: " + event.encode() + b"\n\n",
-                        "more_body": True})
+            event = json.dumps(
+                error_body(
+                    f"instance {upstream.instance!r} failed mid-stream: {exc}", "server_error", "upstream_failed"
+                )
+            )
+            await emit({"type": "http.response.body", "body": b"data: " + event.encode() + b"\n\n", "more_body": True})
         await emit({"type": "http.response.body", "body": b""})
     finally:
         # Cancelled (the client left) or a failed send: close() drops the upstream connection, which is what

@@ -122,8 +122,12 @@ class OrchestratorApp:
                 return
             which = "an API key" if zone == "router" else "a control key"
             message = f"missing or wrong API key: send `Authorization: Bearer <key>` with {which}"
-            await send_json(send, 401, {"error": {"message": message, "type": "authentication_error"}},
-                             [(b"www-authenticate", b"Bearer")])
+            await send_json(
+                send,
+                401,
+                {"error": {"message": message, "type": "authentication_error"}},
+                [(b"www-authenticate", b"Bearer")],
+            )
             return
         if zone == "router":
             if self.router_error is not None:
@@ -182,25 +186,37 @@ def make_app(
     app = OrchestratorApp(control, proxy, settings, router)
     # Documents the bearer scheme in the schema (the Authorize button of /docs); the check itself is above.
     bearer = HTTPBearer(auto_error=False, description="a control key (api.control_keys, else api.api_keys)")
-    control.include_router(
-        make_control_router(instances, daemon, app.shutting_down), dependencies=[Depends(bearer)]
+    control.include_router(make_control_router(instances, daemon, app.shutting_down), dependencies=[Depends(bearer)])
+    install_web(
+        control,
+        instances,
+        stats=lambda: app.router.stats() if app.router is not None else {},
+        shutting_down=app.shutting_down,
+        dependencies=[Depends(bearer)],
     )
-    install_web(control, instances, stats=lambda: app.router.stats() if app.router is not None else {},
-                shutting_down=app.shutting_down, dependencies=[Depends(bearer)])
 
     @control.get("/healthz", tags=["daemon"], summary="Liveness of the daemon's HTTP server (no key needed)")
     async def healthz() -> dict[str, Any]:
         # async: answered on the event loop, never queued behind busy worker threads
         return {"status": "ok", "version": __version__}
 
-    @control.get("/api/nodes", tags=["nodes"], summary="The peer nodes as this router sees them: state, models, "
-                 "latency, requests (issue 12)", dependencies=[Depends(bearer)])
+    @control.get(
+        "/api/nodes",
+        tags=["nodes"],
+        summary="The peer nodes as this router sees them: state, models, latency, requests (issue 12)",
+        dependencies=[Depends(bearer)],
+    )
     async def nodes() -> list[dict[str, Any]]:
         peers = getattr(app.router, "peers", None) if app.router is not None else None
         return peers.snapshot() if peers is not None else []
 
-    @control.get("/metrics", tags=["daemon"], summary="Prometheus metrics of every instance",
-                 response_class=Response, dependencies=[Depends(bearer)])
+    @control.get(
+        "/metrics",
+        tags=["daemon"],
+        summary="Prometheus metrics of every instance",
+        response_class=Response,
+        dependencies=[Depends(bearer)],
+    )
     async def metrics() -> Response:
         records = await run_in_threadpool(instances.ps)
         stats: dict[str, Any] = {}
@@ -293,8 +309,9 @@ def _in_use(exc: OSError) -> bool:
 class ApiServer:
     """uvicorn on its own thread and event loop, on a socket bound beforehand; the caller's thread keeps signals."""
 
-    def __init__(self, app: ASGIApp, sock: socket.socket, *, graceful_s: float = 3.0,
-                 settings: ApiSettings | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, sock: socket.socket, *, graceful_s: float = 3.0, settings: ApiSettings | None = None
+    ) -> None:
         import uvicorn
 
         from llama_orchestrator.api.http_protocol import head_deadline_protocol

@@ -39,12 +39,16 @@ STREAM_INTERVAL_S = 1.0
 FIRST_EVENTS = 30
 
 # Nothing but this origin: no CDN, no remote fonts, no inline code. ``data:`` images only (the favicon, SVG icons).
-UI_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-          "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+UI_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 # FastAPI's /docs page starts their bundles with an inline script: still no remote origin.
-DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; object-src 'none'; "
-            "base-uri 'none'; frame-ancestors 'none'")
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -112,9 +116,14 @@ class Rates:
                 elapsed = now - before[0]
                 rps = round(max(0, requests - before[1]) / elapsed, 2)
                 tps = round(max(0, tokens - before[2]) / elapsed, 1)
-            rates[name] = {"requests_per_s": rps, "tokens_per_s": tps, "requests_total": requests,
-                           "tokens_total": tokens, "in_flight": getattr(s, "in_flight", 0),
-                           "queued": getattr(s, "queued", 0)}
+            rates[name] = {
+                "requests_per_s": rps,
+                "tokens_per_s": tps,
+                "requests_total": requests,
+                "tokens_total": tokens,
+                "in_flight": getattr(s, "in_flight", 0),
+                "queued": getattr(s, "queued", 0),
+            }
         return rates
 
 
@@ -192,9 +201,12 @@ def install_web(
     @pages.get("/docs")
     async def docs() -> Response:
         page = get_swagger_ui_html(
-            openapi_url="/openapi.json", title=f"{control.title} - API docs",
-            oauth2_redirect_url="/docs/oauth2-redirect", swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
-            swagger_css_url=f"{SWAGGER}/swagger-ui.css", swagger_favicon_url="/ui/favicon.svg",
+            openapi_url="/openapi.json",
+            title=f"{control.title} - API docs",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER}/swagger-ui.css",
+            swagger_favicon_url="/ui/favicon.svg",
         )
         page.headers.update(security_headers(DOCS_CSP))
         return page
@@ -207,12 +219,16 @@ def install_web(
 
     api = APIRouter(prefix="/api", tags=["control"], dependencies=dependencies)
 
-    @api.get("/stream", summary="Live feed for the web page: a `snapshot` event a second (server-sent events)",
-             response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}}})
+    @api.get(
+        "/stream",
+        summary="Live feed for the web page: a `snapshot` event a second (server-sent events)",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
     async def stream(interval: float = Query(STREAM_INTERVAL_S, ge=0.2, le=60)) -> StreamingResponse:
         body = snapshots(instances, stats, shutting_down, interval)
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     control.include_router(api)

@@ -41,20 +41,33 @@ NO_DAEMON_ENV = "LLAMA_ORCH_NO_DAEMON"
 
 HomeOption = Annotated[
     Optional[Path],
-    typer.Option("--home", envvar="LLAMA_ORCH_HOME", help="Home folder (default: $LLAMA_ORCH_HOME, else the "
-                 "platform's user data folder).", show_default=False),
+    typer.Option(
+        "--home",
+        envvar="LLAMA_ORCH_HOME",
+        help="Home folder (default: $LLAMA_ORCH_HOME, else the platform's user data folder).",
+        show_default=False,
+    ),
 ]
 HostOption = Annotated[
     Optional[str],
-    typer.Option("--host", envvar="LLAMA_ORCH_HOST", help="Another node's daemon API, e.g. http://gpu-box:8000 "
-                 "(default: this home's daemon when it runs, else the home itself).", show_default=False),
+    typer.Option(
+        "--host",
+        envvar="LLAMA_ORCH_HOST",
+        help="Another node's daemon API, e.g. http://gpu-box:8000 "
+        "(default: this home's daemon when it runs, else the home itself).",
+        show_default=False,
+    ),
 ]
 ApiKeyOption = Annotated[
     Optional[str],
-    typer.Option("--api-key", envvar="LLAMA_ORCH_API_KEY", help="Bearer key for the daemon's control API "
-                 "(default for this home's daemon: the first control key in orchestrator.json). On a shared machine "
-                 "set LLAMA_ORCH_API_KEY instead: a command line is visible to every user in `ps`.",
-                 show_default=False),
+    typer.Option(
+        "--api-key",
+        envvar="LLAMA_ORCH_API_KEY",
+        help="Bearer key for the daemon's control API "
+        "(default for this home's daemon: the first control key in orchestrator.json). On a shared machine "
+        "set LLAMA_ORCH_API_KEY instead: a command line is visible to every user in `ps`.",
+        show_default=False,
+    ),
 ]
 _state: dict[str, object] = {}
 
@@ -123,8 +136,10 @@ def local_only(command: str) -> None:
     from llama_orchestrator.domain.errors import UsageError
 
     if _state.get("host"):
-        raise UsageError(f"`{command}` edits files in the home of this machine and cannot act on --host "
-                         f"{_state['host']}: run it on that node")
+        raise UsageError(
+            f"`{command}` edits files in the home of this machine and cannot act on --host "
+            f"{_state['host']}: run it on that node"
+        )
 
 
 def checked_name(name: str) -> str:
@@ -165,21 +180,47 @@ def resolve_names(names: list[str], all_: bool, *, autostart_only: bool = False)
 @app.command()
 def init(
     name: Annotated[str, typer.Argument(help="Instance name: lowercase letters, digits, dashes.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="GGUF model file, hf.co/<user>/<repo>[:QUANT] "
-                                       "(pulled when needed) or a catalog ID.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="GGUF model file, hf.co/<user>/<repo>[:QUANT] (pulled when needed) or a catalog ID."
+        ),
+    ],
     port: Annotated[Optional[int], typer.Option(help="Port (default: the first free one from 8001).")] = None,
     host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
-    context_size: Annotated[Optional[int], typer.Option("--context-size", "-c", help="Context size in tokens "
-                                                        "(default: the model's trained context, capped by the memory "
-                                                        "budget).", show_default=False)] = None,
-    gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", help="Layers on the GPU (0 = CPU, -1 = all; "
-                                                      "default 0, or the profile's).", show_default=False)] = None,
-    backend: Annotated[Optional[str], typer.Option(help="auto, cpu, vulkan, cuda, metal or rocm (default auto, or "
-                                                   "the profile's).", show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: llama-server's choice, or the "
-                                                   "profile's).")] = None,
-    profile: Annotated[Optional[str], typer.Option(help="Defaults for this machine: cpu, vulkan, cuda, metal or "
-                                                   "auto (threads from the core count, GPU layers, device).")] = None,
+    context_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--context-size",
+            "-c",
+            help="Context size in tokens (default: the model's trained context, capped by the memory budget).",
+            show_default=False,
+        ),
+    ] = None,
+    gpu_layers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--gpu-layers",
+            help="Layers on the GPU (0 = CPU, -1 = all; default 0, or the profile's).",
+            show_default=False,
+        ),
+    ] = None,
+    backend: Annotated[
+        Optional[str],
+        typer.Option(
+            help="auto, cpu, vulkan, cuda, metal or rocm (default auto, or the profile's).", show_default=False
+        ),
+    ] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="CPU threads (default: llama-server's choice, or the profile's).")
+    ] = None,
+    profile: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Defaults for this machine: cpu, vulkan, cuda, metal or "
+            "auto (threads from the core count, GPU layers, device)."
+        ),
+    ] = None,
     parallel: Annotated[int, typer.Option(help="Concurrent request slots.")] = 1,
     binary: Annotated[Optional[str], typer.Option(help="llama-server: a registered name or a path.")] = None,
     restart: Annotated[str, typer.Option(help="always, on-failure, unless-stopped or never.")] = "on-failure",
@@ -221,8 +262,9 @@ def init(
         from llama_orchestrator.services.system_service import gpu_overview
 
         overview = gpu_overview(svc.home, binary=binary)
-        defaults = profile_defaults(profile, physical_cores=overview.physical_cores, devices=overview.report.devices,
-                                    platform=sys.platform)
+        defaults = profile_defaults(
+            profile, physical_cores=overview.physical_cores, devices=overview.report.devices, platform=sys.platform
+        )
         document = merge_under(defaults, document)  # what the user typed wins over the profile
     document["model"] = {k: v for k, v in document["model"].items() if v is not None}
     document["gpu"] = {k: v for k, v in document["gpu"].items() if v is not None}
@@ -246,13 +288,20 @@ def up(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Start in the background and return.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Return only when healthy (fails if it exits).")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits for healthy.")] = 120.0,
-    no_recreate: Annotated[bool, typer.Option("--no-recreate", help="Leave running instances alone even when "
-                                              "their config changed.")] = False,
-    force_recreate: Annotated[bool, typer.Option("--force-recreate", help="Recreate running instances even when "
-                                                 "their config is unchanged.")] = False,
-    no_daemon: Annotated[bool, typer.Option("--no-daemon", envvar=NO_DAEMON_ENV,
-                                            help="With -d: don't start the daemon even if a restart policy needs it.")]
-    = False,
+    no_recreate: Annotated[
+        bool, typer.Option("--no-recreate", help="Leave running instances alone even when their config changed.")
+    ] = False,
+    force_recreate: Annotated[
+        bool, typer.Option("--force-recreate", help="Recreate running instances even when their config is unchanged.")
+    ] = False,
+    no_daemon: Annotated[
+        bool,
+        typer.Option(
+            "--no-daemon",
+            envvar=NO_DAEMON_ENV,
+            help="With -d: don't start the daemon even if a restart policy needs it.",
+        ),
+    ] = False,
 ) -> None:
     """Start instances, and apply changed configs as compose does: a running instance whose config changed is
     recreated (stopped, started with the new config), an unchanged one is left alone. Instances sharing an alias
@@ -315,8 +364,10 @@ def _apply_one(port: InstancesPort, action: dict, *, wait: bool, timeout: float)
         what = ", ".join(action["changes"]) or action["reason"]
         say(f"{name} recreating ({what})")
         outcome = port.recreate(name, wait=wait, timeout=timeout)
-        say(f"{name} recreated (pid {outcome['old_pid']} -> {outcome['pid']}, port {outcome['port']})"
-            + (" [green]healthy[/]" if outcome.get("healthy") else ""))
+        say(
+            f"{name} recreated (pid {outcome['old_pid']} -> {outcome['pid']}, port {outcome['port']})"
+            + (" [green]healthy[/]" if outcome.get("healthy") else "")
+        )
         return outcome
     if kind == "leave":
         drift = f"; config changed ({', '.join(action['changes'])}), not applied" if action["changes"] else ""
@@ -397,15 +448,28 @@ def restart(
 
 @app.command()
 def ps(
-    all_: Annotated[bool, typer.Option("--all", "-a", help="Also state left by instances whose config is gone.")] = False,
+    all_: Annotated[
+        bool, typer.Option("--all", "-a", help="Also state left by instances whose config is gone.")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output (a JSON array).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only names, one per line.")] = False,
-    filters: Annotated[Optional[list[str]], typer.Option(
-        "--filter", "-f", help="KEY=VALUE, repeatable: status, health, name (substring), model (substring of the "
-        "path), alias, backend. One key's values are alternatives; different keys must all match.")] = None,
-    fmt: Annotated[Optional[str], typer.Option(
-        "--format", help="json (one object per line), a template such as '{{.Name}} {{.Status}}', or 'table' and "
-        "a template (with a header).")] = None,
+    filters: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--filter",
+            "-f",
+            help="KEY=VALUE, repeatable: status, health, name (substring), model (substring of the "
+            "path), alias, backend. One key's values are alternatives; different keys must all match.",
+        ),
+    ] = None,
+    fmt: Annotated[
+        Optional[str],
+        typer.Option(
+            "--format",
+            help="json (one object per line), a template such as '{{.Name}} {{.Status}}', or 'table' and "
+            "a template (with a header).",
+        ),
+    ] = None,
 ) -> None:
     """List instances: NAME STATUS HEALTH PID PORT BACKEND MODEL UPTIME RESTARTS.
 
@@ -666,8 +730,10 @@ def _remote_daemon_status(json_: bool) -> None:
     if json_:
         render.print_json(record)
     elif record["running"]:
-        say(f"daemon running at {record.get('api_url')} (pid {record.get('pid')}, "
-            f"up {render.duration(record.get('uptime_s'))}, version {record.get('version')})")
+        say(
+            f"daemon running at {record.get('api_url')} (pid {record.get('pid')}, "
+            f"up {render.duration(record.get('uptime_s'))}, version {record.get('version')})"
+        )
     else:
         say(f"daemon not reachable: {record['error']}")
     if not record["running"]:
@@ -690,8 +756,10 @@ def daemon_reload() -> None:
     if not _state.get("host"):
         info = daemon_control.daemon_info(service().home)
         if info is None:
-            raise UsageError("no daemon runs for this home: start it with `llama-orch daemon start`, or apply "
-                             "config changes with `llama-orch up NAME -d`")
+            raise UsageError(
+                "no daemon runs for this home: start it with `llama-orch daemon start`, or apply "
+                "config changes with `llama-orch up NAME -d`"
+            )
         if not info.api_url:  # no API to ask: the signal (POSIX)
             if not hasattr(signal, "SIGHUP"):
                 raise UsageError("the daemon serves no API (api.enabled is false) and this OS has no SIGHUP")
@@ -704,8 +772,13 @@ def daemon_reload() -> None:
 
 @daemon_app.command("run")
 def daemon_run(
-    router_only: Annotated[bool, typer.Option("--router-only", help="Serve only the router over the `peers` of "
-                                              "orchestrator.json; refuses a home with instances.")] = False,
+    router_only: Annotated[
+        bool,
+        typer.Option(
+            "--router-only",
+            help="Serve only the router over the `peers` of orchestrator.json; refuses a home with instances.",
+        ),
+    ] = False,
 ) -> None:
     """Run the daemon in the foreground (for systemd, launchd, Task Scheduler, or to watch it work).
 
@@ -715,8 +788,10 @@ def daemon_run(
 
     local_only("daemon run")
     if router_only and service().names():
-        raise _usage(f"--router-only: the home {service().home.root} has instances "
-                     f"({', '.join(service().names())}); give it a home of its own")
+        raise _usage(
+            f"--router-only: the home {service().home.root} has instances "
+            f"({', '.join(service().names())}); give it a home of its own"
+        )
     run_daemon(service().home)
 
 
@@ -724,16 +799,30 @@ def daemon_run(
 def events(
     name: Annotated[Optional[str], typer.Argument(help="Only this instance.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events (Ctrl-C to end).")] = False,
-    limit: Annotated[Optional[int], typer.Option(
-        "--tail", "-n", help="How many recent events (default 30; 0: none, so `-f --tail 0` prints only new ones).",
-        show_default=False)] = None,
-    since: Annotated[Optional[str], typer.Option(
-        "--since", help="Only events from then on: a duration back (10m, 1h30m), Unix seconds or an ISO-8601 time.",
-        show_default=False)] = None,
-    until: Annotated[Optional[str], typer.Option(
-        "--until", help="Only events up to then (same forms as --since).", show_default=False)] = None,
-    json_: Annotated[bool, typer.Option("--json", help="A JSON array (with -f: one object per line, as it "
-                                        "streams).")] = False,
+    limit: Annotated[
+        Optional[int],
+        typer.Option(
+            "--tail",
+            "-n",
+            help="How many recent events (default 30; 0: none, so `-f --tail 0` prints only new ones).",
+            show_default=False,
+        ),
+    ] = None,
+    since: Annotated[
+        Optional[str],
+        typer.Option(
+            "--since",
+            help="Only events from then on: a duration back (10m, 1h30m), Unix seconds or an ISO-8601 time.",
+            show_default=False,
+        ),
+    ] = None,
+    until: Annotated[
+        Optional[str],
+        typer.Option("--until", help="Only events up to then (same forms as --since).", show_default=False),
+    ] = None,
+    json_: Annotated[
+        bool, typer.Option("--json", help="A JSON array (with -f: one object per line, as it streams).")
+    ] = False,
 ) -> None:
     """What happened: starts, exits, health changes, restarts, with time and instance.
 
@@ -767,8 +856,10 @@ def events(
             if json_:
                 sys.stdout.write(render.json_line(event))
             else:
-                sys.stdout.write(f"{render.timestamp(event['time'])}  {event['instance']:<16} {event['kind']:<12} "
-                                 f"{event['message']}\n")
+                sys.stdout.write(
+                    f"{render.timestamp(event['time'])}  {event['instance']:<16} {event['kind']:<12} "
+                    f"{event['message']}\n"
+                )
         sys.stdout.flush()
 
     # --since alone shows everything since then (as `docker events --since`); --tail caps it.

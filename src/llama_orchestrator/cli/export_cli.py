@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-export_app = typer.Typer(help="Write what runs here as another engine's manifests (Kubernetes).",
-                         no_args_is_help=True)
+export_app = typer.Typer(help="Write what runs here as another engine's manifests (Kubernetes).", no_args_is_help=True)
 
 
 @export_app.command("kubernetes")

@@ -12,22 +12,31 @@ import typer
 
 from llama_orchestrator.cli.system import JsonOption, _home, _size, models_app
 
-FileOption = Annotated[Optional[str], typer.Option(
-    "--file", help="The GGUF file in the repository (default: chosen by :QUANT).", show_default=False)]
-RevisionOption = Annotated[Optional[str], typer.Option(
-    "--revision", help="Branch, tag or commit (default: main).", show_default=False)]
+FileOption = Annotated[
+    Optional[str],
+    typer.Option("--file", help="The GGUF file in the repository (default: chosen by :QUANT).", show_default=False),
+]
+RevisionOption = Annotated[
+    Optional[str], typer.Option("--revision", help="Branch, tag or commit (default: main).", show_default=False)
+]
 
 
 @contextmanager
 def progress_bars():
     """A rich progress bar per file (size, speed, ETA) on stderr; yields the callback the pull reports to."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from llama_orchestrator.cli.render import console
 
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=console(stderr=True), transient=False)
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console(stderr=True),
+        transient=False,
+    )
     tasks: dict[str, int] = {}
 
     def report(name: str, done: int, total: int | None) -> None:
@@ -110,8 +119,11 @@ def models_pull(
     if json_:
         print_json(record)
         return
-    fetched = f"downloaded {len(record['downloaded'])} file(s), {_size(record['bytes_fetched'])}" \
-        if record["downloaded"] else "already pulled"
+    fetched = (
+        f"downloaded {len(record['downloaded'])} file(s), {_size(record['bytes_fetched'])}"
+        if record["downloaded"]
+        else "already pulled"
+    )
     say(f"{escape(record['reference'])}: {fetched}")
     say(f"  path: {escape(record['path'])}")
     say(f"use it: llama-orch init NAME --model {escape(record['reference'])}")
@@ -135,8 +147,10 @@ def models_register(
 
     local_only("models register")
     entry = ModelCatalog(_home()).register(model_id, repo, name, file)
-    say(f"registered [bold]{escape(model_id)}[/]: hf.co/{escape(entry['repo'])} "
-        f"(pull it with `llama-orch models pull {escape(model_id)}`)")
+    say(
+        f"registered [bold]{escape(model_id)}[/]: hf.co/{escape(entry['repo'])} "
+        f"(pull it with `llama-orch models pull {escape(model_id)}`)"
+    )
 
 
 @models_app.command("catalog")
@@ -163,8 +177,13 @@ def models_catalog(json_: JsonOption = False) -> None:
     for column in ("ID", "NAME", "DOWNLOADED", "SIZE", "REPO"):
         table.add_column(column, overflow="fold")
     for r in rows:
-        table.add_row(escape(r["id"]), escape(r["name"]), "yes" if r["downloaded"] else "no",
-                      _size(r["size_bytes"]), escape(r["repo"]))
+        table.add_row(
+            escape(r["id"]),
+            escape(r["name"]),
+            "yes" if r["downloaded"] else "no",
+            _size(r["size_bytes"]),
+            escape(r["repo"]),
+        )
     console().print(table)
 
 
@@ -183,8 +202,7 @@ def models_unregister(model_id: Annotated[str, typer.Argument(help="Catalog ID."
 
 
 @models_app.command("rm")
-def models_rm(reference: Annotated[str, typer.Argument(help="[hf.co/]<user>/<repo>[:QUANT] or a catalog ID.")]
-              ) -> None:
+def models_rm(reference: Annotated[str, typer.Argument(help="[hf.co/]<user>/<repo>[:QUANT] or a catalog ID.")]) -> None:
     """Delete a pulled model's files (every part). Refused, exit 1, while an instance uses it.
 
     Example: llama-orch models rm hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M
@@ -195,8 +213,11 @@ def models_rm(reference: Annotated[str, typer.Argument(help="[hf.co/]<user>/<rep
     from llama_orchestrator.services.model_store import remove
 
     api = remote_api()
-    deleted = api.request("POST", "/api/models/remove", json={"reference": reference})["deleted"] if api \
+    deleted = (
+        api.request("POST", "/api/models/remove", json={"reference": reference})["deleted"]
+        if api
         else remove(_home(), reference)
+    )
     for path in deleted:
         say(f"deleted {escape(str(path))}")
 
@@ -227,8 +248,9 @@ def model_for_init(text: str) -> tuple[Path, str | None]:
     from llama_orchestrator.services import model_store
 
     as_path = Path(text).expanduser()
-    looks_like_ref = is_hf_ref(text) or (not as_path.exists() and not text.lower().endswith(".gguf")
-                                         and _reference_or_id(text))
+    looks_like_ref = is_hf_ref(text) or (
+        not as_path.exists() and not text.lower().endswith(".gguf") and _reference_or_id(text)
+    )
     if not looks_like_ref:
         return as_path.absolute(), None
     home = _home()
@@ -255,13 +277,17 @@ def memory_warning(home, config, plan) -> None:  # noqa: ANN001 - Home, Instance
             free_mb = (free_mb or 0) + sum(d.free_mib or 0 for d in gpu_overview(home).report.devices)
         except Exception:  # noqa: BLE001 - no GPU figure: RAM alone
             pass
-    say(f"context {config.model.context_size} tokens"
+    say(
+        f"context {config.model.context_size} tokens"
         + (f" (trained: {plan.trained_context})" if plan.trained_context else "")
-        + f", estimated memory {plan.estimated_mb:.0f} MiB")
+        + f", estimated memory {plan.estimated_mb:.0f} MiB"
+    )
     limit = min(x for x in (free_mb, plan.budget_mb) if x is not None) if (free_mb or plan.budget_mb) else None
     if limit is not None and plan.estimated_mb > limit:
-        warn(f"the estimate ({plan.estimated_mb:.0f} MiB) is more than the memory available ({limit:.0f} MiB: free "
-             "RAM/VRAM, or router.memory_budget_mb): lower --context-size or pick a smaller quantisation")
+        warn(
+            f"the estimate ({plan.estimated_mb:.0f} MiB) is more than the memory available ({limit:.0f} MiB: free "
+            "RAM/VRAM, or router.memory_budget_mb): lower --context-size or pick a smaller quantisation"
+        )
 
 
 def _free_ram_mb() -> float | None:

@@ -22,12 +22,33 @@ def nodes(json_: Annotated[bool, typer.Option("--json", help="Machine-readable o
     client = getattr(port, "client", None)
     rows = client.get("/api/nodes") if client is not None else _probe_now()
     if json_:
-        sys.stdout.write(json.dumps([{k: r[k] for k in ("name", "url", "up", "models", "aliases", "latency_ms",
-                                                         "last_error", "in_flight", "requests")} | {"state": "up" if r["up"] else "down"}
-                                     for r in rows], indent=2) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                [
+                    {
+                        k: r[k]
+                        for k in (
+                            "name",
+                            "url",
+                            "up",
+                            "models",
+                            "aliases",
+                            "latency_ms",
+                            "last_error",
+                            "in_flight",
+                            "requests",
+                        )
+                    }
+                    | {"state": "up" if r["up"] else "down"}
+                    for r in rows
+                ],
+                indent=2,
+            )
+            + "\n"
+        )
         return
     if not rows:
-        say("no peers: list other nodes in orchestrator.json as \"peers\": [{\"name\", \"url\", \"api_key\"}]")
+        say('no peers: list other nodes in orchestrator.json as "peers": [{"name", "url", "api_key"}]')
         return
     from rich.markup import escape
     from rich.table import Table

@@ -23,13 +23,51 @@ Record = dict[str, Any]
 FILTER_KEYS = ("status", "health", "name", "model", "alias", "backend")
 # Template field -> record key; Docker's spellings beside ours (an instance's name is its ID).
 FIELDS = {
-    "name": "name", "names": "name", "id": "name", "status": "status", "state": "status", "health": "health",
-    "pid": "pid", "port": "port", "ports": "port", "host": "host", "backend": "backend", "model": "model",
-    "image": "model", "uptime": "uptime", "runningfor": "uptime", "restarts": "restarts", "exitcode": "exit_code",
-    "lasterror": "last_error", "aliases": "aliases", "createdat": "started_at", "startedat": "started_at",
+    "name": "name",
+    "names": "name",
+    "id": "name",
+    "status": "status",
+    "state": "status",
+    "health": "health",
+    "pid": "pid",
+    "port": "port",
+    "ports": "port",
+    "host": "host",
+    "backend": "backend",
+    "model": "model",
+    "image": "model",
+    "uptime": "uptime",
+    "runningfor": "uptime",
+    "restarts": "restarts",
+    "exitcode": "exit_code",
+    "lasterror": "last_error",
+    "aliases": "aliases",
+    "createdat": "started_at",
+    "startedat": "started_at",
 }
-FIELD_NAMES = ("Name", "Names", "ID", "Status", "State", "Health", "PID", "Port", "Ports", "Host", "Backend", "Model", "Image",
-               "Uptime", "RunningFor", "Restarts", "ExitCode", "LastError", "Aliases", "StartedAt", "CreatedAt")
+FIELD_NAMES = (
+    "Name",
+    "Names",
+    "ID",
+    "Status",
+    "State",
+    "Health",
+    "PID",
+    "Port",
+    "Ports",
+    "Host",
+    "Backend",
+    "Model",
+    "Image",
+    "Uptime",
+    "RunningFor",
+    "Restarts",
+    "ExitCode",
+    "LastError",
+    "Aliases",
+    "StartedAt",
+    "CreatedAt",
+)
 _PLACEHOLDER = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z_]*)\s*\}\}")
 
 
@@ -70,14 +108,16 @@ def render_format(records: list[Record], fmt: str, cell: Callable[[Record, str],
     if fmt.strip() == "json":
         return "".join(json.dumps(r, default=str) + "\n" for r in records)
     table = fmt.startswith("table")
-    template = fmt[len("table"):].lstrip() if table else fmt
+    template = fmt[len("table") :].lstrip() if table else fmt
     template = template.replace("\\t", "\t").replace("\\n", "\n")
     for _, field in _PLACEHOLDER.findall(template):
         if field and field.lower() not in FIELDS:
             raise UsageError(f"template: can't evaluate field {field} (fields: {', '.join(FIELD_NAMES)})")
     if not _PLACEHOLDER.search(template):
-        raise UsageError(f"invalid --format {fmt!r}: use json, a template such as '{{{{.Name}}}}\\t{{{{.Status}}}}'"
-                         ", or 'table' and a template")
+        raise UsageError(
+            f"invalid --format {fmt!r}: use json, a template such as '{{{{.Name}}}}\\t{{{{.Status}}}}'"
+            ", or 'table' and a template"
+        )
 
     def expand(record: Record | None) -> str:
         def one(match: re.Match[str]) -> str:
@@ -104,5 +144,6 @@ def _aligned(rows: list[str]) -> str:
     for line in cells:
         for i, text in enumerate(line[:-1]):
             widths[i] = max(widths.get(i, 0), len(text))
-    return "".join("".join(t.ljust(widths[i] + 3) if i < len(line) - 1 else t for i, t in enumerate(line)) + "\n"
-                   for line in cells)
+    return "".join(
+        "".join(t.ljust(widths[i] + 3) if i < len(line) - 1 else t for i, t in enumerate(line)) + "\n" for line in cells
+    )

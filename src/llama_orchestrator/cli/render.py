@@ -86,8 +86,10 @@ def ps_legend(records: list[dict[str, Any]]) -> list[str]:
     """The lines under the `ps` table that explain its marks (only those that appear)."""
     lines = []
     if any(r.get("config_changed") for r in records):
-        lines.append(f"{DRIFT_MARK} config changed since it started, not applied: `llama-orch up NAME -d` recreates "
-                     "it, `llama-orch describe NAME` shows the difference")
+        lines.append(
+            f"{DRIFT_MARK} config changed since it started, not applied: `llama-orch up NAME -d` recreates "
+            "it, `llama-orch describe NAME` shows the difference"
+        )
     if any(r.get("config_removed") and r.get("pid") for r in records):
         lines.append("(config removed) the config folder is gone while it runs: `llama-orch down NAME` stops it")
     return lines
@@ -142,8 +144,11 @@ def print_describe(record: dict[str, Any]) -> None:
         out.print("\n[bold]Config drift[/] (running -> declared)")
         for change in drift:
             how = "needs a recreate: `llama-orch up NAME -d`" if change["needs_recreate"] else "applied live"
-            out.print(f"  {change['path']}: {json.dumps(change['running'])} -> {json.dumps(change['declared'])}  "
-                      f"({how.replace('NAME', record['name'])})", markup=False)
+            out.print(
+                f"  {change['path']}: {json.dumps(change['running'])} -> {json.dumps(change['declared'])}  "
+                f"({how.replace('NAME', record['name'])})",
+                markup=False,
+            )
     out.print("\n[bold]Model file[/]")
     gguf = record["model_file"]
     if isinstance(gguf, dict):

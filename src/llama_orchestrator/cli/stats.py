@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-_SAMPLE = re.compile(r'^(llama_orch_instance_(?:requests|completion_tokens)_total)\{([^}]*)\} (\S+)$')
+_SAMPLE = re.compile(r"^(llama_orch_instance_(?:requests|completion_tokens)_total)\{([^}]*)\} (\S+)$")
 _NAME = re.compile(r'model_name="((?:[^"\\]|\\.)*)"')
 
 
@@ -71,8 +71,14 @@ def process_usage(pid: int | None) -> Usage:
     return usage
 
 
-def take(records: list[dict[str, Any]], metrics_text: str | None, at: float, *, local: bool,
-         usage_of: Callable[[int | None], Usage] = process_usage) -> Sample:
+def take(
+    records: list[dict[str, Any]],
+    metrics_text: str | None,
+    at: float,
+    *,
+    local: bool,
+    usage_of: Callable[[int | None], Usage] = process_usage,
+) -> Sample:
     """One sample. ``local``: the pids are this machine's (not another node's), so CPU and memory can be read."""
     import psutil
 
@@ -103,11 +109,17 @@ def rows(names: list[str], before: Sample, after: Sample) -> list[dict[str, Any]
         memory_percent = None
         if new.rss is not None and after.memory_total:
             memory_percent = new.rss / after.memory_total * 100.0
-        out.append({
-            "name": name, "cpu_percent": cpu, "memory_bytes": new.rss, "memory_percent": memory_percent,
-            "requests_per_second": rate(before.requests, after.requests),
-            "tokens_per_second": rate(before.tokens, after.tokens), "pids": new.pids,
-        })
+        out.append(
+            {
+                "name": name,
+                "cpu_percent": cpu,
+                "memory_bytes": new.rss,
+                "memory_percent": memory_percent,
+                "requests_per_second": rate(before.requests, after.requests),
+                "tokens_per_second": rate(before.tokens, after.tokens),
+                "pids": new.pids,
+            }
+        )
     return out
 
 
@@ -118,9 +130,15 @@ def table(stat_rows: list[dict[str, Any]]):
     for column in ("NAME", "CPU %", "MEM USAGE", "MEM %", "REQ/S", "TOK/S", "PIDS"):
         grid.add_column(column, no_wrap=True, justify="left" if column == "NAME" else "right")
     for row in stat_rows:
-        grid.add_row(row["name"], _fixed(row["cpu_percent"], "%"), _bytes(row["memory_bytes"]),
-                     _fixed(row["memory_percent"], "%"), _fixed(row["requests_per_second"]),
-                     _fixed(row["tokens_per_second"]), str(row["pids"]))
+        grid.add_row(
+            row["name"],
+            _fixed(row["cpu_percent"], "%"),
+            _bytes(row["memory_bytes"]),
+            _fixed(row["memory_percent"], "%"),
+            _fixed(row["requests_per_second"]),
+            _fixed(row["tokens_per_second"]),
+            str(row["pids"]),
+        )
     return grid
 
 

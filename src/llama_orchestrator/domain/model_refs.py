@@ -17,8 +17,11 @@ DEFAULT_QUANT = "Q4_K_M"  # what `llama-server -hf` and Ollama pick when none is
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 # Quantisation names as they appear in GGUF file names: Q4_K_M, IQ2_XXS, Q8_0, F16, BF16, TQ1_0, MXFP4...
-_QUANT_IN_NAME = re.compile(r"(?<![A-Za-z0-9])((?:I?Q\d+(?:_[A-Z0-9]+)*)|TQ\d_\d|BF16|F16|F32|MXFP4(?:_MOE)?)"
-                            r"(?![A-Za-z0-9])", re.IGNORECASE)
+_QUANT_IN_NAME = re.compile(
+    r"(?<![A-Za-z0-9])((?:I?Q\d+(?:_[A-Z0-9]+)*)|TQ\d_\d|BF16|F16|F32|MXFP4(?:_MOE)?)"
+    r"(?![A-Za-z0-9])",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ def parse_ref(text: str, *, file: str | None = None, revision: str | None = None
     body = text.strip()
     for prefix in HF_PREFIXES:
         if body.lower().startswith(prefix):
-            body = body[len(prefix):]
+            body = body[len(prefix) :]
             break
     quant = None
     if ":" in body:
@@ -60,8 +63,10 @@ def parse_ref(text: str, *, file: str | None = None, revision: str | None = None
         quant = quant.strip() or None
     parts = body.strip("/").split("/")
     if len(parts) != 2 or not all(_REPO_PART.match(p) for p in parts):
-        raise UsageError(f"{text!r} is not a model reference: expected <user>/<repo>[:QUANT], "
-                         "e.g. hf.co/Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M")
+        raise UsageError(
+            f"{text!r} is not a model reference: expected <user>/<repo>[:QUANT], "
+            "e.g. hf.co/Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"
+        )
     if quant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", quant):
         raise UsageError(f"{quant!r} is not a quantisation name (e.g. Q4_K_M, Q8_0, F16)")
     return HfRef("/".join(parts), quant, file, revision)
@@ -138,16 +143,21 @@ def choose_files(filenames: list[str], ref: HfRef) -> Choice:
     if len(groups) == 1:
         first = next(iter(groups))
         return Choice(groups[first], quant_of(first))
-    raise NotFoundError(f"{ref.repo} has several models and no {DEFAULT_QUANT}: name one with "
-                        f"{ref.repo}:QUANT or --file; {_choices(groups)}")
+    raise NotFoundError(
+        f"{ref.repo} has several models and no {DEFAULT_QUANT}: name one with "
+        f"{ref.repo}:QUANT or --file; {_choices(groups)}"
+    )
 
 
 def _choices(groups: dict[str, tuple[str, ...]]) -> str:
     lines = []
     for first in sorted(groups):
         quant = quant_of(first)
-        lines.append(f"{first}" + (f" (:{quant})" if quant else "") +
-                     (f" [{len(groups[first])} parts]" if len(groups[first]) > 1 else ""))
+        lines.append(
+            f"{first}"
+            + (f" (:{quant})" if quant else "")
+            + (f" [{len(groups[first])} parts]" if len(groups[first]) > 1 else "")
+        )
     return "choose from: " + ", ".join(lines)
 
 
@@ -158,8 +168,7 @@ FALLBACK_CONTEXT = 4096  # when the model does not say its trained context
 MAX_CONTEXT = 1_048_576  # the config's upper bound
 
 
-def default_context(trained: int | None, file_bytes: int, shape: ModelShape | None,
-                    budget_mb: float | None) -> int:
+def default_context(trained: int | None, file_bytes: int, shape: ModelShape | None, budget_mb: float | None) -> int:
     """The model's trained context, lowered (in steps of 256 tokens) until the memory estimate fits ``budget_mb``;
     never below MIN_CONTEXT (``init`` warns when even that does not fit)."""
     context = min(trained or FALLBACK_CONTEXT, MAX_CONTEXT)

@@ -57,9 +57,7 @@ def vendor_of(name: str) -> str | None:
     return None
 
 
-def auto_backend(
-    devices: Iterable[GpuDevice], *, platform: str, available: Iterable[str] | None = None
-) -> str:
+def auto_backend(devices: Iterable[GpuDevice], *, platform: str, available: Iterable[str] | None = None) -> str:
     """What ``gpu.backend: auto`` means on this machine.
 
     cuda for an NVIDIA card, rocm (when ROCm sees it) or vulkan for AMD, vulkan for other Vulkan GPUs (Intel),

@@ -85,8 +85,9 @@ class Settings(_Strict):
     schema_ref: str | None = Field(None, alias="$schema", exclude=True)
     api: ApiSettings = Field(default_factory=ApiSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
-    peers: list[PeerSettings] = Field(default_factory=list, description="other nodes whose models this router "
-                                      "serves too (`llama-orch nodes`)")
+    peers: list[PeerSettings] = Field(
+        default_factory=list, description="other nodes whose models this router serves too (`llama-orch nodes`)"
+    )
     reload: Literal["auto", "manual"] = Field(
         "manual",
         description="auto: the daemon applies config changes itself (start new autostart instances, recreate "

@@ -31,44 +31,58 @@ class Health(StrEnum):
 # staying in the same status is not an edge. "Found running" is the OS scan (SPEC §13): a process carrying our
 # marker runs while the database says otherwise (it was lost, rebuilt, or is behind), so it is adopted.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.stopped: frozenset({
-        Status.starting,  # a person (or autostart) starts it
-        Status.running,  # found running: adopted from the OS scan (e.g. after the database was lost)
-        Status.failed,  # a person's start could not execute the binary: nothing was spawned
-        Status.backoff,  # the daemon's start (autostart, policy at daemon start) failed before spawning: retry later
-    }),
-    Status.starting: frozenset({
-        Status.running,  # spawned and up
-        Status.stopping,  # a person stops it while it starts
-        Status.exited,  # it died during start: the restart policy decides
-    }),
-    Status.running: frozenset({
-        Status.stopping,  # a person stops it, or the supervisor stops it to restart an unhealthy instance
-        Status.exited,  # it ended on its own: crash, kill from outside, or clean exit
-    }),
-    Status.stopping: frozenset({
-        Status.stopped,  # a person's stop completed (or its stopper died and the process is gone)
-        Status.exited,  # a supervisor stop (unhealthy) completed, or it died on its own meanwhile: policy decides
-        Status.running,  # the stopper died half way (its lock is free) and the process still runs: settled back
-    }),
-    Status.exited: frozenset({
-        Status.starting,  # restart with no delay (backoff_seconds = 0), or a person starts it
-        Status.backoff,  # restart after a delay
-        Status.failed,  # max_retries restarts used up, or a person's start could not execute the binary
-        Status.stopped,  # a person brings it down: nothing is wanted any more
-        Status.running,  # found running: adopted from the OS scan
-    }),
-    Status.backoff: frozenset({
-        Status.starting,  # the delay is over
-        Status.stopped,  # a person stops it before the delay is over
-        Status.failed,  # the restarts are used up (its start kept failing before spawning)
-        Status.running,  # found running: adopted from the OS scan
-    }),
-    Status.failed: frozenset({
-        Status.starting,  # a person starts it again
-        Status.stopped,  # a person brings it down: clears the failure
-        Status.running,  # found running: adopted from the OS scan
-    }),
+    Status.stopped: frozenset(
+        {
+            Status.starting,  # a person (or autostart) starts it
+            Status.running,  # found running: adopted from the OS scan (e.g. after the database was lost)
+            Status.failed,  # a person's start could not execute the binary: nothing was spawned
+            Status.backoff,  # the daemon's start (autostart, policy at daemon start) failed before spawning: retry later
+        }
+    ),
+    Status.starting: frozenset(
+        {
+            Status.running,  # spawned and up
+            Status.stopping,  # a person stops it while it starts
+            Status.exited,  # it died during start: the restart policy decides
+        }
+    ),
+    Status.running: frozenset(
+        {
+            Status.stopping,  # a person stops it, or the supervisor stops it to restart an unhealthy instance
+            Status.exited,  # it ended on its own: crash, kill from outside, or clean exit
+        }
+    ),
+    Status.stopping: frozenset(
+        {
+            Status.stopped,  # a person's stop completed (or its stopper died and the process is gone)
+            Status.exited,  # a supervisor stop (unhealthy) completed, or it died on its own meanwhile: policy decides
+            Status.running,  # the stopper died half way (its lock is free) and the process still runs: settled back
+        }
+    ),
+    Status.exited: frozenset(
+        {
+            Status.starting,  # restart with no delay (backoff_seconds = 0), or a person starts it
+            Status.backoff,  # restart after a delay
+            Status.failed,  # max_retries restarts used up, or a person's start could not execute the binary
+            Status.stopped,  # a person brings it down: nothing is wanted any more
+            Status.running,  # found running: adopted from the OS scan
+        }
+    ),
+    Status.backoff: frozenset(
+        {
+            Status.starting,  # the delay is over
+            Status.stopped,  # a person stops it before the delay is over
+            Status.failed,  # the restarts are used up (its start kept failing before spawning)
+            Status.running,  # found running: adopted from the OS scan
+        }
+    ),
+    Status.failed: frozenset(
+        {
+            Status.starting,  # a person starts it again
+            Status.stopped,  # a person brings it down: clears the failure
+            Status.running,  # found running: adopted from the OS scan
+        }
+    ),
 }
 
 # A process should exist in these states: the ones a stop must act on and a daemon must adopt.

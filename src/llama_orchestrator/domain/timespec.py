@@ -26,6 +26,8 @@ def parse_time(text: str, now: float) -> float:
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise BadTime(f"{text!r} is not a time: use a duration (10m, 1h30m), Unix seconds, or an ISO-8601 time "
-                      "such as 2026-12-01T10:00:00Z") from None
+        raise BadTime(
+            f"{text!r} is not a time: use a duration (10m, 1h30m), Unix seconds, or an ISO-8601 time "
+            "such as 2026-12-01T10:00:00Z"
+        ) from None
     return moment.timestamp()  # a naive datetime is local time

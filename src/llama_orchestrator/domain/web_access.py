@@ -68,8 +68,12 @@ class HostPolicy:
         if host_header is None:
             return True  # HTTP/1.0 without Host: no browser sends that, so it cannot be a rebinding page
         name, _ = split_host(host_header)
-        return (self.any or is_loopback_name(name) or name in self.names
-                or any(name.endswith("." + s) for s in self.suffixes))
+        return (
+            self.any
+            or is_loopback_name(name)
+            or name in self.names
+            or any(name.endswith("." + s) for s in self.suffixes)
+        )
 
 
 def origin_key(origin: str) -> tuple[str, str, int] | None:

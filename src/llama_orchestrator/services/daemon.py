@@ -285,8 +285,7 @@ def _serve_api(
         except BaseException:
             sock.close()
             raise
-        log.warning("API port %s is taken: using %s, recorded as api.port in %s", api.port, chosen,
-                    home.settings_path)
+        log.warning("API port %s is taken: using %s, recorded as api.port in %s", api.port, chosen, home.settings_path)
         api = api.model_copy(update={"port": chosen})
     url = url_for(api.host, api.port)
 

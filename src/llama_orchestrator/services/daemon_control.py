@@ -130,4 +130,3 @@ def _kill(handle: proc.ProcessHandle) -> None:
         psutil.Process(handle.pid).kill()  # only the daemon: its instances live in their own sessions
     except psutil.Error:
         pass
-

@@ -70,8 +70,14 @@ def check_once(
     became_running = False
     if health == Health.healthy and row.status == Status.starting:
         became_running = service.store.transition(
-            name, Status.starting, Status.running, only_if={"pid": row.pid}, now=now,
-            event=("healthy", f"answering on port {config.server.port}"), last_error=None, **changes,
+            name,
+            Status.starting,
+            Status.running,
+            only_if={"pid": row.pid},
+            now=now,
+            event=("healthy", f"answering on port {config.server.port}"),
+            last_error=None,
+            **changes,
         )
     if not became_running:
         service.store.update(name, only_if={"pid": row.pid}, **changes)

@@ -235,7 +235,11 @@ class InstanceService:
         if handle is not None and proc.is_alive(handle):
             if row.status == Status.stopping:
                 self.store.transition(
-                    name, Status.stopping, Status.running, only_if={"pid": row.pid}, now=now,
+                    name,
+                    Status.stopping,
+                    Status.running,
+                    only_if={"pid": row.pid},
+                    now=now,
                     event=("stop-interrupted", f"the stop of pid {row.pid} was interrupted; it still runs"),
                 )
                 return self.store.get(name) or row
@@ -347,8 +351,12 @@ class InstanceService:
             # new one. The process is spawned; it must never go unrecorded.
             for _ in range(5):
                 if self.store.transition(
-                    name, row.status, Status.starting, now=now,
-                    event=("started", f"pid {spawned.handle.pid} on port {config.server.port}"), **changes,
+                    name,
+                    row.status,
+                    Status.starting,
+                    now=now,
+                    event=("started", f"pid {spawned.handle.pid} on port {config.server.port}"),
+                    **changes,
                 ):
                     break
                 row = self.store.get(name) or InstanceRow(name=name)
@@ -364,7 +372,9 @@ class InstanceService:
         config_dir = self.home.config_path(name).parent
         model = config.model_path(config_dir)
         if not model.is_file():
-            raise StartError(f"{name}: model file {str(model)!r} not found (model.path in {config_dir / 'config.json'})")
+            raise StartError(
+                f"{name}: model file {str(model)!r} not found (model.path in {config_dir / 'config.json'})"
+            )
         if not os.access(model, os.R_OK):
             raise StartError(f"{name}: model file {str(model)!r} is not readable")
         binary = resolve_binary(config.binary, self.home.registry_path, backend=config.gpu.backend)
@@ -387,7 +397,12 @@ class InstanceService:
             self.store.update(name, last_error=message)
             return
         self.store.transition(
-            name, row.status, Status.failed, event=("start-failed", message), now=now, last_error=message,
+            name,
+            row.status,
+            Status.failed,
+            event=("start-failed", message),
+            now=now,
+            last_error=message,
             stopped_at=now,
         )
 
@@ -457,8 +472,14 @@ class InstanceService:
                     return row  # the supervisor's stop of a process already gone: it is exited, policy decides
                 if row.status != Status.stopped:
                     self.store.transition(
-                        name, row.status, Status.stopped, now=now, event=("stopped", f"was {row.status}; now stopped"),
-                        health=Health.unknown, stopped_by_user=by_user, next_restart_at=None,
+                        name,
+                        row.status,
+                        Status.stopped,
+                        now=now,
+                        event=("stopped", f"was {row.status}; now stopped"),
+                        health=Health.unknown,
+                        stopped_by_user=by_user,
+                        next_restart_at=None,
                         stopped_at=row.stopped_at or now,
                     )
                 elif by_user != row.stopped_by_user:
@@ -480,15 +501,24 @@ class InstanceService:
             self._wait_port_released(row.port, 5.0)
             now = self.clock()
             how = (
-                "killed at once (suspended)" if killed and grace == 0 else
-                f"killed after {timeout:g} s grace" if killed else "stopped gracefully"
+                "killed at once (suspended)"
+                if killed and grace == 0
+                else f"killed after {timeout:g} s grace"
+                if killed
+                else "stopped gracefully"
             )
             # A person's stop ends `stopped`; the supervisor's (an unhealthy instance) ends `exited`, and its
             # restart policy decides what next.
             self.store.transition(
-                name, Status.stopping, Status.stopped if by_user else Status.exited, now=now,
+                name,
+                Status.stopping,
+                Status.stopped if by_user else Status.exited,
+                now=now,
                 event=("stopped", f"pid {row.pid} {how}"),
-                health=Health.unknown, stopped_at=now, exit_code=exit_code, next_restart_at=None,
+                health=Health.unknown,
+                stopped_at=now,
+                exit_code=exit_code,
+                next_restart_at=None,
             )
             del gone
             return self.store.get(name) or row

@@ -303,8 +303,13 @@ class LocalInstances:
         records = []
         for action in plan(declared, recorded, observed, mode="up", recreate=recreate, names=names):
             row = recorded.get(action.name)
-            records.append({**action.as_dict(), "status": row.status if row else "stopped",
-                            "pid": observed[action.name].pid if action.name in observed else None})
+            records.append(
+                {
+                    **action.as_dict(),
+                    "status": row.status if row else "stopped",
+                    "pid": observed[action.name].pid if action.name in observed else None,
+                }
+            )
         return records
 
     def service_state(self, names: list[str] | None = None):

@@ -25,24 +25,29 @@ def export_instance(service: InstanceService, config: InstanceConfig) -> ExportI
         size = model.stat().st_size
     except OSError:
         return ExportInstance(config, relpath)  # exported anyway: the PVC is filled in the cluster
-    return ExportInstance(config, relpath, size, estimate_memory_mb(size, config.model.context_size,
-                                                                    model_shape(model)))
+    return ExportInstance(
+        config, relpath, size, estimate_memory_mb(size, config.model.context_size, model_shape(model))
+    )
 
 
-def kubernetes_files(service: InstanceService, names: list[str], options: ExportOptions,
-                     router_key: str | None = None) -> dict[str, str]:
+def kubernetes_files(
+    service: InstanceService, names: list[str], options: ExportOptions, router_key: str | None = None
+) -> dict[str, str]:
     """``{file name: YAML text}`` for the named instances."""
     import yaml
 
     items = [export_instance(service, service.load(name)) for name in names]
     key = router_key or "sk-" + secrets.token_urlsafe(24)
     files = render(items, options, router_key=key)
+
     class Dumper(yaml.SafeDumper):
         def ignore_aliases(self, data) -> bool:  # noqa: ANN001 - plain YAML, no &anchors for shared dicts
             return True
 
-    return {name: yaml.dump_all(docs, Dumper=Dumper, sort_keys=False, default_flow_style=False)
-            for name, docs in files.items()}
+    return {
+        name: yaml.dump_all(docs, Dumper=Dumper, sort_keys=False, default_flow_style=False)
+        for name, docs in files.items()
+    }
 
 
 def write_files(files: dict[str, str], out: Path) -> list[Path]:

@@ -55,8 +55,13 @@ class PullResult:
         return self.files[0]
 
     def as_dict(self) -> dict:
-        return {"reference": str(self.ref), "path": str(self.primary), "files": [str(p) for p in self.files],
-                "downloaded": self.downloaded, "bytes_fetched": self.bytes_fetched}
+        return {
+            "reference": str(self.ref),
+            "path": str(self.primary),
+            "files": [str(p) for p in self.files],
+            "downloaded": self.downloaded,
+            "bytes_fetched": self.bytes_fetched,
+        }
 
 
 # -- the catalog ---------------------------------------------------------------------------------------------
@@ -95,8 +100,9 @@ class ModelCatalog:
 
     def register(self, model_id: str, repo: str, name: str | None = None, file: str | None = None) -> dict:
         if not catalog_id_ok(model_id):
-            raise UsageError(f"{model_id!r} is not a catalog ID: lowercase letters, digits, '.', '-', '_' "
-                             "(no slash), e.g. qwen-0.5b")
+            raise UsageError(
+                f"{model_id!r} is not a catalog ID: lowercase letters, digits, '.', '-', '_' (no slash), e.g. qwen-0.5b"
+            )
         ref = parse_ref(repo, file=file)
         models = self.read()
         entry = {"repo": f"{ref.repo}" + (f":{ref.quant}" if ref.quant else ""), "name": name or model_id}
@@ -127,8 +133,10 @@ def resolve(home: Home, text: str, *, file: str | None = None, revision: str | N
     if not is_hf_ref(text) and "/" not in text:
         ref = ModelCatalog(home).ref(text)
         if ref is None:
-            raise NotFoundError(f"{text!r} is neither a catalog ID (see `llama-orch models catalog`) nor a "
-                                "reference <user>/<repo>[:QUANT]")
+            raise NotFoundError(
+                f"{text!r} is neither a catalog ID (see `llama-orch models catalog`) nor a "
+                "reference <user>/<repo>[:QUANT]"
+            )
         return HfRef(ref.repo, ref.quant, file or ref.file, revision)
     return parse_ref(text, file=file, revision=revision)
 
@@ -167,9 +175,15 @@ def reference_of(home: Home, path: Path) -> str | None:
 # -- pull ------------------------------------------------------------------------------------------------------
 
 
-def pull(home: Home, ref: HfRef, *, client: HubClient | None = None, on_progress: Progress | None = None,
-         on_plan: Callable[[list[tuple[str, int | None]]], None] | None = None,
-         free_bytes: Callable[[Path], int] | None = None) -> PullResult:
+def pull(
+    home: Home,
+    ref: HfRef,
+    *,
+    client: HubClient | None = None,
+    on_progress: Progress | None = None,
+    on_plan: Callable[[list[tuple[str, int | None]]], None] | None = None,
+    free_bytes: Callable[[Path], int] | None = None,
+) -> PullResult:
     """Bring the file(s) ``ref`` names into ``models/hf/<user>/<repo>/``. Files already there are kept; a download
     interrupted before resumes from where it stopped; each file is checked against the Hub's sha256 before it
     appears under its name. Raises HubError (exit 1) when the Hub is unreachable or says no, or a checksum does
@@ -214,9 +228,11 @@ def _check_space(folder: Path, need: int, free_bytes: Callable[[Path], int] | No
         probe = probe.parent
     free = free_bytes(probe) if free_bytes else shutil.disk_usage(probe).free
     if need + DISK_MARGIN > free:
-        raise OrchestratorError(f"not enough disk space in {folder}: the pull needs {_human(need)} and "
-                                f"{_human(free)} is free (keeping {_human(DISK_MARGIN)} spare); nothing was "
-                                "downloaded")
+        raise OrchestratorError(
+            f"not enough disk space in {folder}: the pull needs {_human(need)} and "
+            f"{_human(free)} is free (keeping {_human(DISK_MARGIN)} spare); nothing was "
+            "downloaded"
+        )
 
 
 def _verify(path: Path, sha256: str | None, staging: Path, name: str, endpoint: str) -> None:
@@ -228,9 +244,11 @@ def _verify(path: Path, sha256: str | None, staging: Path, name: str, endpoint: 
             digest.update(block)
     if digest.hexdigest() != sha256.lower():
         forget_download(staging, name, sha256)
-        raise HubError(f"{name}: checksum mismatch (sha256 {digest.hexdigest()}, the Hub on {endpoint} says "
-                       f"{sha256}); the download was deleted, nothing was installed. Pull again; if it repeats, the "
-                       "mirror serves a corrupt file")
+        raise HubError(
+            f"{name}: checksum mismatch (sha256 {digest.hexdigest()}, the Hub on {endpoint} says "
+            f"{sha256}); the download was deleted, nothing was installed. Pull again; if it repeats, the "
+            "mirror serves a corrupt file"
+        )
 
 
 def _prune_empty(folder: Path, stop: Path) -> None:
@@ -282,8 +300,10 @@ def remove(home: Home, text: str) -> list[Path]:
         raise NotFoundError(f"{text!r} is not pulled (see `llama-orch models list`)")
     users = users_of(home, files)
     if users:
-        raise InUseError(f"{text} is used by instance(s) {', '.join(users)}: remove them "
-                                f"(`llama-orch rm {users[0]}`) or point them at another model first")
+        raise InUseError(
+            f"{text} is used by instance(s) {', '.join(users)}: remove them "
+            f"(`llama-orch rm {users[0]}`) or point them at another model first"
+        )
     for path in files:
         path.unlink(missing_ok=True)
     _prune_empty(files[0].parent, hf_root(home))
@@ -295,9 +315,16 @@ def catalog_rows(home: Home) -> list[dict]:
     for model_id, entry in sorted(ModelCatalog(home).read().items()):
         ref = parse_ref(entry["repo"], file=entry.get("file"))
         files = local_files(home, ref)
-        rows.append({"id": model_id, "name": entry.get("name") or model_id, "repo": entry["repo"],
-                     "downloaded": files is not None, "path": str(files[0]) if files else None,
-                     "size_bytes": sum(p.stat().st_size for p in files) if files else None})
+        rows.append(
+            {
+                "id": model_id,
+                "name": entry.get("name") or model_id,
+                "repo": entry["repo"],
+                "downloaded": files is not None,
+                "path": str(files[0]) if files else None,
+                "size_bytes": sum(p.stat().st_size for p in files) if files else None,
+            }
+        )
     return rows
 
 
@@ -339,8 +366,14 @@ def memory_budget_mb(home: Home) -> float | None:
         return None
 
 
-def memory_plan(home: Home, path: Path, context_size: int | None = None, *, budget_mb: float | None = None,
-                trained: int | None = None) -> MemoryPlan:
+def memory_plan(
+    home: Home,
+    path: Path,
+    context_size: int | None = None,
+    *,
+    budget_mb: float | None = None,
+    trained: int | None = None,
+) -> MemoryPlan:
     """The context ``init`` gives ``path`` (its trained context capped by the budget, unless one is chosen) and the
     estimated memory at it (the router's estimate: weights + f16 KV cache + overhead)."""
     from llama_orchestrator.domain.model_refs import default_context

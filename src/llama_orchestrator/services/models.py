@@ -87,8 +87,7 @@ def list_models(home: Home, folder: Path | None = None, *, require_folder: bool 
         if entry.exists:
             entry.size_bytes = model_store.model_bytes(entry.path)
         if entry.info is not None:
-            plan = model_store.memory_plan(home, entry.path, budget_mb=budget,
-                                           trained=entry.info.get("context_length"))
+            plan = model_store.memory_plan(home, entry.path, budget_mb=budget, trained=entry.info.get("context_length"))
             entry.memory = {"context_size": plan.context_size, "estimated_mb": plan.estimated_mb}
     return result
 

@@ -84,8 +84,11 @@ class PeerPool:
         view, stats, peer = self.views[name], self.stats[name], self.config[name]
         began = self.clock()
         try:
-            async with self.session().get(peer.url.rstrip("/") + "/v1/models", headers=self._auth(peer),
-                                          timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as resp:
+            async with self.session().get(
+                peer.url.rstrip("/") + "/v1/models",
+                headers=self._auth(peer),
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
+            ) as resp:
                 if resp.status != 200:
                     raise RuntimeError(f"/v1/models answered HTTP {resp.status}")
                 data = (await resp.json(content_type=None)).get("data") or []
@@ -129,16 +132,34 @@ class PeerPool:
                 for model_id in (f"{view.name}/{model}", model):
                     if model_id in local:
                         continue
-                    entry = entries.setdefault(model_id, {
-                        "id": model_id, "object": "model", "created": 0, "owned_by": "llama-orchestrator",
-                        "node": view.name, "nodes": [], "loaded": False})
+                    entry = entries.setdefault(
+                        model_id,
+                        {
+                            "id": model_id,
+                            "object": "model",
+                            "created": 0,
+                            "owned_by": "llama-orchestrator",
+                            "node": view.name,
+                            "nodes": [],
+                            "loaded": False,
+                        },
+                    )
                     if view.name not in entry["nodes"]:
                         entry["nodes"].append(view.name)
                     entry["loaded"] = entry["loaded"] or view.up
         return list(entries.values())
 
-    async def forward(self, model: str, method: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
-                      *, local_load: int | None, error: Callable[..., Exception]) -> Upstream | None:
+    async def forward(
+        self,
+        model: str,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        local_load: int | None,
+        error: Callable[..., Exception],
+    ) -> Upstream | None:
         """Relay to the least busy node serving ``model``; None when this node's replicas should answer
         (``local_load``: their requests in flight, None when it has none). ``error(status, message, type, code,
         retry_after)`` builds the router's error (503 when every node serving it is down)."""
@@ -156,8 +177,14 @@ class PeerPool:
                 why = last or "; ".join(filter(None, (self.stats[v.name].last_error for v in down))) or "not probed"
                 for view in down:
                     self._count(view.name, 503)
-                raise error(503, f"model {model!r} is served by node {names}, which is unreachable ({why}); "
-                                 f"retry in {max(1, wait)} s", "server_error", "peer_unavailable", max(1, wait))
+                raise error(
+                    503,
+                    f"model {model!r} is served by node {names}, which is unreachable ({why}); "
+                    f"retry in {max(1, wait)} s",
+                    "server_error",
+                    "peer_unavailable",
+                    max(1, wait),
+                )
             view, send_name = chosen
             tried.add(view.name)
             try:
@@ -180,8 +207,9 @@ class PeerPool:
         started = self.clock()
         view.in_flight += 1
         try:
-            resp = await self.session().request(method, peer.url.rstrip("/") + path, data=body, headers=out,
-                                                allow_redirects=False)
+            resp = await self.session().request(
+                method, peer.url.rstrip("/") + path, data=body, headers=out, allow_redirects=False
+            )
         except BaseException as exc:
             view.in_flight -= 1
             if isinstance(exc, asyncio.CancelledError):
@@ -205,9 +233,20 @@ class PeerPool:
 
     def snapshot(self) -> list[dict[str, Any]]:
         """For `nodes`, /api/nodes and /metrics."""
-        return [{"name": name, "url": self.config[name].url, "up": view.up, "models": list(view.models),
-                 "aliases": list(view.aliases), "in_flight": view.in_flight,
-                 "latency_ms": None if self.stats[name].latency_s is None else round(self.stats[name].latency_s * 1000, 1),
-                 "last_error": self.stats[name].last_error, "requests": dict(self.stats[name].requests),
-                 "probes_failed": self.stats[name].probes_failed}
-                for name, view in sorted(self.views.items())]
+        return [
+            {
+                "name": name,
+                "url": self.config[name].url,
+                "up": view.up,
+                "models": list(view.models),
+                "aliases": list(view.aliases),
+                "in_flight": view.in_flight,
+                "latency_ms": None
+                if self.stats[name].latency_s is None
+                else round(self.stats[name].latency_s * 1000, 1),
+                "last_error": self.stats[name].last_error,
+                "requests": dict(self.stats[name].requests),
+                "probes_failed": self.stats[name].probes_failed,
+            }
+            for name, view in sorted(self.views.items())
+        ]

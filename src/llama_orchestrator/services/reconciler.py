@@ -113,7 +113,9 @@ class Reconciler:
             for action in batch:
                 try:
                     svc.store.add_event(
-                        action.name, "reconcile", f"recreating: {', '.join(action.changes) or action.reason}",
+                        action.name,
+                        "reconcile",
+                        f"recreating: {', '.join(action.changes) or action.reason}",
                         time.time(),
                     )
                     self.port.recreate(

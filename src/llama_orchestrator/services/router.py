@@ -61,7 +61,6 @@ START_RETRY_S = 10.0  # a replica whose start failed is not chosen to be started
 UNDRAIN_CHECK_S = 30.0  # undrain waits at most this long for the new process to be seen healthy
 
 
-
 class RouteError(Exception):
     """An answer in OpenAI's error format: what went wrong, with the HTTP status that says so."""
 
@@ -232,11 +231,22 @@ class Router:
     def stats(self) -> dict[str, InstanceStats]:
         return {
             name: InstanceStats(
-                requests_total=dict(i.requests), in_flight=i.in_flight, queued=len(i.waiters),
-                loaded=i.phase in LOADED, last_used=i.last_used, duration=i.duration.copy(),
-                completion_tokens_total=i.tokens_total, last_tokens_per_second=i.last_tps, phase=str(i.phase),
-                up=i.up, starts_total=i.starts, evictions_total=i.evictions, ttl_unloads_total=i.ttl_unloads,
-                drained=i.drained, requests_by_endpoint=dict(i.by_endpoint), time_to_first_token=i.ttft.copy(),
+                requests_total=dict(i.requests),
+                in_flight=i.in_flight,
+                queued=len(i.waiters),
+                loaded=i.phase in LOADED,
+                last_used=i.last_used,
+                duration=i.duration.copy(),
+                completion_tokens_total=i.tokens_total,
+                last_tokens_per_second=i.last_tps,
+                phase=str(i.phase),
+                up=i.up,
+                starts_total=i.starts,
+                evictions_total=i.evictions,
+                ttl_unloads_total=i.ttl_unloads,
+                drained=i.drained,
+                requests_by_endpoint=dict(i.by_endpoint),
+                time_to_first_token=i.ttft.copy(),
                 prompt_tokens_total=i.prompt_tokens_total,
             )
             for name, i in self._instances.items()
@@ -244,8 +254,10 @@ class Router:
 
     def totals(self) -> dict[str, Any]:
         """Router-wide counters for /metrics: requests that named no known model, by endpoint."""
-        return {"unknown_model_requests": dict(self._unknown_model),
-                "peers": self.peers.snapshot() if self.peers is not None else []}
+        return {
+            "unknown_model_requests": dict(self._unknown_model),
+            "peers": self.peers.snapshot() if self.peers is not None else [],
+        }
 
     async def models(self) -> list[dict[str, Any]]:
         """What /v1/models lists: every instance name, then every alias, once each."""
@@ -273,8 +285,13 @@ class Router:
         started = self.clock()
         _ENDPOINT.set(endpoint_label(path))
         # Another node's model (issue 12): a local instance's name stays here; an alias is balanced across nodes.
-        if (self.peers is not None and model and model not in self._instances and model not in self._broken
-                and self.peers.has(model)):
+        if (
+            self.peers is not None
+            and model
+            and model not in self._instances
+            and model not in self._broken
+            and self.peers.has(model)
+        ):
             local = [self._instances[n] for n in self._resolve(model)]
             load = sum(i.in_flight + len(i.waiters) for i in local) if local else None
             relayed = await self.peers.forward(model, method, path, headers, body, local_load=load, error=RouteError)
@@ -286,8 +303,7 @@ class Router:
         for attempt in range(CONNECT_ATTEMPTS):
             inst = await self._route(model, failed, started + self.settings.start_timeout)
             try:
-                resp = await self._exchange(inst, started, method, path, headers, body, retry=True,
-                                            quiet=attempt == 0)
+                resp = await self._exchange(inst, started, method, path, headers, body, retry=True, quiet=attempt == 0)
             except RouteError as error:
                 if error.code != "start_failed" or not self._others(model, failed | {inst.name}):
                     raise
@@ -297,13 +313,18 @@ class Router:
             failed.add(inst.name)
             last_error = resp
         assert inst is not None
-        error = RouteError(502, f"instance {inst.name!r} did not answer: {last_error}", "server_error",
-                           "upstream_unreachable")
+        error = RouteError(
+            502, f"instance {inst.name!r} did not answer: {last_error}", "server_error", "upstream_unreachable"
+        )
         self._record(inst, error.status, started)
         raise error
 
     async def passthrough(
-        self, name: str, method: str, path: str, headers: Iterable[tuple[bytes, bytes]],
+        self,
+        name: str,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[bytes, bytes]],
         body: bytes | AsyncIterable[bytes] | None,
     ) -> Upstream:
         """`/upstream/<name>/...`: one instance by name, any method and path, the body streamed; no retry."""
@@ -314,15 +335,18 @@ class Router:
             inst = self._instances.get(name)
         if inst is None:
             self._count_unknown()
-            raise RouteError(404, f"no instance named {name!r}; instances: {', '.join(sorted(self._instances))}",
-                             "invalid_request_error", "instance_not_found")
+            raise RouteError(
+                404,
+                f"no instance named {name!r}; instances: {', '.join(sorted(self._instances))}",
+                "invalid_request_error",
+                "instance_not_found",
+            )
         started = self.clock()
         if inst.drained:
             await self._wait_undrained([inst], started + self.settings.start_timeout)
         resp = await self._exchange(inst, started, method, path, headers, body, keep_length=True)
         if isinstance(resp, str):
-            error = RouteError(502, f"instance {name!r} did not answer: {resp}", "server_error",
-                               "upstream_unreachable")
+            error = RouteError(502, f"instance {name!r} did not answer: {resp}", "server_error", "upstream_unreachable")
             self._record(inst, error.status, started)
             raise error
         return self._upstream(inst, resp, started)
@@ -339,9 +363,18 @@ class Router:
         upstream = Upstream(resp, inst.name, started, self.clock, finish)
         return upstream
 
-    async def _exchange(self, inst: _Instance, started: float, method: str, path: str, headers, body,
-                        keep_length: bool = False, retry: bool = False, quiet: bool = False,
-                        ) -> aiohttp.ClientResponse | str:
+    async def _exchange(
+        self,
+        inst: _Instance,
+        started: float,
+        method: str,
+        path: str,
+        headers,
+        body,
+        keep_length: bool = False,
+        retry: bool = False,
+        quiet: bool = False,
+    ) -> aiohttp.ClientResponse | str:
         """Admit, make ready, send. Returns the response, or why to try again (the slot is then released).
 
         With ``retry`` (the body is in memory), a 503 is a reason to try again too: llama-server answers 503 while
@@ -352,8 +385,13 @@ class Router:
             await self._ensure_ready(inst, started)
             inst.last_used = self.clock()
             session = self._session(inst)
-            resp = await session.request(method, inst.url() + path, data=body, allow_redirects=False,
-                                         headers=upstream_headers(headers, inst.config.args, keep_length))
+            resp = await session.request(
+                method,
+                inst.url() + path,
+                data=body,
+                allow_redirects=False,
+                headers=upstream_headers(headers, inst.config.args, keep_length),
+            )
         except RouteError as error:
             self._release(inst)
             self._record(inst, error.status, started)
@@ -389,16 +427,25 @@ class Router:
             await self._reload(since=self.clock())  # a config added a moment ago
             names = self._resolve(model)
         if not names and model in self._broken:
-            raise RouteError(503, f"instance {model!r} cannot be used: {self._broken[model]}", "server_error",
-                             "config_invalid")
+            raise RouteError(
+                503, f"instance {model!r} cannot be used: {self._broken[model]}", "server_error", "config_invalid"
+            )
         if not names:
             known = sorted(set(self._instances) | set(self._aliases))
             if model is None:
-                raise RouteError(400, f"the request names no model; known models: {', '.join(known) or 'none'}",
-                                 "invalid_request_error", "model_required")
+                raise RouteError(
+                    400,
+                    f"the request names no model; known models: {', '.join(known) or 'none'}",
+                    "invalid_request_error",
+                    "model_required",
+                )
             self._count_unknown()
-            raise RouteError(404, f"model {model!r} not found; known models: {', '.join(known) or 'none'}",
-                             "invalid_request_error", "model_not_found")
+            raise RouteError(
+                404,
+                f"model {model!r} not found; known models: {', '.join(known) or 'none'}",
+                "invalid_request_error",
+                "model_not_found",
+            )
         candidates = [self._instances[n] for n in names]
         open_ = [i for i in candidates if not i.drained]
         if not open_:  # every replica is being recreated: wait for one to come back (as for a start)
@@ -408,9 +455,19 @@ class Router:
         if len(candidates) == 1:
             chosen = candidates[0]
         else:
-            replicas = [Replica(i.name, i.in_flight, len(i.waiters), i.limit, i.phase in LOADED,
-                                i.up and i.name not in failed, i.phase in LOADED or self._startable(i),
-                                i.last_picked) for i in candidates]
+            replicas = [
+                Replica(
+                    i.name,
+                    i.in_flight,
+                    len(i.waiters),
+                    i.limit,
+                    i.phase in LOADED,
+                    i.up and i.name not in failed,
+                    i.phase in LOADED or self._startable(i),
+                    i.last_picked,
+                )
+                for i in candidates
+            ]
             chosen = self._instances[pick_replica(replicas)]
         chosen.last_picked = self.clock()
         return chosen
@@ -484,8 +541,13 @@ class Router:
         room_deadline = started + inst.config.concurrency.queue_timeout
         while inst.phase is not Phase.ready:
             if self.clock() >= start_deadline:
-                raise RouteError(503, f"{inst.name} is not ready after {self.settings.start_timeout:g} s "
-                                 "(router.start_timeout)", "server_error", "starting", retry_after=5)
+                raise RouteError(
+                    503,
+                    f"{inst.name} is not ready after {self.settings.start_timeout:g} s (router.start_timeout)",
+                    "server_error",
+                    "starting",
+                    retry_after=5,
+                )
             if inst.task is not None:
                 await self._await_task(inst, start_deadline)
                 continue
@@ -498,8 +560,13 @@ class Router:
                     continue
                 self._begin_start(inst, victims)
             if inst.task is None:  # the phase table refused the start (logged as a bug): never spin on it
-                raise RouteError(503, f"{inst.name} cannot be started from phase {inst.phase}", "server_error",
-                                 "start_failed", retry_after=5)
+                raise RouteError(
+                    503,
+                    f"{inst.name} cannot be started from phase {inst.phase}",
+                    "server_error",
+                    "start_failed",
+                    retry_after=5,
+                )
 
     async def _await_task(self, inst: _Instance, deadline: float) -> None:
         task = inst.task
@@ -511,16 +578,20 @@ class Router:
             # shield: a client that gives up must not cancel the start others wait for
             await asyncio.wait_for(asyncio.shield(task), remaining)
         except TimeoutError:
-            raise RouteError(503, f"{inst.name} is still starting after {self.settings.start_timeout:g} s "
-                             "(router.start_timeout); try again shortly", "server_error", "starting",
-                             retry_after=5) from None
+            raise RouteError(
+                503,
+                f"{inst.name} is still starting after {self.settings.start_timeout:g} s "
+                "(router.start_timeout); try again shortly",
+                "server_error",
+                "starting",
+                retry_after=5,
+            ) from None
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever stopped the start is the client's answer
             if task.get_name() == "stop":
                 return  # a failed stop: the loop looks again at what runs
-            raise RouteError(503, f"{inst.name} could not be started: {exc}", "server_error",
-                             "start_failed") from None
+            raise RouteError(503, f"{inst.name} could not be started: {exc}", "server_error", "start_failed") from None
 
     def _plan(self, inst: _Instance) -> list[str] | None:
         """Who to evict so ``inst`` fits; None when it does not fit now. Raises when it can never fit."""
@@ -528,12 +599,20 @@ class Router:
         if self.settings.max_loaded is None and budget is None:
             return []
         if budget is not None and inst.memory_mb > budget:
-            raise RouteError(503, f"{inst.name} needs about {inst.memory_mb:g} MiB, more than "
-                             f"router.memory_budget_mb ({budget:g})", "server_error", "model_too_large")
-        residents = [Resident(i.name, i.last_used or 0.0, i.busy, i.config.pinned, i.memory_mb)
-                     for i in self._instances.values() if i is not inst and i.phase in LOADED]
-        return choose_evictions(residents, max_loaded=self.settings.max_loaded, budget_mb=budget,
-                                need_mb=inst.memory_mb)
+            raise RouteError(
+                503,
+                f"{inst.name} needs about {inst.memory_mb:g} MiB, more than router.memory_budget_mb ({budget:g})",
+                "server_error",
+                "model_too_large",
+            )
+        residents = [
+            Resident(i.name, i.last_used or 0.0, i.busy, i.config.pinned, i.memory_mb)
+            for i in self._instances.values()
+            if i is not inst and i.phase in LOADED
+        ]
+        return choose_evictions(
+            residents, max_loaded=self.settings.max_loaded, budget_mb=budget, need_mb=inst.memory_mb
+        )
 
     async def _wait_for_room(self, inst: _Instance, deadline: float) -> None:
         remaining = deadline - self.clock()
@@ -545,9 +624,14 @@ class Router:
                 raise TimeoutError
             await asyncio.wait_for(changed.wait(), remaining)
         except TimeoutError:
-            raise RouteError(503, f"no room to start {inst.name}: the loaded instances are busy or pinned "
-                             "(router.max_loaded / memory_budget_mb)", "server_error", "no_capacity",
-                             retry_after=5) from None
+            raise RouteError(
+                503,
+                f"no room to start {inst.name}: the loaded instances are busy or pinned "
+                "(router.max_loaded / memory_budget_mb)",
+                "server_error",
+                "no_capacity",
+                retry_after=5,
+            ) from None
         finally:
             self._room_waiters -= 1
 
@@ -684,8 +768,13 @@ class Router:
         while not inst.settled:
             remaining = deadline - self.clock()
             if remaining <= 0:
-                log.warning("router: %s still has %d in flight and %d queued after %g s of draining", name,
-                            inst.in_flight, len(inst.waiters), timeout)
+                log.warning(
+                    "router: %s still has %d in flight and %d queued after %g s of draining",
+                    name,
+                    inst.in_flight,
+                    len(inst.waiters),
+                    timeout,
+                )
                 return
             done = asyncio.get_running_loop().create_future()
             inst.idle.append(done)
@@ -734,9 +823,14 @@ class Router:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
                 names = ", ".join(i.name for i in candidates)
-                raise RouteError(503, f"{names} is being recreated and not back after "
-                                 f"{self.settings.start_timeout:g} s (router.start_timeout)", "server_error",
-                                 "draining", retry_after=5) from None
+                raise RouteError(
+                    503,
+                    f"{names} is being recreated and not back after "
+                    f"{self.settings.start_timeout:g} s (router.start_timeout)",
+                    "server_error",
+                    "draining",
+                    retry_after=5,
+                ) from None
 
     def _wake_idle(self, inst: _Instance) -> None:
         if inst.idle and inst.settled:
@@ -780,8 +874,9 @@ class Router:
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
-    def _finish(self, inst: _Instance, status: int, started: float, tokens: TokenReport | None,
-                endpoint: str | None = None) -> None:
+    def _finish(
+        self, inst: _Instance, status: int, started: float, tokens: TokenReport | None, endpoint: str | None = None
+    ) -> None:
         self._release(inst)
         self._record(inst, status, started, endpoint)
         if tokens is not None:
@@ -922,7 +1017,11 @@ def _background(coro, name: str) -> asyncio.Task:
 
 
 def _model_entry(model_id: str, instances: list[str], loaded: bool) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "llama-orchestrator",
-            "instances": instances, "loaded": loaded}
-
-
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "llama-orchestrator",
+        "instances": instances,
+        "loaded": loaded,
+    }

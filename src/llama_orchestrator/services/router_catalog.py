@@ -73,12 +73,19 @@ def model_shape(path: Path) -> ModelShape | None:
             return max(v) if isinstance(v, list) and v else v  # per-layer arrays: the largest
 
         arch = value("general.architecture")
-        n_layer, n_embd, n_head = (value(f"{arch}.{k}") for k in
-                                   ("block_count", "embedding_length", "attention.head_count"))
+        n_layer, n_embd, n_head = (
+            value(f"{arch}.{k}") for k in ("block_count", "embedding_length", "attention.head_count")
+        )
         if not (n_layer and n_embd and n_head):
             return None
-        return ModelShape(int(n_layer), int(n_embd), int(n_head), _int(value(f"{arch}.attention.head_count_kv")),
-                          _int(value(f"{arch}.attention.key_length")), _int(value(f"{arch}.attention.value_length")))
+        return ModelShape(
+            int(n_layer),
+            int(n_embd),
+            int(n_head),
+            _int(value(f"{arch}.attention.head_count_kv")),
+            _int(value(f"{arch}.attention.key_length")),
+            _int(value(f"{arch}.attention.value_length")),
+        )
     except Exception:  # noqa: BLE001 - any unreadable file falls back to the default per-token estimate
         return None
 

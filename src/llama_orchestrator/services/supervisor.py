@@ -209,7 +209,9 @@ class Supervisor:
         after = tracker.on_tick(config.restart, now)
         if after.attempts != tracker.attempts:
             self.ops.update(name, restart_attempts=after.attempts)
-            self.ops.event(name, "reset", f"restart count reset after {config.restart.reset_after_seconds:g} s healthy", now)
+            self.ops.event(
+                name, "reset", f"restart count reset after {config.restart.reset_after_seconds:g} s healthy", now
+            )
         return after
 
     # -- health --------------------------------------------------------------------------------------------------
@@ -239,8 +241,14 @@ class Supervisor:
         if tracker.health == Health.healthy:
             watch.restart = watch.restart.on_healthy(now)
             if self.ops.transition(
-                name, Status.starting, Status.running, only_if={"pid": pid}, now=now,
-                event=("healthy", f"answering after {now - tracker.started_at:.1f} s"), last_error=None, **changes,
+                name,
+                Status.starting,
+                Status.running,
+                only_if={"pid": pid},
+                now=now,
+                event=("healthy", f"answering after {now - tracker.started_at:.1f} s"),
+                last_error=None,
+                **changes,
             ):
                 return
         else:
@@ -258,7 +266,10 @@ class Supervisor:
         if tracker.needs_restart:
             if should_restart(config.restart.policy, ExitReason.unhealthy, stopped_by_user=False):
                 self.ops.event(
-                    name, "unhealthy", f"{tracker.consecutive_failures} failed health checks ({outcome.describe()}): restarting", now
+                    name,
+                    "unhealthy",
+                    f"{tracker.consecutive_failures} failed health checks ({outcome.describe()}): restarting",
+                    now,
                 )
                 self._stop_unhealthy(name, watch)
             elif before != Health.unhealthy:
@@ -298,16 +309,25 @@ class Supervisor:
         if decision.action == "restart":
             message = f"{reason}: restart {decision.attempt} of {config.restart.max_retries} in {decision.delay:g} s"
             if self.ops.transition(
-                name, current, Status.backoff, event=("backoff", message), now=now,
-                next_restart_at=decision.restart_at, restart_attempts=decision.attempt,
+                name,
+                current,
+                Status.backoff,
+                event=("backoff", message),
+                now=now,
+                next_restart_at=decision.restart_at,
+                restart_attempts=decision.attempt,
                 last_error=exit_error(reason, row),  # kept through the restarts until it is healthy again
             ):
                 watch.restart_at = decision.restart_at
         elif decision.action == "give_up":
             self.ops.transition(
-                name, current, Status.failed, now=now,
+                name,
+                current,
+                Status.failed,
+                now=now,
                 event=("failed", f"{reason}: gave up after {decision.attempt} restarts"),
-                next_restart_at=None, last_error=f"gave up after {decision.attempt} restarts",
+                next_restart_at=None,
+                last_error=f"gave up after {decision.attempt} restarts",
             )
         elif decision.status != current:
             self.ops.transition(name, current, decision.status, now=now)

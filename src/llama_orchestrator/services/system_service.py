@@ -126,8 +126,11 @@ class ServiceInstaller:
         return self.os_name == self.this_os
 
     def plan(self, action: str) -> ServicePlan:
-        steps = self.manager.install_steps(self.target) if action == "install" else self.manager.uninstall_steps(
-            self.target)
+        steps = (
+            self.manager.install_steps(self.target)
+            if action == "install"
+            else self.manager.uninstall_steps(self.target)
+        )
         return ServicePlan(self.os_name, self.manager.name, steps)
 
     def install(self) -> ServicePlan:
@@ -156,8 +159,10 @@ class ServiceInstaller:
 
     def _refuse_foreign(self, action: str) -> None:
         if not self.native:
-            raise UsageError(f"`service {action} --os {self.os_name}` only renders that OS's files: add --dry-run "
-                             f"(this machine runs {self.this_os})")
+            raise UsageError(
+                f"`service {action} --os {self.os_name}` only renders that OS's files: add --dry-run "
+                f"(this machine runs {self.this_os})"
+            )
 
     def _check_usable(self) -> None:
         try:
@@ -246,8 +251,10 @@ class BinaryRegistry:
         data = self.read()
         existing = data["binaries"].get(name)
         if existing and not _same_file(existing["path"], path):
-            raise UsageError(f"{name!r} is already registered for {existing['path']}: `llama-orch bins remove "
-                             f"{name}` first, or choose another name")
+            raise UsageError(
+                f"{name!r} is already registered for {existing['path']}: `llama-orch bins remove "
+                f"{name}` first, or choose another name"
+            )
         data["binaries"][name] = self._entry(path, backend, existing)
         if make_default or not data.get("default"):
             data["default"] = name
@@ -365,8 +372,12 @@ class GpuOverview:
     physical_cores: int
 
     def as_dict(self) -> dict:
-        return {"binary": self.binary, "auto_backend": self.auto_backend, "physical_cores": self.physical_cores,
-                **self.report.as_dict()}  # type: ignore[attr-defined]
+        return {
+            "binary": self.binary,
+            "auto_backend": self.auto_backend,
+            "physical_cores": self.physical_cores,
+            **self.report.as_dict(),
+        }  # type: ignore[attr-defined]
 
 
 def gpu_overview(

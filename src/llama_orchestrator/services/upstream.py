@@ -20,8 +20,21 @@ from llama_orchestrator.domain.routing import TokenReport, sse_token_report, tok
 
 TOKEN_BODY_MAX = 256 * 1024  # non-streamed answers up to this size are parsed for their token usage
 # Not forwarded: hop-by-hop headers, what aiohttp sets itself, and the client's key for *our* API.
-_HOP_IN = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
-                     b"upgrade", b"host", b"content-length", b"accept-encoding", b"authorization"})
+_HOP_IN = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"accept-encoding",
+        b"authorization",
+    }
+)
 # Not relayed back: hop-by-hop headers, and the ones uvicorn writes itself.
 _HOP_OUT = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
 
@@ -67,8 +80,9 @@ def upstream_headers(headers: Iterable[tuple[bytes, bytes]], args: list[str], ke
 class Upstream:
     """An instance's answer being relayed. ``close()`` must be called: ``finish`` frees the slot and counts it."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, instance: str, started: float, clock: Callable[[], float],
-                 finish: Finish) -> None:
+    def __init__(
+        self, resp: aiohttp.ClientResponse, instance: str, started: float, clock: Callable[[], float], finish: Finish
+    ) -> None:
         self._resp, self._clock, self._finish = resp, clock, finish
         self._started = started  # when the request arrived, on ``clock``
         self.instance = instance

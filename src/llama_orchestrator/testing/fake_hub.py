@@ -149,8 +149,15 @@ class _Handler(BaseHTTPRequestHandler):
                 size = self.hub.size(repo, name)
                 entry.update(size=size, blobId=sha[:40], lfs={"size": size, "sha256": sha, "pointerSize": 134})
             siblings.append(entry)
-        data = {"_id": repo, "id": repo, "modelId": repo, "sha": found.commit, "private": False,
-                "tags": ["gguf"], "siblings": siblings}
+        data = {
+            "_id": repo,
+            "id": repo,
+            "modelId": repo,
+            "sha": found.commit,
+            "private": False,
+            "tags": ["gguf"],
+            "siblings": siblings,
+        }
         self._json(200, data)
 
     def _file(self, repo: str, rev: str, name: str, *, body: bool) -> None:
@@ -195,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         for offset in range(0, len(payload), 64 * 1024):
-            self.wfile.write(payload[offset:offset + 64 * 1024])
+            self.wfile.write(payload[offset : offset + 64 * 1024])
 
     def _json(self, status: int, data: dict) -> None:
         raw = json.dumps(data).encode()

@@ -54,8 +54,22 @@ FAKE_VERSION = "0.0.0-fake"
 _ENV_PREFIX = "FAKE_LLAMA_"
 _TRUE = {"1", "true", "yes", "on"}
 _WORDS = (
-    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "llama", "runs", "fast", "fake",
-    "tokens", "stream",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "and",
+    "llama",
+    "runs",
+    "fast",
+    "fake",
+    "tokens",
+    "stream",
 )
 
 
@@ -167,13 +181,13 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     for attr, conv, default in _FAKE_FLAGS:
         if getattr(ns, attr) is not None:
             continue
-        raw = environ.get(_ENV_PREFIX + attr[len("fake_"):].upper())
+        raw = environ.get(_ENV_PREFIX + attr[len("fake_") :].upper())
         if raw is not None and raw.strip() != "":
             try:
                 setattr(ns, attr, conv(raw))
                 continue
             except ValueError:
-                parser.error(f"invalid value for {_ENV_PREFIX}{attr[len('fake_'):].upper()}: {raw!r}")
+                parser.error(f"invalid value for {_ENV_PREFIX}{attr[len('fake_') :].upper()}: {raw!r}")
         setattr(ns, attr, default)
     return ns
 
@@ -487,15 +501,22 @@ class Handler(BaseHTTPRequestHandler):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choice: dict[str, Any], with_usage: bool = False) -> bytes:
-            payload: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            payload: dict[str, Any] = {
+                "id": cid,
+                "object": obj,
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
             if with_usage:
                 payload["usage"] = usage
             return b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n"
 
         try:
             if chat:  # like llama-server: a role-only first chunk, then one chunk per token
-                self._write_chunk(event({"index": 0, "delta": {"role": "assistant", "content": None},
-                                         "finish_reason": None}))
+                self._write_chunk(
+                    event({"index": 0, "delta": {"role": "assistant", "content": None}, "finish_reason": None})
+                )
             for i, tok in enumerate(tokens):
                 if i > 0 and st.cfg.fake_token_delay > 0:
                     time.sleep(st.cfg.fake_token_delay)
@@ -507,8 +528,11 @@ class Handler(BaseHTTPRequestHandler):
                 self._write_chunk(event(choice))
                 with st.lock:
                     st.predicted_tokens += 1
-            final = {"index": 0, "delta": {}, "finish_reason": finish} if chat else {
-                "index": 0, "text": "", "logprobs": None, "finish_reason": finish}
+            final = (
+                {"index": 0, "delta": {}, "finish_reason": finish}
+                if chat
+                else {"index": 0, "text": "", "logprobs": None, "finish_reason": finish}
+            )
             self._write_chunk(event(final, with_usage=True))
             self._write_chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")

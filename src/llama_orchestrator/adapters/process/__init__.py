@@ -37,9 +37,7 @@ class Spawned:
 
 
 class ProcessControl(Protocol):
-    def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, stdout: Path, stderr: Path
-    ) -> Spawned:
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, stdout: Path, stderr: Path) -> Spawned:
         """Start ``argv`` detached from this process (it outlives the caller), output appended to the two files.
 
         Raises OSError when the binary cannot be executed.
@@ -103,9 +101,7 @@ def scan_marked(
         except (psutil.Error, OSError):
             continue  # gone meanwhile, or not ours to read (AccessDenied)
     found = [
-        Found(name, pid, created)
-        for pid, (name, ppid, created) in marked.items()
-        if marked.get(ppid, ("",))[0] != name
+        Found(name, pid, created) for pid, (name, ppid, created) in marked.items() if marked.get(ppid, ("",))[0] != name
     ]
     return sorted(found, key=lambda f: (f.name, f.create_time))
 
@@ -127,7 +123,7 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: split after its closing one.
-    return data[data.rfind(b")") + 2:].split()
+    return data[data.rfind(b")") + 2 :].split()
 
 
 def is_alive(handle: ProcessHandle) -> bool:

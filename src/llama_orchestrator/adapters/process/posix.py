@@ -29,9 +29,7 @@ class PosixProcesses:
         # psutil reads /proc/<pid>/environ (Linux) or sysctl KERN_PROCARGS2 (macOS): the environment at exec time.
         return scan_marked(home, psutil.process_iter)
 
-    def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, stdout: Path, stderr: Path
-    ) -> Spawned:
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, stdout: Path, stderr: Path) -> Spawned:
         with open_private_log(stdout) as out, open_private_log(stderr) as err:  # 0600: prompts, tokens
             # start_new_session: the instance leads its own process group, so a Ctrl-C in the terminal that ran
             # `up -d` does not reach it and a stop can signal its whole tree; O_APPEND lets rotation truncate.

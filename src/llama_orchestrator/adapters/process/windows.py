@@ -155,9 +155,7 @@ class WindowsProcesses:
     def creationflags(self) -> int:
         return BASE_CREATIONFLAGS | (CREATE_BREAKAWAY_FROM_JOB if self._breakaway else 0)
 
-    def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, stdout: Path, stderr: Path
-    ) -> Spawned:
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, stdout: Path, stderr: Path) -> Spawned:
         with open_private_log(stdout) as out, open_private_log(stderr) as err:  # 0600: prompts, tokens
             popen = self._popen(list(argv), env, cwd, out, err)
         try:

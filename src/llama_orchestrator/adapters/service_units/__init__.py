@@ -86,8 +86,14 @@ class ServiceStatus:
     files: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"manager": self.manager, "installed": self.installed, "enabled": self.enabled,
-                "active": self.active, "detail": self.detail, "files": self.files}
+        return {
+            "manager": self.manager,
+            "installed": self.installed,
+            "enabled": self.enabled,
+            "active": self.active,
+            "detail": self.detail,
+            "files": self.files,
+        }
 
 
 class ServiceUnavailable(Exception):

@@ -23,6 +23,8 @@ UNIT = f"{SERVICE_NAME}.service"  # the default home's
 
 def unit_name(target: Target) -> str:
     return f"{target.name}.service"
+
+
 SYSTEMCTL = ["systemctl", "--user"]
 
 
@@ -125,7 +127,7 @@ def exec_line(argv: list[str]) -> str:
 
 def _quote(word: str) -> str:
     word = _escape_specifiers(word)
-    if word and not any(c in word for c in ' \t"\'\\;'):
+    if word and not any(c in word for c in " \t\"'\\;"):
         return word
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

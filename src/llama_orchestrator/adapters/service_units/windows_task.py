@@ -152,8 +152,15 @@ class NssmService:
             # Stopping the service stops the daemon only: the instances keep running, as with `daemon stop`
             # (NSSM's default kills the whole process tree), and the next daemon adopts them.
             RunCommand([*nssm, "set", target.name, "AppKillProcessTree", "0"]),
-            RunCommand([*nssm, "set", target.name, "Description",
-                        "llama-orchestrator daemon: supervises llama-server instances"]),
+            RunCommand(
+                [
+                    *nssm,
+                    "set",
+                    target.name,
+                    "Description",
+                    "llama-orchestrator daemon: supervises llama-server instances",
+                ]
+            ),
             RunCommand([*nssm, "set", target.name, "Start", "SERVICE_AUTO_START"]),
             RunCommand([*nssm, "start", target.name]),
         ]
