@@ -24,7 +24,7 @@ from pathlib import Path
 
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
-from bench_common import cli_command, fake_binary  # noqa: E402
+from bench_common import cli_command, fake_binary
 
 
 def child_env() -> dict[str, str]:
@@ -106,7 +106,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="llama-orch-bench-") as tmp:
         orch = [*cli_command(), "--home", str(Path(tmp) / "home")]
         try:
-            home = build_home(Path(tmp), args.instances, min(args.running, args.instances))
+            build_home(Path(tmp), args.instances, min(args.running, args.instances))
             commands = {
                 "python -c pass (baseline)": [PY, "-c", "pass"],
                 "llama-orch --help": [*orch, "--help"],

@@ -34,9 +34,9 @@ import httpx
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
-from bench_common import cli_command, fake_binary, free_port, real_binary  # noqa: E402
+from bench_common import cli_command, fake_binary, free_port, real_binary
 
-from llama_orchestrator.adapters.logfiles import tail  # noqa: E402
+from llama_orchestrator.adapters.logfiles import tail
 
 MB = 1024 * 1024
 

@@ -34,7 +34,7 @@ from pathlib import Path
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
-from bench_common import fake_binary, free_port, real_binary  # noqa: E402
+from bench_common import fake_binary, free_port, real_binary
 
 CLI = Path(PY).parent / "llama-orch"
 REPLICAS = ("r1", "r2")
@@ -70,7 +70,7 @@ async def stream_forever(url: str, body: dict, tally: Tally, stop: asyncio.Event
                         ok = resp.status == 200 and b"data: [DONE]" in data
                         if not ok:
                             tally.errors.append(f"HTTP {resp.status}: {data[-200:]!r}")
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     tally.errors.append(f"{type(exc).__name__}: {exc} (at {time.strftime('%H:%M:%S')})")
                 tally.finished.append((time.monotonic(), ok))
 

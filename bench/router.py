@@ -35,7 +35,7 @@ import psutil
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
-from bench_common import fake_binary, free_port, real_binary  # noqa: E402
+from bench_common import fake_binary, free_port, real_binary
 
 PROMPT = [{"role": "user", "content": "Tell me a story."}]
 

@@ -38,7 +38,7 @@ import psutil
 
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
-from bench_common import cli_command, fake_binary, free_port, real_binary  # noqa: E402
+from bench_common import cli_command, fake_binary, free_port, real_binary
 
 NAME = "crash"  # the instance of the crash-recovery part
 TICK_NOTE = "the daemon ticks every 0.5 s: services/daemon.py TICK_S"

@@ -46,7 +46,7 @@ def wait(condition, timeout: float, what: str):
             value = condition()
             if value:
                 return value
-        except Exception:  # noqa: BLE001 - not yet
+        except Exception:  # not yet
             pass
         time.sleep(0.1)
     raise SystemExit(f"timed out waiting for {what}")

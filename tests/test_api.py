@@ -210,11 +210,13 @@ def test_log_follow_streams_lines_as_they_are_written(daemon: Daemon, tiny_model
         got: list[str] = []
 
         def read_until_exit() -> None:
-            with daemon.client() as own:
-                with own.stream(
+            with (
+                daemon.client() as own,
+                own.stream(
                     "GET", "/api/instances/chatty/logs", params={"follow": "true", "tail": 0, "until_exit": "true"}
-                ) as stream:
-                    got.extend(stream.iter_lines())
+                ) as stream,
+            ):
+                got.extend(stream.iter_lines())
             done.set()
 
         reader = threading.Thread(target=read_until_exit, daemon=True)

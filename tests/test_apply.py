@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from conftest import Cli, _cli_command, instance_doc
-from llama_orchestrator.adapters.home import Home
 from helpers import free_port, subprocess_env, wait_until
+from llama_orchestrator.adapters.home import Home
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="the fake binary wrapper is a POSIX shell script")
 

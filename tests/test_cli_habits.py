@@ -15,7 +15,6 @@ import pytest
 
 from conftest import Cli, _cli_command, instance_doc
 from helpers import free_port, subprocess_env, wait_until
-
 from llama_orchestrator.cli import ps_query
 from llama_orchestrator.cli.stats import Sample, Usage, counters, rows
 from llama_orchestrator.domain.errors import UsageError

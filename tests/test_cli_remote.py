@@ -53,10 +53,9 @@ def test_commands_go_through_the_home_daemon(daemon: Daemon, tiny_model: Path, f
 
     # The same records as without a daemon (both sides build them with services.instances_port).
     from llama_orchestrator.adapters.home import Home
+    from llama_orchestrator.cli.render import json_ready
     from llama_orchestrator.services.instances import InstanceService
     from llama_orchestrator.services.instances_port import LocalInstances
-
-    from llama_orchestrator.cli.render import json_ready
 
     local = json_ready(LocalInstances(InstanceService(Home(cli.home)), probe_starting=False).ps()[0])
     assert set(record) == set(local) and record["pid"] == local["pid"] and record["port"] == port

@@ -139,7 +139,7 @@ def test_folder_and_name_must_agree(tmp_path: Path) -> None:
         load_config(path, expected_name="mine")
 
 
-@pytest.mark.parametrize("case", sorted(MALFORMED) + ["broken-json"])
+@pytest.mark.parametrize("case", [*sorted(MALFORMED), "broken-json"])
 def test_cli_refuses_every_malformed_config_with_exit_2_and_no_process(
     case: str, cli: Cli, tiny_model: Path, fake_binary: Path
 ) -> None:

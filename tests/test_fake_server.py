@@ -180,10 +180,10 @@ def test_parse_args_env_flags_and_cli_precedence() -> None:
 def test_version_and_list_devices_exit_at_once() -> None:
     run = [sys.executable, "-m", MODULE]
     v = subprocess.run(
-        run + ["--version", "--port", "1"], capture_output=True, text=True, env=subprocess_env(), timeout=30
+        [*run, "--version", "--port", "1"], capture_output=True, text=True, env=subprocess_env(), timeout=30
     )
     assert v.returncode == 0 and v.stderr.startswith("version: ")  # to stderr, like llama-server
-    d = subprocess.run(run + ["--list-devices"], capture_output=True, text=True, env=subprocess_env(), timeout=30)
+    d = subprocess.run([*run, "--list-devices"], capture_output=True, text=True, env=subprocess_env(), timeout=30)
     assert d.returncode == 0 and d.stdout.startswith("Available devices:")
 
 

@@ -7,6 +7,7 @@ deadline (the machine running the suite may be slow and shared) and no test slee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -177,10 +178,8 @@ class Faults:
         for port in self.ports:
             self.pids += [process.pid for process in servers_on(port)]
         for pid in self.pids:
-            try:
+            with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
         self.cli.run("down", "--all", "--timeout", "1", timeout=120)
 
 
@@ -443,10 +442,8 @@ def test_a_log_flood_is_rotated_by_the_daemon_and_stays_bounded(faults: Faults) 
     extra_files: list[list[str]] = []
 
     def sample() -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             sizes.append(live.stat().st_size)
-        except FileNotFoundError:
-            pass
         if third.exists():
             extra_files.append(sorted(p.name for p in logs.iterdir()))
 

@@ -6,8 +6,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from llama_orchestrator.adapters import gpus
 from llama_orchestrator.adapters.binaries import parse_list_devices
 from llama_orchestrator.adapters.home import Home

@@ -21,9 +21,8 @@ import pytest
 
 from conftest import Cli
 from helpers import wait_until
-from test_api import Daemon, add_instance, serve_in_process, start_daemon
-
 from llama_orchestrator.domain.web_access import HostPolicy, OriginPolicy, preflighted, same_origin, split_host
+from test_api import Daemon, add_instance, serve_in_process, start_daemon
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="the fake binary wrapper is a POSIX shell script")
 EVIL = "http://evil.example"

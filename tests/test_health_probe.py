@@ -139,7 +139,7 @@ class _TinyServer(BaseHTTPRequestHandler):
     # An old llama-server: no /health, but /v1/health; /loading answers as a server that is loading.
     routes = {"/v1/health": (200, b'{"status":"ok"}'), "/loading": (503, b'{"error":"Loading model"}')}
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # http.server names its handlers do_GET
         code, body = self.routes.get(self.path, (404, b"not found"))
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -201,7 +201,7 @@ def test_the_light_probe_speaks_to_a_real_server_and_falls_back() -> None:
     from llama_orchestrator.adapters.health_probe import probe_light
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:  # http.server's naming
             self.send_response({"/v1/health": 200, "/loading": 503}.get(self.path, 404))
             self.end_headers()
 

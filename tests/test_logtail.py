@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import Cli, instance_doc
+from helpers import free_port
 from llama_orchestrator.adapters.logfiles import (
     BLOCK_BYTES,
     LineSplitter,
@@ -22,9 +24,6 @@ from llama_orchestrator.adapters.logfiles import (
     rotate_if_needed,
     tail,
 )
-
-from conftest import Cli, instance_doc
-from helpers import free_port, wait_until
 
 BIG = 50 * 1024 * 1024  # the line: one 50 MB line in an instance's log
 

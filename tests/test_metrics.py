@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -34,7 +35,7 @@ def parse(text: str) -> dict[str, Family]:
     for line in text.splitlines():
         if not line:
             continue
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+        if line.startswith(("# HELP ", "# TYPE ")):
             _, keyword, name, rest = line.split(" ", 3)
             assert METRIC_NAME.fullmatch(name), line
             family = families.setdefault(name, Family())
@@ -72,9 +73,7 @@ def parse(text: str) -> dict[str, Family]:
                     counts[key] = value
             for key, buckets in series.items():
                 assert [b for b, _ in buckets] == sorted(b for b, _ in buckets), name
-                assert all(a <= b for (_, a), (_, b) in zip(buckets, buckets[1:], strict=False)), (
-                    f"{name} not cumulative"
-                )
+                assert all(a <= b for (_, a), (_, b) in itertools.pairwise(buckets)), f"{name} not cumulative"
                 assert math.isinf(buckets[-1][0]) and buckets[-1][1] == counts[key], name
     return families
 

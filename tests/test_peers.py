@@ -17,12 +17,11 @@ from helpers import free_port, wait_until
 from llama_orchestrator.domain.peers import PeerView, candidates, pick, probe_delay
 from llama_orchestrator.domain.settings import PeerSettings
 
-
 # -- decisions -------------------------------------------------------------------------------------------------
 
 
 def test_probe_backoff_doubles_and_caps() -> None:
-    assert [probe_delay(n) for n in range(0, 8)] == [5.0, 1, 2, 4, 8, 16, 30, 30]
+    assert [probe_delay(n) for n in range(8)] == [5.0, 1, 2, 4, 8, 16, 30, 30]
 
 
 def test_candidates_and_pick() -> None:
@@ -204,7 +203,7 @@ def test_router_only_balances_an_alias_over_plain_llama_servers(tmp_path: Path) 
 
     servers, ports = [], [free_port(), free_port()]
     logs = {name: tmp_path / f"{name}.log" for name in ("alpha", "beta")}
-    for name, port in zip(("alpha", "beta"), ports):
+    for name, port in zip(("alpha", "beta"), ports, strict=False):
         servers.append(
             subprocess.Popen(
                 [
@@ -229,7 +228,10 @@ def test_router_only_balances_an_alias_over_plain_llama_servers(tmp_path: Path) 
     home.mkdir()
     (home / "instances").mkdir()
     router_port = free_port()
-    peers = [{"name": n, "url": f"http://127.0.0.1:{p}", "aliases": ["chat"]} for n, p in zip(("alpha", "beta"), ports)]
+    peers = [
+        {"name": n, "url": f"http://127.0.0.1:{p}", "aliases": ["chat"]}
+        for n, p in zip(("alpha", "beta"), ports, strict=False)
+    ]
     (home / "orchestrator.json").write_text(json.dumps({"api": {"port": router_port}, "peers": peers}))
     (home / "orchestrator.json").chmod(0o600)
     router = subprocess.Popen(

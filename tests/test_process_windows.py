@@ -23,10 +23,8 @@ import psutil
 import pytest
 
 import helpers
-
 from llama_orchestrator.adapters import process as process_pkg
-from llama_orchestrator.adapters.process import ProcessHandle, handle_of, is_alive
-from llama_orchestrator.adapters.process import windows
+from llama_orchestrator.adapters.process import ProcessHandle, handle_of, is_alive, windows
 from llama_orchestrator.adapters.process.windows import (
     CREATE_BREAKAWAY_FROM_JOB,
     CREATE_NEW_PROCESS_GROUP,
@@ -233,7 +231,7 @@ def test_spawn_passes_exact_popen_arguments(wp: WindowsProcesses, api: FakeApi, 
     assert kwargs["env"] == env and type(kwargs["env"]) is dict
     assert "shell" not in kwargs
     assert "start_new_session" not in kwargs  # a POSIX notion; Windows uses the creation flags
-    for stream, path in ((kwargs["stdout"], out), (kwargs["stderr"], err)):
+    for stream, _path in ((kwargs["stdout"], out), (kwargs["stderr"], err)):
         # Which file: the contents below say (the opener of 0600 logs may leave ``name`` an fd number).
         assert stream.mode == "ab"
         assert stream.closed  # our copies are closed once the child has its own (rotation must not see us hold it)
@@ -349,7 +347,7 @@ def test_request_stop_fallback_tolerates_a_process_that_just_exited(
 
 
 def test_kill_tree_kills_parent_and_descendants(wp: WindowsProcesses, api: FakeApi, procs: Procs) -> None:
-    popen, handle, grandchild = procs.start_tree()
+    _popen, handle, grandchild = procs.start_tree()
     wp.kill_tree(handle)
     # wait_procs already reaped our child, so Popen learns no exit code: check the process is gone instead.
     wait_until(lambda: not is_alive(handle))
@@ -370,7 +368,7 @@ def test_kill_tree_on_dead_or_reused_handles_does_nothing(wp: WindowsProcesses, 
 def test_kill_tree_falls_back_to_taskkill_when_psutil_cannot_kill(
     api: FakeApi, procs: Procs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    popen, handle, grandchild = procs.start_tree()
+    _popen, handle, grandchild = procs.start_tree()
 
     def denied(self: psutil.Process) -> None:
         raise psutil.AccessDenied(self.pid)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from helpers import wait_until
-from test_faults import Faults, db_row, faults, gone, port_free, servers_on  # noqa: F401 - faults is a fixture
+from test_faults import Faults, db_row, gone, port_free, servers_on  # faults is a fixture
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="the fake binary wrapper is a POSIX shell script; signals")
 

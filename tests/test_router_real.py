@@ -16,7 +16,7 @@ from openai import OpenAI
 
 from conftest import Cli, instance_doc
 from helpers import free_port, wait_until
-from test_router import Served, serve  # noqa: F401 - the fixture, shared
+from test_router import Served  # the fixture, shared
 
 pytestmark = pytest.mark.real_server
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llama_orchestrator.domain.secrets import MASK, is_secret_name, mask_args, mask_env
-
 from conftest import Cli, instance_doc
 from helpers import free_port, wait_until
+from llama_orchestrator.domain.secrets import MASK, is_secret_name, mask_args, mask_env
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX; Windows keeps the profile's ACL")
 
@@ -178,7 +177,7 @@ def test_a_home_left_open_by_an_older_version_is_tightened_when_opened(
     logs.mkdir(parents=True)
     (logs / "stderr.log").write_text("an old line\n")
     (logs / "stderr.log.1").write_text("an older line\n")
-    everything = [p for p in cli.home.rglob("*")] + [cli.home]
+    everything = [*list(cli.home.rglob("*")), cli.home]
     for path in everything:
         path.chmod(0o755 if path.is_dir() else 0o644)
     assert open_to_others(everything)

@@ -271,7 +271,9 @@ def test_windows_task_install_status_uninstall(orch, target):
 
 
 def test_nssm_is_used_when_it_is_on_path(orch, target):
-    nssm = lambda program: "C:\\tools\\nssm.exe" if program == "nssm" else None  # noqa: E731
+    def nssm(program):
+        return "C:\\tools\\nssm.exe" if program == "nssm" else None
+
     runner = Runner({("nssm", "stop"): (3, "Can't open service!"), ("nssm", "remove"): (3, "Can't open service!")})
     svc = installer(orch, target, "windows", runner, which=nssm)
     assert svc.manager.name == "NSSM service"

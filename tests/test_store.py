@@ -71,7 +71,7 @@ def _corrupt(path: Path) -> None:
 
 def _filled(path: Path) -> Store:
     store = Store(path)
-    for n in range(200):  # enough pages that half the file loses some
+    for _n in range(200):  # enough pages that half the file loses some
         store.add_event("a", "kind", "x" * 200)
     store.put(InstanceRow(name="a", status="running", pid=1))
     return store

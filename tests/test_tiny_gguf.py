@@ -90,7 +90,7 @@ def _find_llama_server() -> Path | None:
         if found.is_file():
             _restore_symlinks(found.parent)
             return found
-    except Exception:  # noqa: BLE001 - not installed, or installed without a binary
+    except Exception:  # not installed, or installed without a binary
         pass
     which = shutil.which("llama-server")
     return Path(which) if which else None

@@ -23,11 +23,11 @@ import pytest
 from conftest import _cli_command, instance_doc
 from helpers import free_port, subprocess_env, wait_until
 from llama_orchestrator.adapters.home import Home
+from llama_orchestrator.adapters.ports import is_port_free
 from llama_orchestrator.adapters.store import Store
 from llama_orchestrator.domain.errors import StartError
 from llama_orchestrator.domain.health import ProbeOutcome
 from llama_orchestrator.domain.states import TRANSITIONS, Status, is_valid_transition
-from llama_orchestrator.adapters.ports import is_port_free
 from llama_orchestrator.services.daemon import ServiceOps
 from llama_orchestrator.services.instances import InstanceService
 from llama_orchestrator.services.supervisor import Supervisor
@@ -101,7 +101,7 @@ class World:
         for name in self.home.instance_names():
             try:
                 self.svc.stop(name, 1.0)
-            except Exception:  # noqa: BLE001 - best effort
+            except Exception:  # best effort
                 pass
         for popen in self.extra:
             popen.kill()

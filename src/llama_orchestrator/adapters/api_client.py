@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from llama_orchestrator.domain.errors import NotFoundError, OrchestratorError, StartError, UsageError
-from llama_orchestrator.services.instances_port import STREAMS, Recreate, Record, WaitUntil
+from llama_orchestrator.services.instances_port import STREAMS, Record, Recreate, WaitUntil
 
 DEFAULT_TIMEOUT_S = 30.0
 SLACK_S = 30.0  # a blocking call (start --wait, stop) answers within its own timeout; this much more for the trip
@@ -214,7 +214,7 @@ class RemoteInstances:
                 ):
                     merged.put((name, line))
                 merged.put((name, None))
-            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, which raises it
+            except BaseException as exc:  # handed to the reading thread, which raises it
                 merged.put((name, exc))
 
         for name in names:

@@ -78,7 +78,7 @@ def private_opener(path: str, flags: int) -> int:
 def open_private_log(path: Path | str) -> BinaryIO:
     """A log file opened append-only and unbuffered for a child to write into, created 0600 in a 0700 folder."""
     make_private_dir(Path(path).parent)
-    return open(path, "ab", buffering=0, opener=private_opener)  # noqa: SIM115 - the caller closes it
+    return open(path, "ab", buffering=0, opener=private_opener)  # the caller closes it
 
 
 def readable_by_others(path: Path) -> int | None:

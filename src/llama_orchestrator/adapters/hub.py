@@ -107,7 +107,7 @@ class HubClient:
         return incomplete
 
 
-def _progress_class(filename: str, on_progress: Progress | None):  # noqa: ANN202 - a tqdm subclass
+def _progress_class(filename: str, on_progress: Progress | None):  # a tqdm subclass
     """A tqdm class that draws nothing and reports (done, total) to ``on_progress``: the front end draws."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -139,7 +139,7 @@ class _translated:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, exc, tb) -> bool:  # noqa: ANN001
+    def __exit__(self, kind, exc, tb) -> bool:
         if exc is None or isinstance(exc, (OrchestratorError, KeyboardInterrupt)):
             return False
         from huggingface_hub import errors

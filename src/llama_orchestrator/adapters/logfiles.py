@@ -113,7 +113,7 @@ def _line_spans(handle, end: int, wanted: int) -> list[tuple[int, int]]:
 def tail(path: Path, lines: int, *, line_cap: int = LINE_CAP_BYTES) -> list[str]:
     """The last ``lines`` lines of a text file (all of them when lines <= 0), each cut at ``line_cap`` bytes."""
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below
+        handle = open(path, "rb")  # closed below
     except FileNotFoundError:
         return []
     with handle:
@@ -194,7 +194,7 @@ class LogCursor:
         if self._handle is None:
             if not self.path.exists():
                 return []
-            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open between calls
+            self._handle = open(self.path, "rb")  # kept open between calls
             self._position = self._handle.seek(0, os.SEEK_END) if self._from_end else 0
         size = os.fstat(self._handle.fileno()).st_size
         try:

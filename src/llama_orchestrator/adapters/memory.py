@@ -14,7 +14,7 @@ from functools import cache
 
 
 @cache
-def _malloc_trim():  # noqa: ANN202 - a ctypes function or None
+def _malloc_trim():  # a ctypes function or None
     if not sys.platform.startswith("linux"):
         return None
     try:

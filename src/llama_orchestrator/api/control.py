@@ -122,7 +122,7 @@ def make_control_router(
 
     @api.get("/instances", summary="List instances (the records of `llama-orch ps --json`)")
     def list_instances(
-        all: bool = Query(False, description="also state left by instances whose config is gone"),  # noqa: A002
+        all: bool = Query(False, description="also state left by instances whose config is gone"),
     ) -> list[dict[str, Any]]:
         return instances.ps(include_orphans=all)
 
@@ -188,7 +188,7 @@ def make_control_router(
         tail: int = Query(50, ge=0, description="lines from the end (0 = all)"),
         follow: bool = Query(False, description="keep the answer open and stream new lines"),
         stream: Literal["stdout", "stderr", "both"] = Query("both"),
-        format: Literal["text", "sse", "json"] | None = Query(  # noqa: A002
+        format: Literal["text", "sse", "json"] | None = Query(
             None, description="text/plain lines (default), server-sent events, or a JSON list (not with follow)"
         ),
         until_exit: bool = Query(False, description="with follow: end the stream when the instance has exited"),

@@ -72,7 +72,7 @@ def make_models_router(home: Home) -> APIRouter:
     return api
 
 
-async def _pull_events(home: Home, ref) -> AsyncIterator[str]:  # noqa: ANN001 - HfRef
+async def _pull_events(home: Home, ref) -> AsyncIterator[str]:  # HfRef
     """Runs the pull on a worker thread; its callbacks post events to this coroutine through a queue."""
     from llama_orchestrator.services import model_store
 
@@ -99,7 +99,7 @@ async def _pull_events(home: Home, ref) -> AsyncIterator[str]:  # noqa: ANN001 -
             post({"event": "done", **result.as_dict()})
         except OrchestratorError as exc:
             post({"event": "error", "message": str(exc), "type": type(exc).__name__})
-        except Exception as exc:  # noqa: BLE001 - the stream has started: the error travels in it
+        except Exception as exc:  # the stream has started: the error travels in it
             post({"event": "error", "message": f"{type(exc).__name__}: {exc}", "type": "internal"})
         finally:
             post(None)

@@ -311,7 +311,7 @@ async def _lifespan(router: Router, receive: Receive, send: Send) -> None:
         if message["type"] == "lifespan.startup":
             try:
                 await router.startup()
-            except Exception as exc:  # noqa: BLE001 - reported to the server, which refuses to start
+            except Exception as exc:  # reported to the server, which refuses to start
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
             await send({"type": "lifespan.startup.complete"})

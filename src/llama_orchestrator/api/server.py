@@ -19,6 +19,7 @@ pages), the body limit, and the content type of state-changing control calls.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import socket
@@ -144,7 +145,7 @@ class OrchestratorApp:
                 try:
                     if self.router is not None:
                         await self.router.startup()
-                except Exception as exc:  # noqa: BLE001 - the control API and supervision carry on without it
+                except Exception as exc:  # the control API and supervision carry on without it
                     # A broken router must not take supervision and the control API down with it: /v1 and
                     # /upstream answer 503 with the reason, which daemon.log records with its traceback.
                     log.exception("the router did not start; /v1 and /upstream answer 503")
@@ -156,7 +157,7 @@ class OrchestratorApp:
                 try:
                     if self.router is not None:
                         await self.router.shutdown()
-                except Exception:  # noqa: BLE001 - shutting down anyway
+                except Exception:  # shutting down anyway
                     log.exception("router shutdown failed")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -229,7 +230,7 @@ def make_app(
                 router_now = clock() if callable(clock) else None
                 totals_of = getattr(app.router, "totals", None)
                 totals = dict(totals_of()) if callable(totals_of) else {}
-            except Exception:  # noqa: BLE001 - a scrape shows the instances even when the router's stats fail
+            except Exception:  # a scrape shows the instances even when the router's stats fail
                 log.exception("router stats failed")
         text = render_metrics(records, stats, daemon(), now=time.time(), router_now=router_now, totals=totals)
         return Response(text, media_type=CONTENT_TYPE)
@@ -242,7 +243,7 @@ def _proxy_for(router: Any, max_body: int) -> ASGIApp | None:
         from llama_orchestrator.api.proxy import make_proxy_app
 
         return make_proxy_app(router, max_body=max_body)
-    except Exception:  # noqa: BLE001 - supervision and the control API carry on without the router
+    except Exception:  # supervision and the control API carry on without the router
         log.exception("api.proxy is not available: /v1 and /upstream answer 503")
         return None
 
@@ -253,7 +254,7 @@ def make_router(service_factory: Callable[[], Any], settings: Any, *, clock: Cal
         from llama_orchestrator.services.router import Router
 
         return Router(service_factory, settings) if clock is None else Router(service_factory, settings, clock=clock)
-    except Exception:  # noqa: BLE001 - supervision and the control API carry on without the router
+    except Exception:  # supervision and the control API carry on without the router
         log.exception("services.router is not available: /v1 and /upstream answer 503")
         return None
 
@@ -337,7 +338,7 @@ class ApiServer:
     def _run(self) -> None:
         try:
             self.server.run(sockets=[self.sock])
-        except BaseException as exc:  # noqa: BLE001 - SystemExit from a failed lifespan included
+        except BaseException as exc:  # SystemExit from a failed lifespan included
             self._error = exc
 
     def start(self, timeout: float = 30.0) -> None:
@@ -361,7 +362,5 @@ class ApiServer:
         if self.thread.is_alive():
             self.server.force_exit = True
             self.thread.join(2.0)
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -40,7 +40,7 @@ app.add_typer(daemon_app, name="daemon")
 NO_DAEMON_ENV = "LLAMA_ORCH_NO_DAEMON"
 
 HomeOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--home",
         envvar="LLAMA_ORCH_HOME",
@@ -49,7 +49,7 @@ HomeOption = Annotated[
     ),
 ]
 HostOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--host",
         envvar="LLAMA_ORCH_HOST",
@@ -59,7 +59,7 @@ HostOption = Annotated[
     ),
 ]
 ApiKeyOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--api-key",
         envvar="LLAMA_ORCH_API_KEY",
@@ -186,10 +186,10 @@ def init(
             "--model", "-m", help="GGUF model file, hf.co/<user>/<repo>[:QUANT] (pulled when needed) or a catalog ID."
         ),
     ],
-    port: Annotated[Optional[int], typer.Option(help="Port (default: the first free one from 8001).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: the first free one from 8001).")] = None,
     host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
     context_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--context-size",
             "-c",
@@ -198,7 +198,7 @@ def init(
         ),
     ] = None,
     gpu_layers: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--gpu-layers",
             help="Layers on the GPU (0 = CPU, -1 = all; default 0, or the profile's).",
@@ -206,26 +206,26 @@ def init(
         ),
     ] = None,
     backend: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="auto, cpu, vulkan, cuda, metal or rocm (default auto, or the profile's).", show_default=False
         ),
     ] = None,
     threads: Annotated[
-        Optional[int], typer.Option(help="CPU threads (default: llama-server's choice, or the profile's).")
+        int | None, typer.Option(help="CPU threads (default: llama-server's choice, or the profile's).")
     ] = None,
     profile: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Defaults for this machine: cpu, vulkan, cuda, metal or "
             "auto (threads from the core count, GPU layers, device)."
         ),
     ] = None,
     parallel: Annotated[int, typer.Option(help="Concurrent request slots.")] = 1,
-    binary: Annotated[Optional[str], typer.Option(help="llama-server: a registered name or a path.")] = None,
+    binary: Annotated[str | None, typer.Option(help="llama-server: a registered name or a path.")] = None,
     restart: Annotated[str, typer.Option(help="always, on-failure, unless-stopped or never.")] = "on-failure",
     autostart: Annotated[bool, typer.Option(help="Start with `up --all` and when the daemon starts.")] = False,
-    arg: Annotated[Optional[list[str]], typer.Option("--arg", help="Extra llama-server argument (repeat).")] = None,
+    arg: Annotated[list[str] | None, typer.Option("--arg", help="Extra llama-server argument (repeat).")] = None,
 ) -> None:
     """Create an instance config in the home (refuses to overwrite).
 
@@ -240,7 +240,7 @@ def init(
     local_only("init")
     svc = service()
     svc.home.checked_name(name)
-    from llama_orchestrator.cli.models_cli import model_for_init, memory_warning
+    from llama_orchestrator.cli.models_cli import memory_warning, model_for_init
     from llama_orchestrator.services.model_store import memory_plan
 
     model_path, source = model_for_init(model)
@@ -283,7 +283,7 @@ def init(
 
 @app.command()
 def up(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Instances to start.", show_default=False)] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Instances to start.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every instance with autostart (all when none has it).")] = False,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Start in the background and return.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Return only when healthy (fails if it exits).")] = False,
@@ -409,7 +409,7 @@ def _attach(port: InstancesPort, stream, names: list[str], started: list[str]) -
 
 @app.command()
 def down(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Instances to stop.", show_default=False)] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Instances to stop.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Stop every instance.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait after SIGTERM before killing the tree.")] = 10.0,
 ) -> None:
@@ -454,7 +454,7 @@ def ps(
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output (a JSON array).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only names, one per line.")] = False,
     filters: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--filter",
             "-f",
@@ -463,7 +463,7 @@ def ps(
         ),
     ] = None,
     fmt: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--format",
             help="json (one object per line), a template such as '{{.Name}} {{.Status}}', or 'table' and "
@@ -524,7 +524,7 @@ def logs(
 
 @app.command()
 def health(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Instances (default: all running).")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Instances (default: all running).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Probe instances now: status, response time, last check.
@@ -585,7 +585,7 @@ def rm(
 
 @config_app.command("validate")
 def config_validate(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Instances (default: all).")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Instances (default: all).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Check configs: schema, model file, ports, log folder, binary. Exit 0 valid, 1 problems, 2 broken file.
@@ -597,7 +597,7 @@ def config_validate(
 
 @config_app.command("lint")
 def config_lint(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Instances (default: all).")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Instances (default: all).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Like validate, plus warnings (old seed spellings, risky settings).
@@ -607,7 +607,7 @@ def config_lint(
     _report_checks(names, lint=True, json_=json_)
 
 
-def _report_checks(names: Optional[list[str]], *, lint: bool, json_: bool) -> None:
+def _report_checks(names: list[str] | None, *, lint: bool, json_: bool) -> None:
     from rich.markup import escape
 
     from llama_orchestrator.cli import render
@@ -797,10 +797,10 @@ def daemon_run(
 
 @app.command()
 def events(
-    name: Annotated[Optional[str], typer.Argument(help="Only this instance.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Only this instance.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events (Ctrl-C to end).")] = False,
     limit: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--tail",
             "-n",
@@ -809,7 +809,7 @@ def events(
         ),
     ] = None,
     since: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--since",
             help="Only events from then on: a duration back (10m, 1h30m), Unix seconds or an ISO-8601 time.",
@@ -817,7 +817,7 @@ def events(
         ),
     ] = None,
     until: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--until", help="Only events up to then (same forms as --since).", show_default=False),
     ] = None,
     json_: Annotated[
@@ -881,7 +881,7 @@ def events(
 
 @app.command()
 def stats(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Instances (default: every running one).")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Instances (default: every running one).")] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="One sample, then exit.")] = False,
     interval: Annotated[float, typer.Option("--interval", help="Seconds between samples.", min=0.2)] = 1.0,
     json_: Annotated[bool, typer.Option("--json", help="A JSON array per sample.")] = False,
@@ -905,7 +905,7 @@ def stats(
             return None
         try:
             return "\n".join(client.stream_lines("/metrics"))
-        except Exception:  # noqa: BLE001 - the table without the router's rates rather than no table
+        except Exception:  # the table without the router's rates rather than no table
             return None
 
     def records() -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,12 +13,12 @@ export_app = typer.Typer(help="Write what runs here as another engine's manifest
 
 @export_app.command("kubernetes")
 def kubernetes(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Instances to export.", show_default=False)] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Instances to export.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every instance.")] = False,
     output: Annotated[str, typer.Option("--output", "-o", help="Folder to write (`-` prints).")] = "k8s",
-    namespace: Annotated[Optional[str], typer.Option(help="Namespace in kustomization.yaml.")] = None,
-    image: Annotated[Optional[str], typer.Option(help="Container image (built from deploy/Dockerfile).")] = None,
-    storage_class: Annotated[Optional[str], typer.Option(help="storageClassName of the model volumes.")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Namespace in kustomization.yaml.")] = None,
+    image: Annotated[str | None, typer.Option(help="Container image (built from deploy/Dockerfile).")] = None,
+    storage_class: Annotated[str | None, typer.Option(help="storageClassName of the model volumes.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the manifests; write nothing.")] = False,
 ) -> None:
     """Kustomize folder: per instance a Deployment, Service and model PVC; a router for the aliases.

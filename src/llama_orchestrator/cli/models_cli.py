@@ -6,18 +6,18 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from llama_orchestrator.cli.system import JsonOption, _home, _size, models_app
 
 FileOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--file", help="The GGUF file in the repository (default: chosen by :QUANT).", show_default=False),
 ]
 RevisionOption = Annotated[
-    Optional[str], typer.Option("--revision", help="Branch, tag or commit (default: main).", show_default=False)
+    str | None, typer.Option("--revision", help="Branch, tag or commit (default: main).", show_default=False)
 ]
 
 
@@ -60,7 +60,7 @@ def remote_api():
     return ApiClient(str(host), _state.get("api_key"))  # type: ignore[arg-type]
 
 
-def pull_remote(api, body: dict) -> dict:  # noqa: ANN001 - ApiClient
+def pull_remote(api, body: dict) -> dict:  # ApiClient
     """`models pull --host`: the node's daemon pulls; its NDJSON progress events drive the same bars."""
     import json
 
@@ -133,7 +133,7 @@ def models_pull(
 def models_register(
     model_id: Annotated[str, typer.Argument(help="Catalog ID, e.g. qwen-0.5b.")],
     repo: Annotated[str, typer.Option("--repo", help="<user>/<repo>[:QUANT] on Hugging Face.")],
-    name: Annotated[Optional[str], typer.Option(help="Display name.", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(help="Display name.", show_default=False)] = None,
     file: FileOption = None,
 ) -> None:
     """Add (or replace) a catalog entry: an ID for a model on the Hub, usable by `models pull` and `init --model`.
@@ -264,7 +264,7 @@ def model_for_init(text: str) -> tuple[Path, str | None]:
     return result.primary, text
 
 
-def memory_warning(home, config, plan) -> None:  # noqa: ANN001 - Home, InstanceConfig, MemoryPlan
+def memory_warning(home, config, plan) -> None:  # Home, InstanceConfig, MemoryPlan
     """After `init`: the context chosen and the estimate; a warning when it does not fit the free RAM (plus free
     VRAM when layers go to the GPU)."""
     from llama_orchestrator.cli.app import say, warn
@@ -275,7 +275,7 @@ def memory_warning(home, config, plan) -> None:  # noqa: ANN001 - Home, Instance
             from llama_orchestrator.services.system_service import gpu_overview
 
             free_mb = (free_mb or 0) + sum(d.free_mib or 0 for d in gpu_overview(home).report.devices)
-        except Exception:  # noqa: BLE001 - no GPU figure: RAM alone
+        except Exception:  # no GPU figure: RAM alone
             pass
     say(
         f"context {config.model.context_size} tokens"
@@ -295,5 +295,5 @@ def _free_ram_mb() -> float | None:
         import psutil
 
         return psutil.virtual_memory().available / (1024 * 1024)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -188,9 +189,9 @@ def is_time_key(key: str) -> bool:
 
 def iso_time(ts: float) -> str:
     """ISO-8601 in UTC with its zone, to the millisecond: ``2026-12-01T11:53:38.123+00:00``."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
 
 
 def json_ready(data: Any) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,13 +25,13 @@ models_app = typer.Typer(
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Print what would be written and run; change nothing.")]
 OsOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--os", help="linux, windows or macos: render another OS's files (with --dry-run).", show_default=False
     ),
 ]
 ViaOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--via", help="Windows: task (Task Scheduler) or nssm (default: nssm when it is on PATH).", show_default=False
     ),
@@ -202,7 +202,7 @@ def bins_add(
     name: Annotated[str, typer.Argument(help="Name instances use in `binary`.")],
     path: Annotated[Path, typer.Argument(help="The llama-server executable.")],
     backend: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="cpu, vulkan, cuda, rocm or metal (default: from the devices it lists).", show_default=False),
     ] = None,
     default: Annotated[bool, typer.Option("--default", help="Make it the default binary.")] = False,
@@ -243,7 +243,7 @@ def bins_remove(name: Annotated[str, typer.Argument(help="Registered name.")]) -
 
 @bins_app.command("default")
 def bins_default(
-    name: Annotated[Optional[str], typer.Argument(help="Registered name (omit to show it).")] = None,
+    name: Annotated[str | None, typer.Argument(help="Registered name (omit to show it).")] = None,
 ) -> None:
     """Set (or show) the binary instances use when their config names none.
 
@@ -298,7 +298,7 @@ def bins_detect(json_: JsonOption = False) -> None:
 
 def gpus(
     binary: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Ask this binary (registered name or path) for its devices (default: the default one).",
             show_default=False,
@@ -352,7 +352,7 @@ def gpus(
 @models_app.command("list")
 def models_list(
     dir_: Annotated[
-        Optional[Path], typer.Option("--dir", help="Models folder (default: <home>/models).", show_default=False)
+        Path | None, typer.Option("--dir", help="Models folder (default: <home>/models).", show_default=False)
     ] = None,
     json_: JsonOption = False,
 ) -> None:
@@ -363,8 +363,8 @@ def models_list(
     Example: llama-orch models list --dir ~/models
     """
     from llama_orchestrator.cli.app import say
-    from llama_orchestrator.cli.render import console, print_json
     from llama_orchestrator.cli.models_cli import remote_api
+    from llama_orchestrator.cli.render import console, print_json
     from llama_orchestrator.services.models import list_models
 
     api = remote_api()  # --host: that node's models (GET /api/models)

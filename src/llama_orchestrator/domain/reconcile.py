@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Literal, Protocol
 
 from llama_orchestrator.domain.config import InstanceConfig
-from llama_orchestrator.domain.drift import config_diff, config_changed
+from llama_orchestrator.domain.drift import config_changed, config_diff
 from llama_orchestrator.domain.errors import ConfigError
 from llama_orchestrator.domain.states import ACTIVE
 

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-
 from llama_orchestrator import __version__
 from llama_orchestrator.adapters import process as proc
 from llama_orchestrator.adapters.config_files import load_config, load_settings
@@ -70,7 +69,7 @@ class ServiceOps:
 
     def names(self) -> list[str]:
         # The folder listing changes rarely; look at most once a second.
-        checked_at, names = self._names
+        checked_at, _names = self._names
         if time.monotonic() - checked_at > 1.0:
             self._names = (time.monotonic(), self.service.names())
         return self._names[1]
@@ -145,7 +144,7 @@ class ServiceOps:
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """daemon.log and its rotations created 0600 (rotation renames, so each keeps the mode it was made with)."""
 
-    def _open(self):  # noqa: ANN202 - logging's own signature
+    def _open(self):  # logging's own signature
         from llama_orchestrator.adapters.home import private_opener
 
         return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=private_opener)
@@ -248,7 +247,7 @@ def run_daemon(
                     service.reap_children()  # restarted instances are our children: no zombies
                     if full and reconciler.due(clock()):
                         dispatch(reconciler.run_pass)
-                except Exception:  # noqa: BLE001 - one bad tick must not end supervision
+                except Exception:  # one bad tick must not end supervision
                     log.exception("supervisor tick failed")
             if api is not None:
                 api.stop()
@@ -323,5 +322,5 @@ def _serve_api(
 def _logged(work: Callable[[], object]) -> None:
     try:
         work()
-    except Exception:  # noqa: BLE001 - a worker's failure is logged; the loop carries on
+    except Exception:  # a worker's failure is logged; the loop carries on
         log.exception("worker failed")

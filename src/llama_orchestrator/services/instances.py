@@ -29,6 +29,7 @@ from llama_orchestrator.adapters.logfiles import rotate_if_needed, tail
 from llama_orchestrator.adapters.ports import is_port_free, pick_port
 from llama_orchestrator.adapters.store import InstanceRow, Store
 from llama_orchestrator.domain.config import InstanceConfig
+from llama_orchestrator.domain.drift import fingerprint
 from llama_orchestrator.domain.errors import (
     ConfigError,
     InstanceNotFound,
@@ -36,7 +37,6 @@ from llama_orchestrator.domain.errors import (
     StartError,
     UsageError,
 )
-from llama_orchestrator.domain.drift import fingerprint
 from llama_orchestrator.domain.launch import build_launch
 from llama_orchestrator.domain.states import ACTIVE, Health, Status
 
@@ -327,23 +327,23 @@ class InstanceService:
             self._children[name] = spawned.popen
             now = self.clock()
             recorded = fingerprint(config)
-            changes: dict[str, object] = dict(
-                health=Health.unknown,
-                pid=spawned.handle.pid,
-                create_time=spawned.handle.create_time,
-                port=config.server.port,
-                started_at=now,
-                stopped_at=None,
-                exit_code=None,
-                stopped_by_user=False,
+            changes: dict[str, object] = {
+                "health": Health.unknown,
+                "pid": spawned.handle.pid,
+                "create_time": spawned.handle.create_time,
+                "port": config.server.port,
+                "started_at": now,
+                "stopped_at": None,
+                "exit_code": None,
+                "stopped_by_user": False,
                 # last_error stays until it is healthy (health checks clear it): a crash loop keeps showing why
-                next_restart_at=None,
-                health_checked_at=None,
-                health_latency_ms=None,
-                health_error=None,
-                config_hash=recorded.hash,
-                config_json=recorded.document,
-            )
+                "next_restart_at": None,
+                "health_checked_at": None,
+                "health_latency_ms": None,
+                "health_error": None,
+                "config_hash": recorded.hash,
+                "config_json": recorded.document,
+            }
             if by_person:
                 changes["restart_attempts"] = 0
             # The lock keeps other starts and stops out, but the supervisor decides on exits without it (exited ->

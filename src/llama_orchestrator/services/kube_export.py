@@ -41,7 +41,7 @@ def kubernetes_files(
     files = render(items, options, router_key=key)
 
     class Dumper(yaml.SafeDumper):
-        def ignore_aliases(self, data) -> bool:  # noqa: ANN001 - plain YAML, no &anchors for shared dicts
+        def ignore_aliases(self, data) -> bool:  # plain YAML, no &anchors for shared dicts
             return True
 
     return {

@@ -111,5 +111,5 @@ def _read_metadata(entry: ModelEntry) -> None:
         return
     try:
         entry.info = read_gguf_info(entry.path).as_dict()
-    except Exception as exc:  # noqa: BLE001 - a file that is not GGUF is listed with the reason, not fatal
+    except Exception as exc:  # a file that is not GGUF is listed with the reason, not fatal
         entry.error = f"not a readable GGUF file: {exc}"

@@ -63,7 +63,7 @@ class PeerPool:
                 await self.probe_due()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one bad probe round must not end probing
+            except Exception:  # one bad probe round must not end probing
                 log.exception("peer probing failed")
 
     def session(self) -> aiohttp.ClientSession:

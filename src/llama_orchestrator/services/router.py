@@ -588,7 +588,7 @@ class Router:
             ) from None
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - whatever stopped the start is the client's answer
+        except Exception as exc:  # whatever stopped the start is the client's answer
             if task.get_name() == "stop":
                 return  # a failed stop: the loop looks again at what runs
             raise RouteError(503, f"{inst.name} could not be started: {exc}", "server_error", "start_failed") from None
@@ -710,7 +710,7 @@ class Router:
         try:
             row = await self._call(lambda s: s.refresh(inst.name))
             runs = row.status in ACTIVE
-        except BaseException:  # noqa: BLE001 - cancelled or broken: the next tick looks again
+        except BaseException:  # cancelled or broken: the next tick looks again
             runs = False
         self._swap(inst, was, Phase.active if runs else Phase.stopped)  # STARTING/STOPPING -> ACTIVE/STOPPED
 
@@ -800,7 +800,7 @@ class Router:
                 await asyncio.wait_for(asyncio.shield(inst.task), UNDRAIN_CHECK_S)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - requests then find it as it is (and start it on demand)
+        except Exception as exc:  # requests then find it as it is (and start it on demand)
             log.warning("router: %s undrained without a healthy check: %s", name, exc)
         finally:
             inst.drained = False
@@ -941,7 +941,7 @@ class Router:
                 self._unload_idle()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one bad tick must not end the maintenance
+            except Exception:  # one bad tick must not end the maintenance
                 log.exception("router maintenance failed")
 
     async def _reload(self, *, since: float | None = None) -> None:

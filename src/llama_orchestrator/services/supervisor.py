@@ -133,7 +133,7 @@ class Supervisor:
                 self._step(name, now)
             except OrchestratorError as exc:
                 log.warning("%s: %s", name, exc)
-            except Exception:  # noqa: BLE001 - one instance's trouble must never pause the others' supervision
+            except Exception:  # one instance's trouble must never pause the others' supervision
                 log.exception("%s: supervision step failed", name)
 
     def next_due(self) -> float | None:
@@ -154,7 +154,7 @@ class Supervisor:
             handler = getattr(self, f"_on_{kind}")
             try:
                 handler(name, now, *rest)
-            except Exception:  # noqa: BLE001 - as in tick: one instance's trouble must not stop the others
+            except Exception:  # as in tick: one instance's trouble must not stop the others
                 log.exception("%s: handling %s failed", name, kind)
 
     # -- one instance, one step --------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ class Supervisor:
             try:
                 row = self.ops.stop(name, self.stop_timeout)
                 self.inbox.put(("stopped_unhealthy", name, row))
-            except Exception as exc:  # noqa: BLE001 - reported through the loop, which decides
+            except Exception as exc:  # reported through the loop, which decides
                 self.inbox.put(("op_failed", name, f"stop failed: {exc}"))
 
         self._dispatch(work)
@@ -339,7 +339,7 @@ class Supervisor:
             try:
                 row = self.ops.start(name)
                 self.inbox.put(("started", name, row, attempt))
-            except Exception as exc:  # noqa: BLE001 - a failed start is a failure like a crash: policy decides
+            except Exception as exc:  # a failed start is a failure like a crash: policy decides
                 self.inbox.put(("start_failed", name, str(exc), attempt))
 
         self._dispatch(work)

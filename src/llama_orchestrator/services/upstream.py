@@ -8,11 +8,10 @@ concurrency 16 and 2-4x the streamed events per second through the same proxy.
 from __future__ import annotations
 
 import json
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-
 import socket
 import struct
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import aiohttp
 

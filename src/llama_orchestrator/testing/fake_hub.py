@@ -106,13 +106,13 @@ class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
+    def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._serve(body=True)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._serve(body=False)
 
     def _serve(self, *, body: bool) -> None:
@@ -163,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _file(self, repo: str, rev: str, name: str, *, body: bool) -> None:
         found = self._repo(repo, rev)
         if found is None:
-            return
+            return None
         if name not in found.files:
             return self._error(404, "EntryNotFound", f"{name} does not exist")
         data = found.files[name]
@@ -178,7 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Range", f"bytes */{len(data)}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                return
+                return None
             status = 206
         payload = data[start:]
         self.send_response(status)
@@ -193,16 +193,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
         if not body:
-            return
+            return None
         stall = self.hub.stall_after.get(name)
         if stall is not None and start < stall:
             self.wfile.write(data[start:stall])
             self.wfile.flush()
             self.hub._release.wait(120)  # hold the connection: the client sees a transfer that stopped half way
             self.close_connection = True
-            return
+            return None
         for offset in range(0, len(payload), 64 * 1024):
             self.wfile.write(payload[offset : offset + 64 * 1024])
+        return None
 
     def _json(self, status: int, data: dict) -> None:
         raw = json.dumps(data).encode()

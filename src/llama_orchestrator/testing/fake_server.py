@@ -148,7 +148,7 @@ def _select_known(argv: list[str], parser: argparse.ArgumentParser) -> list[str]
     llama-server has many short options (``-ctk``, ``-ts``, ``-mg``, ``-cb``…) that argparse would otherwise read as
     our ``-c``/``-t``/``-m`` with a glued value, so unknown arguments are filtered out before parsing.
     """
-    actions = parser._option_string_actions  # noqa: SLF001 - stdlib, stable
+    actions = parser._option_string_actions  # stdlib, stable
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -160,10 +160,7 @@ def _select_known(argv: list[str], parser: argparse.ArgumentParser) -> list[str]
                 out.append(opt)
             i += 1
             continue
-        if "=" in arg and arg.startswith("--"):
-            out.append(arg)
-            i += 1
-        elif action.nargs == 0:
+        if ("=" in arg and arg.startswith("--")) or action.nargs == 0:
             out.append(arg)
             i += 1
         else:
@@ -258,7 +255,7 @@ class Handler(BaseHTTPRequestHandler):
     state: FakeState  # set on the subclass made in serve()
 
     # ----------------------------------------------------------------- plumbing
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:  # stdlib signature
         pass
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
@@ -342,13 +339,13 @@ class Handler(BaseHTTPRequestHandler):
         else:
             fn(self)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._route("GET")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._route("HEAD")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._route("POST")
 
     # ---------------------------------------------------------------- endpoints

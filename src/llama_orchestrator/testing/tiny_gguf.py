@@ -13,12 +13,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import sys
 from pathlib import Path
 
-__all__ = ["TINY_MODEL_PARAMS", "CHATML_TEMPLATE", "write_tiny_model", "main"]
+__all__ = ["CHATML_TEMPLATE", "TINY_MODEL_PARAMS", "main", "write_tiny_model"]
 
 #: Hyper-parameters of the generated model.
 TINY_MODEL_PARAMS: dict[str, int | float] = {
@@ -74,11 +75,11 @@ def write_tiny_model(path: Path, *, seed: int = 0) -> Path:
 
     rng = np.random.default_rng(seed)
 
-    def weight(*shape: int) -> "np.ndarray":
+    def weight(*shape: int) -> np.ndarray:
         # numpy shape is (rows, cols) = ggml ne reversed: (n_out, n_in)
         return (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.05)).astype(np.float32)
 
-    def ones(n: int) -> "np.ndarray":
+    def ones(n: int) -> np.ndarray:
         return np.ones((n,), dtype=np.float32)
 
     # Like mkstemp, but with the umask-respecting mode of an ordinary file (mkstemp gives 0600).
@@ -139,10 +140,8 @@ def write_tiny_model(path: Path, *, seed: int = 0) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
         raise
     return path.resolve()
 

@@ -102,9 +102,7 @@ class DashboardApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # Start, stop, logs and refresh act on the table's selection: only while the table is on screen.
-        if action in ("refresh", "start_selected", "stop_selected", "logs") and len(self.screen_stack) > 1:
-            return False
-        return True
+        return not (action in ("refresh", "start_selected", "stop_selected", "logs") and len(self.screen_stack) > 1)
 
     # -- refresh -------------------------------------------------------------------------------------------------
 
@@ -119,7 +117,7 @@ class DashboardApp(App[None]):
     def _load_snapshot(self) -> None:
         try:
             self.post_message(SnapshotReady(self.backend.snapshot(self._last_event_id)))
-        except Exception as exc:  # noqa: BLE001 - shown in the notice line; the next refresh tries again
+        except Exception as exc:  # shown in the notice line; the next refresh tries again
             self.post_message(SnapshotReady(None, f"could not read the state: {exc}"))
 
     @on(SnapshotReady)
@@ -222,7 +220,7 @@ class DashboardApp(App[None]):
                 self.post_message(ActionDone(verb, name, call(name), True))
             except OrchestratorError as exc:
                 self.post_message(ActionDone(verb, name, str(exc), False))
-            except Exception as exc:  # noqa: BLE001 - a bug must not end the dashboard; show it instead
+            except Exception as exc:  # a bug must not end the dashboard; show it instead
                 self.post_message(ActionDone(verb, name, f"{verb} {name} failed unexpectedly: {exc!r}", False))
 
         self.run_worker(work, thread=True, group="actions", exit_on_error=False)
