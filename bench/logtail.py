@@ -34,9 +34,9 @@ import httpx
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
-from bench_common import cli_command, fake_binary, free_port, real_binary
+from bench_common import cli_command, fake_binary, free_port, real_binary  # noqa: E402 - after sys.path names src
 
-from llama_orchestrator.adapters.logfiles import tail
+from llama_orchestrator.adapters.logfiles import tail  # noqa: E402 - after sys.path names src
 
 MB = 1024 * 1024
 

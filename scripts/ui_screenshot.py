@@ -46,7 +46,7 @@ def wait(condition, timeout: float, what: str):
             value = condition()
             if value:
                 return value
-        except Exception:  # not yet
+        except (httpx.HTTPError, ValueError, KeyError):  # not yet: the daemon is starting, or the instance unknown
             pass
         time.sleep(0.1)
     raise SystemExit(f"timed out waiting for {what}")

@@ -17,6 +17,18 @@ import pytest
 from helpers import subprocess_env
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The CLI's caches (the recorded --help) in a folder of this run, never the user's; children inherit it."""
+    before = os.environ.get("LLAMA_ORCH_CACHE_DIR")
+    os.environ["LLAMA_ORCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cli-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LLAMA_ORCH_CACHE_DIR", None)
+    else:
+        os.environ["LLAMA_ORCH_CACHE_DIR"] = before
+
+
 def _cli_command() -> list[str]:
     # The console script installed beside this Python (what a user runs); else the module.
     script = Path(sys.executable).parent / ("llama-orch.exe" if os.name == "nt" else "llama-orch")

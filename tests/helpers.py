@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -60,3 +61,10 @@ def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(parts)
     env.update(extra or {})
     return env
+
+
+def time_scale() -> float:
+    """How much longer than usual Python code takes here: 3 while coverage measures this process (its tracer slows
+    every frame), else 1. For the few tests that bound how long something takes."""
+    coverage = sys.modules.get("coverage")
+    return 3.0 if coverage is not None and coverage.Coverage.current() is not None else 1.0

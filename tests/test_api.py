@@ -131,20 +131,23 @@ def test_errors_map_to_statuses_with_one_body_shape(daemon: Daemon, tiny_model: 
         taken = squatter.getsockname()[1]
         daemon.cli.write_config("blocked", instance_doc("blocked", tiny_model, taken, fake_binary))
         with daemon.client() as api:
+            # OpenAI's error object: type the category, code the kind, param the parameter at fault.
+            invalid = "invalid_request_error"
             cases = {
-                ("GET", "/api/instances/nobody"): (404, "InstanceNotFound", "no instance named 'nobody'"),
-                ("POST", "/api/instances/nobody/start"): (404, "InstanceNotFound", "nobody"),
-                ("POST", "/api/instances/Bad_Name/stop"): (400, "UsageError", "invalid instance name"),
-                ("POST", "/api/instances/broken/start"): (422, "ConfigError", "server.port"),
-                ("POST", "/api/instances/blocked/start"): (409, "StartError", "already in use"),
-                ("GET", "/api/events?limit=0"): (422, "invalid_request", "limit"),
-                ("GET", "/api/nothing-here"): (404, "http_error", "Not Found"),
+                ("GET", "/api/instances/nobody"): (404, "not_found_error", "instance_not_found", "no instance named"),
+                ("POST", "/api/instances/nobody/start"): (404, "not_found_error", "instance_not_found", "nobody"),
+                ("POST", "/api/instances/Bad_Name/stop"): (400, invalid, "invalid_request", "invalid instance name"),
+                ("POST", "/api/instances/broken/start"): (422, invalid, "invalid_config", "server.port"),
+                ("POST", "/api/instances/blocked/start"): (409, "conflict_error", "start_failed", "already in use"),
+                ("GET", "/api/events?limit=0"): (422, invalid, "invalid_parameter", "limit"),
+                ("GET", "/api/nothing-here"): (404, "not_found_error", "not_found", "Not Found"),
             }
-            for (method, path), (status, kind, text) in cases.items():
+            for (method, path), (status, kind, code, text) in cases.items():
                 answer = api.request(method, path)
                 assert answer.status_code == status, (path, answer.text)
                 error = answer.json()["error"]
-                assert error["type"] == kind and text in error["message"], (path, error)
+                assert (error["type"], error["code"]) == (kind, code) and text in error["message"], (path, error)
+                assert error["param"] == ("limit" if code == "invalid_parameter" else None), (path, error)
 
 
 def test_openapi_schema_and_docs_are_served(daemon: Daemon) -> None:

@@ -33,7 +33,11 @@ def edit(cli: Cli, name: str, change) -> None:
     path = cli.home / "instances" / name / "config.json"
     doc = json.loads(path.read_text())
     change(doc)
-    path.write_text(json.dumps(doc, indent=2))
+    # Replaced whole, as editors save: written in place, the daemon's pass could read the emptied file between the
+    # truncation and the write, and report that as one more invalid version.
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(json.dumps(doc, indent=2))
+    os.replace(temp, path)
 
 
 def set_ctx(cli: Cli, name: str, ctx: int) -> None:

@@ -168,7 +168,7 @@ def test_remove_unsets_the_default_and_unknown_names_are_not_found(home_obj, tmp
     entry, was_default = reg.remove("a")
     assert was_default and entry["path"].endswith("a/llama-server")
     assert reg.read() == {"default": None, "binaries": {"b": reg.get("b")}}
-    with pytest.raises(NotFoundError, match="no binary named 'a'.*registered: b"):
+    with pytest.raises(NotFoundError, match=r"no binary named 'a'.*registered: b"):
         reg.remove("a")
     with pytest.raises(NotFoundError):
         reg.set_default("a")

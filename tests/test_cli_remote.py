@@ -256,10 +256,43 @@ def test_api_errors_come_back_as_the_projects_errors() -> None:
     from llama_orchestrator.domain.errors import NotFoundError, OrchestratorError, StartError, UsageError
 
     answers = {
-        "/api/instances/a": (404, {"error": {"message": "no instance named 'a'", "type": "InstanceNotFound"}}),
-        "/api/instances/b": (422, {"error": {"message": "invalid config", "type": "ConfigError"}}),
-        "/api/instances/c": (401, {"error": {"message": "missing key", "type": "authentication_error"}}),
-        "/api/instances/d": (409, {"error": {"message": "port taken", "type": "StartError"}}),
+        "/api/instances/a": (
+            404,
+            {
+                "error": {
+                    "message": "no instance named 'a'",
+                    "type": "not_found_error",
+                    "param": None,
+                    "code": "instance_not_found",
+                }
+            },
+        ),
+        "/api/instances/b": (
+            422,
+            {
+                "error": {
+                    "message": "invalid config",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_config",
+                }
+            },
+        ),
+        "/api/instances/c": (
+            401,
+            {
+                "error": {
+                    "message": "missing key",
+                    "type": "authentication_error",
+                    "param": None,
+                    "code": "missing_or_wrong_key",
+                }
+            },
+        ),
+        "/api/instances/d": (
+            409,
+            {"error": {"message": "port taken", "type": "conflict_error", "param": None, "code": "start_failed"}},
+        ),
         "/api/instances/e": (500, "plain text, not JSON"),
     }
 

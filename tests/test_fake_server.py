@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,9 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import psutil
@@ -32,7 +33,6 @@ class Fake:
     port: int
     out_path: Path
     err_path: Path
-    files: list[IO[bytes]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -74,19 +74,19 @@ def start_fake(tmp_path: Path):
         port = port or free_port()
         n = len(fakes)
         out_path, err_path = tmp_path / f"fake{n}.stdout", tmp_path / f"fake{n}.stderr"
-        out, err = open(out_path, "wb"), open(err_path, "wb")
         argv = [sys.executable, "-m", MODULE, "--host", "127.0.0.1", "--port", str(port)]
         if model:
             argv += ["--model", str(tmp_path / "models" / "tiny-q4.gguf")]
-        proc = subprocess.Popen(
-            argv + list(args),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            env=subprocess_env(env),
-            start_new_session=POSIX,
-        )
-        fake = Fake(proc, port, out_path, err_path, [out, err])
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:  # the child keeps its own copies
+            proc = subprocess.Popen(
+                argv + list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=subprocess_env(env),
+                start_new_session=POSIX,
+            )
+        fake = Fake(proc, port, out_path, err_path)
         fakes.append(fake)
         return fake
 
@@ -94,15 +94,11 @@ def start_fake(tmp_path: Path):
 
     for fake in fakes:
         if POSIX:
-            try:  # the whole group: also reaps a --fake-spawn-child sleeper
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # the whole group: a spawned sleeper too
                 os.killpg(fake.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         if fake.proc.poll() is None:
             fake.proc.kill()
         fake.proc.wait(timeout=10)
-        for f in fake.files:
-            f.close()
 
 
 # ----------------------------------------------------------------------------------------------- argument parsing
@@ -258,14 +254,11 @@ def test_model_id_defaults_to_model_file_name(start_fake) -> None:
 
 def _sse_events(fake: Fake, path: str, body: dict[str, Any]) -> list[tuple[float, str]]:
     """(arrival time, data) for each SSE event, read as the bytes come in."""
-    events: list[tuple[float, str]] = []
     with httpx.Client(timeout=20) as client, client.stream("POST", fake.url + path, json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append((time.monotonic(), line[len("data: ") :]))
-    return events
+        # time.monotonic() per line, as each one arrives: the tests compare the arrival times
+        return [(time.monotonic(), line[len("data: ") :]) for line in r.iter_lines() if line.startswith("data: ")]
 
 
 def test_chat_stream_sends_one_sse_event_per_token_as_it_goes(start_fake) -> None:

@@ -55,9 +55,9 @@ def servers_on(port: int) -> list[psutil.Process]:
     for process in psutil.process_iter(["cmdline"]):
         try:
             cmdline = process.info["cmdline"] or []
-            if "--port" in cmdline and cmdline[cmdline.index("--port") + 1 :][:1] == [str(port)]:
-                if process.status() != psutil.STATUS_ZOMBIE:
-                    found.append(process)
+            on_port = "--port" in cmdline and cmdline[cmdline.index("--port") + 1 :][:1] == [str(port)]
+            if on_port and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
         except (psutil.Error, ValueError):
             continue
     return found
@@ -183,16 +183,22 @@ class Faults:
         self.cli.run("down", "--all", "--timeout", "1", timeout=120)
 
 
-@pytest.fixture
-def faults(cli: Cli, tiny_model: Path, fake_binary: Path) -> Iterator[Faults]:
+@contextlib.contextmanager
+def supervised(cli: Cli, tiny_model: Path, fake_binary: Path) -> Iterator[Faults]:
+    """A home whose daemon supervises without its HTTP API (SPEC §9, default port 8000, shared by every home on the
+    machine: it has its own tests), cleaned up after."""
     world = Faults(cli, tiny_model, fake_binary)
-    # Supervision only: the daemon's HTTP API (SPEC §9, default port 8000, shared by every home on the machine) has
-    # its own tests.
     (cli.home / "orchestrator.json").write_text(json.dumps({"api": {"enabled": False}}))
     try:
         yield world
     finally:
         world.cleanup()
+
+
+@pytest.fixture
+def faults(cli: Cli, tiny_model: Path, fake_binary: Path) -> Iterator[Faults]:
+    with supervised(cli, tiny_model, fake_binary) as world:
+        yield world
 
 
 # -- 1. kill -9 of an instance ---------------------------------------------------------------------------------

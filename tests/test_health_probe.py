@@ -147,7 +147,7 @@ class _TinyServer(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's name; keeps tests quiet
         pass
 
 
@@ -221,3 +221,101 @@ def test_the_light_probe_speaks_to_a_real_server_and_falls_back() -> None:
         server.server_close()
     refused = probe_light(url, "/health", 2.0)
     assert refused.status_code is None and refused.error.startswith("cannot connect")
+
+
+# --- the daemon's probe on its selector (probe_on) ----------------------------------------------------------
+
+
+def run_on_loop(base: str, path: str = "/health", timeout: float = 5.0) -> ProbeOutcome:
+    """``probe_on`` on a loop of its own, run until the outcome is back (within a deadline)."""
+    import time
+
+    from llama_orchestrator.adapters.health_probe import probe_on
+    from llama_orchestrator.adapters.io_loop import IoLoop
+
+    loop = IoLoop()
+    outcomes: list[ProbeOutcome] = []
+    try:
+        probe_on(loop, base, path, timeout, outcomes.append)
+        deadline = time.monotonic() + timeout + 10
+        while not outcomes:
+            assert time.monotonic() < deadline, "the probe never called back"
+            loop.run_once(0.5)
+    finally:
+        loop.close()
+    assert len(outcomes) == 1
+    return outcomes[0]
+
+
+def test_the_loop_probe_reads_status_codes_and_falls_back(tiny_server: str) -> None:
+    fallback = run_on_loop(tiny_server, "/health")
+    assert (fallback.status_code, fallback.error) == (200, None)
+    assert fallback.latency_ms is not None and fallback.latency_ms >= 0
+    assert run_on_loop(tiny_server, "/loading").status_code == 503
+    assert run_on_loop(tiny_server, "/v1/health").status_code == 200
+    assert run_on_loop(f"{tiny_server}/", "/v1/health").status_code == 200  # a trailing slash
+
+
+def test_the_loop_probe_of_a_server_that_closes_at_once(tiny_server: str) -> None:
+    with socket.socket() as sock:  # accepts, then closes without a word
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        port = sock.getsockname()[1]
+
+        def close_first() -> None:
+            conn, _ = sock.accept()
+            conn.close()
+
+        thread = threading.Thread(target=close_first, daemon=True)
+        thread.start()
+        outcome = run_on_loop(f"http://127.0.0.1:{port}")
+        thread.join(5)
+    assert outcome.status_code is None
+    # A close with our request unread is a reset on Linux; either way no answer, said as http.client says it.
+    assert outcome.error in (
+        "RemoteDisconnected: Remote end closed connection without response",
+        "ConnectionResetError: [Errno 104] Connection reset by peer",
+    )
+
+
+def test_the_loop_probe_of_a_refused_connection() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    outcome = run_on_loop(f"http://127.0.0.1:{port}")
+    assert outcome.status_code is None
+    assert outcome.error is not None and outcome.error.startswith("cannot connect")
+
+
+def test_the_loop_probe_of_a_server_that_never_answers_times_out() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        outcome = run_on_loop(f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=0.2)
+    assert (outcome.status_code, outcome.error) == (None, "timed out (TimeoutError)")
+    assert outcome.latency_ms is not None and 150 <= outcome.latency_ms < 5000
+
+
+def test_the_loop_probe_speaks_to_the_fake_llama_server() -> None:
+    """What the daemon probes in the end-to-end tests and the benchmark: the fake server (aiohttp)."""
+    import subprocess
+    import sys
+    import time
+
+    from helpers import free_port, wait_until
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llama_orchestrator.testing.fake_server", "--port", str(port), "--host", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: run_on_loop(f"http://127.0.0.1:{port}").status_code == 200, 30)
+        started = time.perf_counter()
+        outcomes = [run_on_loop(f"http://127.0.0.1:{port}") for _ in range(5)]
+        assert all(o.status_code == 200 for o in outcomes), outcomes
+        assert time.perf_counter() - started < 10
+    finally:
+        server.kill()
+        server.wait()

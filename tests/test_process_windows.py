@@ -493,9 +493,11 @@ def test_real_api_ctrl_break_refuses_off_windows(monkeypatch: pytest.MonkeyPatch
 def test_real_api_taskkill_runs_an_argv_list(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[Any, dict[str, Any]]] = []
     monkeypatch.setattr(subprocess, "run", lambda argv, **kwargs: seen.append((argv, kwargs)))
+    monkeypatch.setenv("SYSTEMROOT", r"D:\Win")
     RealWinApi().taskkill(4242)
     ((argv, kwargs),) = seen
-    assert argv == ["taskkill", "/T", "/F", "/PID", "4242"]
+    # By its full path: a taskkill.exe planted on PATH (or in the current folder) is not the one run.
+    assert argv == [r"D:\Win\System32\taskkill.exe", "/T", "/F", "/PID", "4242"]
     assert not kwargs.get("shell", False)
     assert kwargs["creationflags"] == CREATE_NO_WINDOW
     assert kwargs["timeout"] > 0

@@ -82,7 +82,7 @@ def test_profile_picks_the_device_with_most_free_memory_when_there_are_several()
 
 def test_profile_threads_never_below_one_and_unknown_profile_is_a_usage_error():
     assert profile_defaults("cpu", physical_cores=0, devices=[])["model"]["threads"] == 1
-    with pytest.raises(UsageError, match="unknown profile 'tpu'.*cpu, vulkan, cuda"):
+    with pytest.raises(UsageError, match=r"unknown profile 'tpu'.*cpu, vulkan, cuda"):
         profile_defaults("tpu", physical_cores=4, devices=[])
 
 

@@ -13,15 +13,23 @@ import signal
 import socket
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from conftest import Cli
 from helpers import wait_until
-from test_faults import Faults, db_row, gone, port_free, servers_on  # faults is a fixture
+from test_faults import Faults, db_row, gone, port_free, servers_on, supervised
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="the fake binary wrapper is a POSIX shell script; signals")
+
+
+@pytest.fixture
+def faults(cli: Cli, tiny_model: Path, fake_binary: Path) -> Iterator[Faults]:
+    with supervised(cli, tiny_model, fake_binary) as world:
+        yield world
 
 
 def db_files(home: Path) -> list[Path]:

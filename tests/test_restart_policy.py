@@ -16,7 +16,7 @@ from llama_orchestrator.domain.restart import (
 )
 from llama_orchestrator.domain.states import Status
 
-SEED = RestartSection()  # on-failure, 5 retries, 10 s × 2, capped at 300 s, reset after 300 s
+SEED = RestartSection()  # on-failure, 5 retries, 10 s * 2, capped at 300 s, reset after 300 s
 
 
 def restart_cfg(**changes: object) -> RestartSection:

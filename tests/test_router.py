@@ -21,6 +21,7 @@ from conftest import Cli, instance_doc
 from helpers import free_port, wait_until
 from llama_orchestrator.adapters.home import Home
 from llama_orchestrator.adapters.process import ProcessHandle
+from llama_orchestrator.api.http_protocol import head_deadline_protocol
 from llama_orchestrator.api.proxy import make_proxy_app
 from llama_orchestrator.domain.router_phases import TRANSITIONS, Phase
 from llama_orchestrator.domain.settings import RouterSettings
@@ -51,8 +52,8 @@ class Served:
         return {n for n in self.service.names() if self.service.refresh(n).status in ("starting", "running")}
 
 
-@pytest.fixture
-def serve(home: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Served]]:
+@pytest.fixture(name="serve")  # by name: test_router_real imports it, and a module's own name would clash
+def serve_fixture(home: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Served]]:
     servers: list[tuple[uvicorn.Server, threading.Thread, httpx.Client]] = []
     taken: list[tuple[str, Phase, Phase]] = []
 
@@ -69,7 +70,8 @@ def serve(home: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Callable[...
             host="127.0.0.1",
             port=port,
             loop="uvloop",
-            http="httptools",
+            # the daemon's protocol (api.server.ApiServer): its ChunkWriter is the path streams take there
+            http=head_deadline_protocol(30.0) or "httptools",
             lifespan="on",
             log_level="warning",
         )
@@ -128,7 +130,7 @@ def test_models_lists_names_and_aliases_and_unknown_is_404(cli, tiny_model, fake
     reply = served.client.post(CHAT, json=chat("nope"))
     assert reply.status_code == 404
     error = reply.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["code"] == "model_not_found"
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "model_not_found", "model")
     assert "alpha" in error["message"] and "shared" in error["message"]
 
     (cli.home / "instances" / "broken").mkdir()

@@ -16,9 +16,10 @@ from openai import OpenAI
 
 from conftest import Cli, instance_doc
 from helpers import free_port, wait_until
-from test_router import Served  # the fixture, shared
+from test_router import Served, serve_fixture
 
 pytestmark = pytest.mark.real_server
+SHARED_FIXTURES = (serve_fixture,)  # the `serve` fixture, shared: named here so the import stays
 
 
 def add_real(cli: Cli, tiny_model: Path, real_binary: Path, name: str, **extra: object) -> None:

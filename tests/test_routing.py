@@ -217,5 +217,6 @@ def test_sse_token_report_reads_the_last_events() -> None:
 
 def test_error_body_is_openai_format() -> None:
     assert error_body("nope", "invalid_request_error", "model_not_found") == {
-        "error": {"message": "nope", "type": "invalid_request_error", "code": "model_not_found"}
+        "error": {"message": "nope", "type": "invalid_request_error", "param": None, "code": "model_not_found"}
     }
+    assert error_body("bad", "invalid_request_error", "invalid_parameter", "limit")["error"]["param"] == "limit"

@@ -395,3 +395,121 @@ def test_a_crash_loop_keeps_saying_why_until_it_is_healthy_again() -> None:
     assert ops.rows["m"].last_error == "crashed: exited with code 3"  # `ps` still says why it restarts
     advance(ops, sup, ops.now + 10)
     assert ops.rows["m"].status == "running" and ops.rows["m"].last_error is None
+
+
+# -- told, not ticked: exit notices and probes on the loop -------------------------------------------------------
+
+
+class FakeExits:
+    """The exit watch: what is watched; `fire(name)` is the process ending (the notice the pidfd gives)."""
+
+    def __init__(self) -> None:
+        self.watched: dict[str, tuple[object, object]] = {}
+        self.forgotten: list[str] = []
+
+    def watch(self, key: str, handle, on_exit) -> None:
+        self.watched[key] = (handle, on_exit)
+
+    def forget(self, key: str) -> None:
+        self.watched.pop(key, None)
+        self.forgotten.append(key)
+
+    def fire(self, key: str) -> None:
+        _, on_exit = self.watched.pop(key)
+        on_exit()
+
+
+class LoopProber:
+    """Probes started on "the loop": held until the test answers them, as a socket answers later."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, object]] = []
+
+    def __call__(self, config: InstanceConfig, port, done) -> None:
+        self.pending.append((config.name, done))
+
+    def answer(self, outcome: ProbeOutcome = OK) -> None:
+        pending, self.pending = self.pending, []
+        for _, done in pending:
+            done(outcome)
+
+
+def told_world(*configs: InstanceConfig) -> tuple[FakeOps, Supervisor, FakeExits, LoopProber, list[str]]:
+    ops = FakeOps({c.name: c for c in configs})
+    exits, prober, woken = FakeExits(), LoopProber(), []
+    sup = Supervisor(ops, lambda work: work(), prober=prober, exits=exits, wake=lambda: woken.append("wake"))
+    return ops, sup, exits, prober, woken
+
+
+def test_an_exit_notice_is_handled_at_once_without_a_full_pass() -> None:
+    ops, sup, exits, prober, woken = told_world(config(restart={"backoff_seconds": 0.1, "backoff_multiplier": 1}))
+    ops.run("m")
+    sup.tick(0.0)
+    assert "m" in exits.watched and exits.watched["m"][0].pid == ops.rows["m"].pid
+    prober.answer()
+    sup.tick(0.0, only_news=True)
+    assert ops.rows["m"].status == "running"
+    ops.now = 3.2
+    ops.crash("m", code=137)
+    exits.fire("m")
+    assert woken == ["wake"]
+    sup.tick(3.2, only_news=True)  # the notice alone: no full pass
+    assert ops.rows["m"].status == "backoff" and ops.rows["m"].next_restart_at == pytest.approx(3.3)
+    assert sup.next_due() == pytest.approx(3.3), "the loop is woken at the end of the backoff, not on a tick"
+    sup.tick(3.3 + 1e-9, only_news=True)  # the loop's wait ends at (just after) the deadline
+    assert ops.calls == [("start", "m")]  # the restart, spawned at the deadline
+    sup.tick(3.31, only_news=True)  # the worker's "started" (it rings the loop)
+    assert exits.watched["m"][0].pid == ops.rows["m"].pid, "the new process is watched"
+    assert [name for name, _ in prober.pending] == ["m"], "and probed at once"
+
+
+def test_probes_go_to_the_loop_and_an_idle_instance_asks_for_nothing_between_them() -> None:
+    ops, sup, _, prober, _ = told_world(config())  # interval 1 s
+    ops.run("m")
+    sup.tick(0.0)
+    assert [name for name, _ in prober.pending] == ["m"]
+    prober.answer()
+    sup.tick(0.0, only_news=True)
+    assert sup.next_due() == 1.0
+    sup.tick(0.5, only_news=True)
+    assert prober.pending == [], "no probe before its interval"
+    sup.tick(1.0, only_news=True)
+    assert len(prober.pending) == 1
+
+
+def test_a_stopped_or_removed_instance_is_no_longer_watched() -> None:
+    ops, sup, exits, _, _ = told_world(config("a"), config("b"))
+    for name in ("a", "b"):
+        ops.run(name)
+    sup.tick(0.0)
+    assert set(exits.watched) == {"a", "b"}
+    ops.rows["a"] = replace(ops.rows["a"], status="stopped", stopped_by_user=True)
+    del ops.configs["b"]
+    sup.tick(1.0)
+    assert exits.watched == {} and sorted(exits.forgotten) == ["a", "b"]
+
+
+def test_the_view_holds_what_the_supervisor_saw_for_the_router() -> None:
+    ops, sup, exits, prober, _ = told_world(config("a"))
+    version, rows = sup.view.snapshot()
+    assert rows == {}
+    ops.run("a")
+    sup.tick(0.0)
+    assert sup.view.wait_newer(version, timeout=0) != version
+    prober.answer()
+    sup.tick(0.5, only_news=True)
+    version, rows = sup.view.snapshot()
+    assert (rows["a"].status, rows["a"].health, rows["a"].health_checked_at) == ("running", "healthy", 0.5)
+    sup.tick(1.5, only_news=True)
+    prober.answer()
+    sup.tick(1.5, only_news=True)
+    now_version, rows = sup.view.snapshot()
+    assert now_version == version, "a probe that changes nothing is no news"
+    assert rows["a"].health_checked_at == 1.5, "but the last check is there, from memory"
+    assert ops.rows["a"].health_checked_at == 0.5, "(the state file gets it every HEALTH_SAVE_S)"
+    sup.tick(2.0, only_news=True)
+    assert sup.view.snapshot()[1]["a"].health_checked_at == 1.5, "a step does not put the older one back"
+    ops.crash("a")
+    exits.fire("a")
+    sup.tick(1.2, only_news=True)
+    assert sup.view.snapshot()[1]["a"].status == "backoff"

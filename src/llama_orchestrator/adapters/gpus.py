@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llama_orchestrator.adapters.binaries import Runner, library_env, parse_list_devices, run_command
 from llama_orchestrator.domain.profiles import PCI_VENDORS, GpuDevice
@@ -33,7 +34,7 @@ class SourceResult:
     devices: list[GpuDevice] = field(default_factory=list)
     detail: str = ""
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "status": self.status,
@@ -50,7 +51,7 @@ class GpuReport:
     def devices(self) -> list[GpuDevice]:
         return [d for s in self.sources for d in s.devices]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"devices": [d.as_dict() for d in self.devices], "sources": [s.as_dict() for s in self.sources]}
 
 

@@ -11,8 +11,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
 
 from llama_orchestrator.domain.errors import OrchestratorError
+
+if TYPE_CHECKING:
+    from huggingface_hub.utils import tqdm as hf_tqdm
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 Progress = Callable[[str, int, int | None], None]  # (file name, bytes done, total bytes)
@@ -107,17 +112,17 @@ class HubClient:
         return incomplete
 
 
-def _progress_class(filename: str, on_progress: Progress | None):  # a tqdm subclass
+def _progress_class(filename: str, on_progress: Progress | None) -> type[hf_tqdm]:
     """A tqdm class that draws nothing and reports (done, total) to ``on_progress``: the front end draws."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    class Reporter(hf_tqdm):  # type: ignore[misc, valid-type]
-        def __init__(self, *args, **kwargs) -> None:
+    class Reporter(hf_tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
             kwargs.pop("name", None)
             self._done = int(kwargs.get("initial") or 0)
             self._total = kwargs.get("total")
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # the library's __init__ is unannotated
             if on_progress:
                 on_progress(filename, self._done, self._total)
 
@@ -139,7 +144,9 @@ class _translated:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:  # never swallows: returns False or raises a HubError
         if exc is None or isinstance(exc, (OrchestratorError, KeyboardInterrupt)):
             return False
         from huggingface_hub import errors
@@ -162,14 +169,19 @@ class _translated:
             raise HubError(f"the Hub {where} answered an error: {exc}") from exc
         if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):
             raise HubError(f"cannot reach the Hub {where}: offline (HF_HUB_OFFLINE is set, or no network)") from exc
+        http_error: type[Exception]
         try:
-            import httpx2 as http  # what huggingface_hub 2.x speaks through
-        except ImportError:  # pragma: no cover - older releases use httpx
-            import httpx as http
+            import httpx2  # what huggingface_hub 2.x speaks through
 
-        if isinstance(exc, (http.HTTPError, ConnectionError, TimeoutError)):
+            http_error = httpx2.HTTPError
+        except ImportError:  # pragma: no cover - older releases use httpx
+            import httpx
+
+            http_error = httpx.HTTPError
+
+        if isinstance(exc, (http_error, ConnectionError, TimeoutError)):
             raise HubError(
-                f"cannot reach the Hub {where}: {exc or type(exc).__name__} (offline? HF_ENDPOINT names a mirror)"
+                f"cannot reach the Hub {where}: {str(exc) or type(exc).__name__} (offline? HF_ENDPOINT names a mirror)"
             ) from exc
         if isinstance(exc, OSError) and self.filename:
             raise HubError(

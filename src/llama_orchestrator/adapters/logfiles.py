@@ -22,6 +22,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from llama_orchestrator.adapters.home import private_opener
 
@@ -74,7 +75,7 @@ def _slice(data: bytes, start: int, end: int, line_cap: int) -> str:
     return _decode_cut(data[start : start + line_cap], end - start)
 
 
-def _line_at(handle, start: int, end: int, line_cap: int) -> str:
+def _line_at(handle: BinaryIO, start: int, end: int, line_cap: int) -> str:
     """The line in bytes [start, end) of ``handle``, cut at ``line_cap`` bytes (only those are read)."""
     length = end - start
     handle.seek(start)
@@ -83,7 +84,7 @@ def _line_at(handle, start: int, end: int, line_cap: int) -> str:
     return _decode_cut(handle.read(line_cap), length)
 
 
-def _line_spans(handle, end: int, wanted: int) -> list[tuple[int, int]]:
+def _line_spans(handle: BinaryIO, end: int, wanted: int) -> list[tuple[int, int]]:
     """``(start, end)`` byte spans of the last ``wanted`` lines before ``end``, oldest first.
 
     Reads backwards one block at a time and keeps only newline positions: a 50 MB line costs 800 reads of 64 KiB
@@ -113,30 +114,33 @@ def _line_spans(handle, end: int, wanted: int) -> list[tuple[int, int]]:
 def tail(path: Path, lines: int, *, line_cap: int = LINE_CAP_BYTES) -> list[str]:
     """The last ``lines`` lines of a text file (all of them when lines <= 0), each cut at ``line_cap`` bytes."""
     try:
-        handle = open(path, "rb")  # closed below
+        with open(path, "rb") as handle:
+            return _tail_of(handle, lines, line_cap)
     except FileNotFoundError:
         return []
-    with handle:
-        end = handle.seek(0, os.SEEK_END)
-        if end == 0:
-            return []
-        if lines <= 0:
-            handle.seek(0)
-            splitter = LineSplitter(line_cap)
-            out = []
-            while chunk := handle.read(BLOCK_BYTES):
-                out += splitter.feed(chunk)
-            return out + splitter.flush()
-        handle.seek(end - 1)
-        if handle.read(1) == b"\n":
-            end -= 1  # a final newline ends the last line; it does not start an empty one
-        spans = _line_spans(handle, end, lines)
-        if end - spans[0][0] <= WHOLE_READ_BYTES:
-            # Many short lines: one read and slices, rather than a seek and a read per line.
-            handle.seek(spans[0][0])
-            data, base = handle.read(end - spans[0][0]), spans[0][0]
-            return [_slice(data, start - base, stop - base, line_cap) for start, stop in spans]
-        return [_line_at(handle, start, stop, line_cap) for start, stop in spans]
+
+
+def _tail_of(handle: BinaryIO, lines: int, line_cap: int) -> list[str]:
+    end = handle.seek(0, os.SEEK_END)
+    if end == 0:
+        return []
+    if lines <= 0:
+        handle.seek(0)
+        splitter = LineSplitter(line_cap)
+        out = []
+        while chunk := handle.read(BLOCK_BYTES):
+            out += splitter.feed(chunk)
+        return out + splitter.flush()
+    handle.seek(end - 1)
+    if handle.read(1) == b"\n":
+        end -= 1  # a final newline ends the last line; it does not start an empty one
+    spans = _line_spans(handle, end, lines)
+    if end - spans[0][0] <= WHOLE_READ_BYTES:
+        # Many short lines: one read and slices, rather than a seek and a read per line.
+        handle.seek(spans[0][0])
+        data, base = handle.read(end - spans[0][0]), spans[0][0]
+        return [_slice(data, start - base, stop - base, line_cap) for start, stop in spans]
+    return [_line_at(handle, start, stop, line_cap) for start, stop in spans]
 
 
 class LineSplitter:
@@ -185,7 +189,7 @@ class LogCursor:
     def __init__(self, path: Path, *, from_end: bool = True, line_cap: int = LINE_CAP_BYTES) -> None:
         self.path = path
         self._from_end = from_end
-        self._handle = None
+        self._handle: BinaryIO | None = None
         self._position = 0
         self._splitter = LineSplitter(line_cap)
         self.at_end = True
@@ -194,7 +198,7 @@ class LogCursor:
         if self._handle is None:
             if not self.path.exists():
                 return []
-            self._handle = open(self.path, "rb")  # kept open between calls
+            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open between calls, close() closes it
             self._position = self._handle.seek(0, os.SEEK_END) if self._from_end else 0
         size = os.fstat(self._handle.fileno()).st_size
         try:

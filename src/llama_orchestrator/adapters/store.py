@@ -22,9 +22,10 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import cast
 
 from llama_orchestrator.domain.states import Status, is_valid_transition
 
@@ -123,6 +124,7 @@ class Store:
         self._cache: dict[str, InstanceRow] | None = None
         self._cache_checked = 0.0
         self._cache_version = -1
+        self._status_changes = 0  # status changes this Store made (others' writes show in data_version)
         # One connection, shared by the threads of one process (the daemon's workers): one statement or
         # transaction at a time.
         self._lock = threading.RLock()
@@ -234,18 +236,25 @@ class Store:
             self._close_quietly()
             self._open()
 
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """The open connection; between a close and the next open there is none, and using the store is a bug."""
+        if self._db is None:
+            raise sqlite3.ProgrammingError(f"state database {self.path} is closed")
+        return self._db
+
     def _guarded(self, work: Callable[[sqlite3.Connection], object]) -> object:
         """Run ``work`` on the connection; corruption found on the way is recovered from once, then retried."""
         with self._lock:
             generation = self._generation
             try:
                 self._check_identity()
-                result = work(self._db)
+                result = work(self._conn)
             except sqlite3.DatabaseError as exc:
                 if isinstance(exc, sqlite3.OperationalError) and not _is_corruption(exc):
                     raise
                 self._recover(exc)
-                result = work(self._db)
+                result = work(self._conn)
             became_fresh = self._generation != generation
         if became_fresh and self.on_fresh is not None:
             self.on_fresh(self)
@@ -254,18 +263,27 @@ class Store:
     def close(self) -> None:
         self._close_quietly()
 
+    def change_stamp(self) -> tuple[int, int]:
+        """Changes since the last look, cheaply: another process's write (SQLite's ``data_version``) or a status
+        change through this Store. The daemon does a full pass when it moves, instead of every half second."""
+        version = self._query("PRAGMA data_version")[0][0]
+        return int(version), self._status_changes
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._cache = None  # our own writes do not change data_version for this connection
+    def transaction(self, *, rows: bool = True) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; ``rows=False``: it writes no instance row (the cache stays)."""
+        if rows:
+            self._cache = None  # our own writes do not change data_version for this connection
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            db = self._conn
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield db
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
+                    db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def _write(self, work: Callable[[sqlite3.Connection], object]) -> object:
         def in_transaction(_db: sqlite3.Connection) -> object:
@@ -274,11 +292,32 @@ class Store:
 
         return self._guarded(in_transaction)
 
-    def _query(self, sql: str, params: list | tuple = ()) -> list[sqlite3.Row]:
-        return self._guarded(lambda db: db.execute(sql, params).fetchall())  # type: ignore[return-value]
+    def _write_row(self, name: str, work: Callable[[sqlite3.Connection], bool]) -> bool:
+        """A write of one row that keeps the row cache: the row is read back in the same transaction and replaces
+        its cached copy, instead of the whole cache being dropped (and every row read again) after each write."""
+
+        def in_transaction(_db: sqlite3.Connection) -> bool:
+            cache = self._cache if self._cache_s > 0 else None
+            with self.transaction() as db:
+                changed = work(db)
+                found = (
+                    db.execute("SELECT * FROM instances WHERE name = ?", (name,)).fetchone()
+                    if cache is not None
+                    else None
+                )
+            if cache is not None and found is not None and self._cache is None:
+                cache[name] = _to_row(found)
+                self._cache = cache
+            return changed
+
+        return bool(self._guarded(in_transaction))
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        rows = self._guarded(lambda db: db.execute(sql, params).fetchall())
+        return cast("list[sqlite3.Row]", rows)  # the connection's row_factory is sqlite3.Row
 
     def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version >= SCHEMA_VERSION:
             return
         with self.transaction() as db:
@@ -317,12 +356,9 @@ class Store:
         row.updated_at = time.time() if now is None else now
         values = asdict(row)
         placeholders = ", ".join("?" for _ in _COLUMNS)
-        self._write(
-            lambda db: db.execute(
-                f"INSERT OR REPLACE INTO instances ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                [values[c] for c in _COLUMNS],
-            )
-        )
+        columns = ", ".join(_COLUMNS)
+        sql = f"INSERT OR REPLACE INTO instances ({columns}) VALUES ({placeholders})"  # noqa: S608 - fixed names
+        self._write(lambda db: db.execute(sql, [values[c] for c in _COLUMNS]))
 
     def update(
         self,
@@ -345,7 +381,7 @@ class Store:
             raise ValueError("status changes go through Store.transition")
         changes = {"updated_at": time.time(), **changes}
         sets = ", ".join(f"{k} = ?" for k in changes)
-        sql = f"UPDATE instances SET {sets} WHERE name = ?"
+        sql = f"UPDATE instances SET {sets} WHERE name = ?"  # noqa: S608 - keys checked against _COLUMNS above
         params: list[object] = [*changes.values(), name]
         if only_if_status:
             sql += f" AND status IN ({', '.join('?' for _ in only_if_status)})"
@@ -360,7 +396,7 @@ class Store:
             db.execute("INSERT OR IGNORE INTO instances (name, updated_at) VALUES (?, ?)", (name, time.time()))
             return db.execute(sql, params).rowcount == 1
 
-        return bool(self._write(work))
+        return bool(self._write_row(name, work))
 
     def transition(
         self,
@@ -409,12 +445,15 @@ class Store:
                 db.execute("INSERT INTO instances (name, updated_at) VALUES (?, ?)", (name, ts))
             values = {**changes, "status": str(new), "updated_at": ts}
             sets = ", ".join(f"{k} = ?" for k in values)
-            db.execute(f"UPDATE instances SET {sets} WHERE name = ?", [*values.values(), name])
+            sql = f"UPDATE instances SET {sets} WHERE name = ?"  # noqa: S608 - keys checked against _COLUMNS
+            db.execute(sql, [*values.values(), name])
             if event is not None:
                 db.execute("INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)", (ts, name, *event))
+            if current != new:
+                self._status_changes += 1
             return True
 
-        return bool(self._write(work))
+        return bool(self._write_row(name, work))
 
     def delete(self, name: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM instances WHERE name = ?", (name,)))
@@ -422,22 +461,25 @@ class Store:
     # -- events ------------------------------------------------------------------------------------------------
 
     def add_event(self, instance: str, kind: str, message: str, ts: float | None = None) -> None:
-        self._write(
-            lambda db: db.execute(
-                "INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)",
-                (time.time() if ts is None else ts, instance, kind, message),
-            )
-        )
+        def in_transaction(_db: sqlite3.Connection) -> None:
+            with self.transaction(rows=False) as db:
+                db.execute(
+                    "INSERT INTO events (ts, instance, kind, message) VALUES (?, ?, ?, ?)",
+                    (time.time() if ts is None else ts, instance, kind, message),
+                )
+
+        self._guarded(in_transaction)
 
     def events(self, instance: str | None = None, *, limit: int = 50, after_id: int = 0) -> list[Event]:
         """The newest ``limit`` events (of one instance, or all) with id > after_id, oldest first."""
-        where, params = "WHERE id > ?", [after_id]
+        where = "WHERE id > ?"
+        params: list[object] = [after_id]
         if instance is not None:
             where += " AND instance = ?"
             params.append(instance)
-        rows = self._query(
-            f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC LIMIT ?) ORDER BY id", [*params, limit]
-        )
+        newest = f"SELECT * FROM events {where} ORDER BY id DESC LIMIT ?"  # noqa: S608 - fixed clauses, values bound
+        sql = f"SELECT * FROM ({newest}) ORDER BY id"  # noqa: S608 - as above
+        rows = self._query(sql, [*params, limit])
         return [Event(r["id"], r["ts"], r["instance"], r["kind"], r["message"]) for r in rows]
 
 

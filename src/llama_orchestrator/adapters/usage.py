@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ class PsutilSampler:
             return Usage(None, None)
         return Usage(None if first else cpu, memory)
 
-    def keep_only(self, alive: set[tuple[int, float | None]]) -> None:
+    def keep_only(self, alive: AbstractSet[tuple[int, float | None]]) -> None:
         """Forget every process not in ``alive`` (pid, create_time)."""
         for key in set(self._processes) - alive:
             del self._processes[key]

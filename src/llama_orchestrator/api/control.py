@@ -5,29 +5,45 @@ Every endpoint is a thin call into ``LocalInstances`` (the same port the CLI use
 here is exactly what `llama-orch ... --json` prints. Blocking calls (start, stop, waits, probes) are plain ``def``
 endpoints: FastAPI runs them in its threadpool, off the event loop.
 
-Errors: the project's one hierarchy is mapped to HTTP statuses in ``STATUS_OF`` and nowhere else, with the body
-``{"error": {"message": ..., "type": <error class>}}``:
+Errors: the project's one hierarchy is mapped to HTTP statuses in ``STATUS_OF`` and nowhere else, with OpenAI's
+error object as the body, ``{"error": {"message", "type", "param", "code"}}`` (``api.schemas.error_body``):
 
-==========================  ======  =========================================================================
-NotFoundError (instance)    404     no such instance (or model file, ...)
-ConfigError                 422     the instance's config file does not load; the message lists every problem
-UsageError                  400     a request that cannot be right (bad name, ``rm`` of a running instance)
-StartError, StopError       409     the instance could not reach the asked state: port taken, model or binary
-                                    missing, exited during start, not healthy within the timeout
-InUseError                  409     a model an instance uses (``POST /api/models/remove``)
-any other OrchestratorError 500
-request validation          422     a query parameter of the wrong type or range (type ``invalid_request``)
-==========================  ======  =========================================================================
+==========================  ======  =====================  ==================================================
+error                       status  type / code            when
+==========================  ======  =====================  ==================================================
+InstanceNotFound            404     not_found_error /      no such instance
+                                    instance_not_found
+NotFoundError               404     ... / not_found        no such model file, reference, catalog ID
+ConfigError                 422     invalid_request_error  the instance's config file does not load; the message
+                                    / invalid_config       lists every problem
+UsageError                  400     ... / invalid_request  a request that cannot be right (bad name, ``rm`` of a
+                                                           running instance)
+StartError, StopError       409     conflict_error /       the instance could not reach the asked state: port
+                                    start_failed,          taken, model or binary missing, exited during start,
+                                    stop_failed            not healthy within the timeout
+InUseError                  409     ... / in_use           a model an instance uses (``POST /api/models/remove``)
+any other OrchestratorError 500     server_error / <class  (a bug, or a failure with no better status)
+                                    name in snake_case>
+request validation          422     invalid_request_error  a parameter of the wrong type or range; ``param``
+                                    / invalid_parameter,   names it (``body`` for a body that is not JSON)
+                                    invalid_json
+==========================  ======  =====================  ==================================================
+
+Each route documents the statuses it can answer (``api.schemas.documented``), those of the request guard (401, 403,
+413, and 415 for state-changing calls) included, with typed bodies; ``tests/test_openapi.py`` holds the answers to
+the document.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from http import HTTPStatus
+from typing import Any, Literal, cast
 
 import anyio
 import anyio.to_thread
@@ -38,8 +54,11 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llama_orchestrator.api import schemas
+from llama_orchestrator.api.schemas import GUARD_STATUSES, documented, error_body, error_responses
 from llama_orchestrator.domain.errors import (
     ConfigError,
+    InstanceNotFound,
     InUseError,
     NotFoundError,
     OrchestratorError,
@@ -50,51 +69,122 @@ from llama_orchestrator.domain.errors import (
 from llama_orchestrator.domain.states import ACTIVE
 from llama_orchestrator.services.instances_port import STREAMS, LocalInstances
 
-STATUS_OF: list[tuple[type[OrchestratorError], int]] = [
-    (NotFoundError, 404),
-    (ConfigError, 422),
-    (UsageError, 400),
-    (StartError, 409),
-    (StopError, 409),
-    (InUseError, 409),
-    (OrchestratorError, 500),
+# The first row whose class the error is an instance of: (status, OpenAI-style type, code).
+STATUS_OF: list[tuple[type[OrchestratorError], int, str, str | None]] = [
+    (InstanceNotFound, 404, "not_found_error", "instance_not_found"),
+    (NotFoundError, 404, "not_found_error", "not_found"),
+    (ConfigError, 422, "invalid_request_error", "invalid_config"),
+    (UsageError, 400, "invalid_request_error", "invalid_request"),
+    (StartError, 409, "conflict_error", "start_failed"),
+    (StopError, 409, "conflict_error", "stop_failed"),
+    (InUseError, 409, "conflict_error", "in_use"),
+    (OrchestratorError, 500, "server_error", None),  # code: the class name in snake_case
 ]
+# Statuses Starlette answers itself (no such path, a method the path does not take), by their OpenAI-style type.
+TYPE_OF_STATUS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error"}
+SQLITE_MAX_INT = 2**63 - 1  # an event id is a SQLite integer: a larger one is a 422, not an overflow (500)
 FOLLOW_POLL_S = 0.2
 EXIT_CHECK_S = 1.0
 LOG_READER_THREADS = 4
 
 
-def http_status(exc: OrchestratorError) -> int:
-    return next(status for kind, status in STATUS_OF if isinstance(exc, kind))
+def http_error_of(exc: OrchestratorError) -> tuple[int, str, str]:
+    """``(status, type, code)`` of an error (``STATUS_OF``)."""
+    status, type_, code = next((s, t, c) for kind, s, t, c in STATUS_OF if isinstance(exc, kind))
+    return status, type_, code or snake_case(type(exc).__name__)
 
 
-def error_body(message: str, kind: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind}}
+def snake_case(name: str) -> str:
+    """``HubError`` -> ``hub_error``, ``Not Found`` -> ``not_found``."""
+    out = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.replace(" ", "_"))
+    return re.sub(r"[^a-z0-9]+", "_", out.lower()).strip("_")
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Every error answered in one body (``ErrorBody``), and the document saying so (``_document_validation``)."""
+
     async def orchestrator_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, OrchestratorError)
-        return JSONResponse(error_body(str(exc), type(exc).__name__), status_code=http_status(exc))
+        status, type_, code = http_error_of(cast(OrchestratorError, exc))  # registered for that class
+        return JSONResponse(error_body(str(exc), type_, code), status_code=status)
 
     async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()
-        )
-        return JSONResponse(error_body(problems, "invalid_request"), status_code=422)
+        errors = list(cast(RequestValidationError, exc).errors())
+        problems = "; ".join(f"{_where(e)}: {_what(e)}" for e in errors)
+        code = "invalid_json" if any(e["type"] == "json_invalid" for e in errors) else "invalid_parameter"
+        body = error_body(problems, "invalid_request_error", code, _where(errors[0]) if errors else None)
+        return JSONResponse(body, status_code=422)
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
+        http = cast(StarletteHTTPException, exc)
+        status = http.status_code
+        type_ = TYPE_OF_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
         return JSONResponse(
-            error_body(str(exc.detail), "http_error"),
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            error_body(str(http.detail), type_, _status_code(status)),
+            status_code=status,
+            headers=getattr(http, "headers", None),
         )
 
     app.add_exception_handler(OrchestratorError, orchestrator_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    _document_validation(app)
+
+
+def _status_code(status: int) -> str:
+    """``405`` -> ``method_not_allowed``."""
+    try:
+        return snake_case(HTTPStatus(status).phrase)
+    except ValueError:  # not a status the standard library knows
+        return f"http_{status}"
+
+
+def _where(error: Any) -> str:
+    """The parameter a validation error is about: ``limit``, ``names.0``; ``body`` for a body that is no JSON."""
+    location = error["loc"]
+    if error["type"] == "json_invalid":
+        return str(location[0])  # the rest is the character where decoding failed
+    return ".".join(str(p) for p in location[1:]) or str(location[0])
+
+
+def _what(error: Any) -> str:
+    if error["type"] == "json_invalid" and len(error["loc"]) > 1:
+        return f"{error['msg']} at character {error['loc'][1]}"
+    return str(error["msg"])
+
+
+def _document_validation(app: FastAPI) -> None:
+    """FastAPI documents a 422 with its own body (``HTTPValidationError``) on every route that takes parameters;
+    ``invalid_request`` answers ``ErrorBody`` instead. So the document says that, and drops the 422 where no
+    validation can fail (a route whose only parameters are plain string path segments)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = build()  # built once, then FastAPI's cached dict: fixed in place the first time
+        for item in document.get("paths", {}).values():
+            for operation in item.values():
+                responses = operation.get("responses", {})
+                if "HTTPValidationError" not in str(responses.get("422", "")):
+                    continue
+                if _cannot_fail(operation):
+                    del responses["422"]
+                else:
+                    responses["422"] = {
+                        "description": schemas.ERROR_STATUSES[422],
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                    }
+        for unused in ("HTTPValidationError", "ValidationError"):
+            document.get("components", {}).get("schemas", {}).pop(unused, None)
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema
+
+
+def _cannot_fail(operation: dict[str, Any]) -> bool:
+    plain = {"type": "string"}
+    return "requestBody" not in operation and all(
+        p.get("in") == "path" and {k: v for k, v in p.get("schema", {}).items() if k != "title"} == plain
+        for p in operation.get("parameters", [])
+    )
 
 
 class PlanRequest(BaseModel):
@@ -118,19 +208,33 @@ def make_control_router(
     shutting_down: threading.Event,
 ) -> APIRouter:
     """The ``/api`` routes over ``instances``. ``shutting_down`` ends open log streams when the daemon stops."""
-    api = APIRouter(prefix="/api", tags=["control"])
+    api = APIRouter(prefix="/api", tags=["control"], responses=error_responses(*GUARD_STATUSES))
 
-    @api.get("/instances", summary="List instances (the records of `llama-orch ps --json`)")
+    @api.get(
+        "/instances",
+        summary="List instances (the records of `llama-orch ps --json`)",
+        **documented(list[schemas.ListedInstance], 422),
+    )
     def list_instances(
-        all: bool = Query(False, description="also state left by instances whose config is gone"),
+        include_orphans: bool = Query(
+            False, alias="all", description="also state left by instances whose config is gone"
+        ),
     ) -> list[dict[str, Any]]:
-        return instances.ps(include_orphans=all)
+        return instances.ps(include_orphans=include_orphans)
 
-    @api.get("/instances/{name}", summary="Describe one instance: config, runtime state, GGUF metadata, events")
+    @api.get(
+        "/instances/{name}",
+        summary="Describe one instance: config, runtime state, GGUF metadata, events",
+        **documented(schemas.InstanceDetail, 400, 404),
+    )
     def describe(name: str) -> dict[str, Any]:
         return instances.describe(name)
 
-    @api.post("/instances/{name}/start", summary="Start an instance (detached) unless it runs")
+    @api.post(
+        "/instances/{name}/start",
+        summary="Start an instance (detached) unless it runs",
+        **documented(schemas.StartResult, 400, 404, 409, 422, changes=True),
+    )
     def start(
         name: str,
         wait: bool = Query(False, description="answer only when it is healthy (409 if it exits or times out)"),
@@ -141,7 +245,11 @@ def make_control_router(
             record["instance"] = instances.wait(name, until="healthy", timeout=timeout)
         return record
 
-    @api.post("/instances/{name}/wait", summary="Wait until an instance is healthy, or catch an early exit")
+    @api.post(
+        "/instances/{name}/wait",
+        summary="Wait until an instance is healthy, or catch an early exit",
+        **documented(schemas.InstanceRecord, 400, 404, 409, 422, changes=True),
+    )
     def wait(
         name: str,
         until: Literal["healthy", "started"] = Query(
@@ -151,11 +259,19 @@ def make_control_router(
     ) -> dict[str, Any]:
         return instances.wait(name, until=until, timeout=timeout)
 
-    @api.post("/instances/{name}/stop", summary="Stop: graceful signal, then kill the tree after `timeout`")
+    @api.post(
+        "/instances/{name}/stop",
+        summary="Stop: graceful signal, then kill the tree after `timeout`",
+        **documented(schemas.StopResult, 400, 404, 409, 422, changes=True),
+    )
     def stop(name: str, timeout: float = Query(10.0, ge=0, le=3600)) -> dict[str, Any]:
         return instances.stop(name, timeout)
 
-    @api.post("/instances/{name}/restart", summary="Stop, then start again")
+    @api.post(
+        "/instances/{name}/restart",
+        summary="Stop, then start again",
+        **documented(schemas.RestartResult, 400, 404, 409, 422, changes=True),
+    )
     def restart(
         name: str,
         timeout: float = Query(10.0, ge=0, le=3600, description="seconds to wait for a graceful stop"),
@@ -164,14 +280,22 @@ def make_control_router(
     ) -> dict[str, Any]:
         return instances.restart(name, timeout=timeout, wait=wait, wait_timeout=wait_timeout)
 
-    @api.get("/instances/{name}/health", summary="Probe the health endpoint now")
+    @api.get(
+        "/instances/{name}/health",
+        summary="Probe the health endpoint now",
+        **documented(schemas.HealthResult, 400, 404, 422),
+    )
     def health(name: str) -> dict[str, Any]:
         return instances.health_of(name)
 
-    @api.get("/events", summary="Events, oldest first: starts, exits, health changes, restarts")
+    @api.get(
+        "/events",
+        summary="Events, oldest first: starts, exits, health changes, restarts",
+        **documented(list[schemas.Event], 400, 422),
+    )
     def events(
         instance: str | None = Query(None, description="only this instance"),
-        after_id: int = Query(0, ge=0, description="only events newer than this id (for polling)"),
+        after_id: int = Query(0, ge=0, le=SQLITE_MAX_INT, description="only events newer than this id (for polling)"),
         limit: int = Query(50, ge=1, le=10_000),
     ) -> list[dict[str, Any]]:
         return instances.events(instance, limit=limit, after_id=after_id)
@@ -180,7 +304,18 @@ def make_control_router(
         "/instances/{name}/logs",
         summary="An instance's log: the last lines, then (follow) new lines as they are written",
         response_model=None,
-        responses={200: {"content": {"text/plain": {}, "text/event-stream": {}, "application/json": {}}}},
+        responses={
+            200: {
+                "description": "text/plain: one line a line; text/event-stream: an event named after its stream "
+                "(stdout, stderr) a line; application/json (format=json): the lines as a list",
+                "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": schemas.sse_event({"enum": ["stdout", "stderr"]}, "a line")},
+                    "application/json": {"schema": {"type": "array", "items": {"type": "string"}}},
+                },
+            },
+            **error_responses(400, 404, 422),
+        },
     )
     async def logs(
         request: Request,
@@ -188,17 +323,19 @@ def make_control_router(
         tail: int = Query(50, ge=0, description="lines from the end (0 = all)"),
         follow: bool = Query(False, description="keep the answer open and stream new lines"),
         stream: Literal["stdout", "stderr", "both"] = Query("both"),
-        format: Literal["text", "sse", "json"] | None = Query(
-            None, description="text/plain lines (default), server-sent events, or a JSON list (not with follow)"
+        as_format: Literal["text", "sse", "json"] | None = Query(
+            None,
+            alias="format",
+            description="text/plain lines (default), server-sent events, or a JSON list (not with follow)",
         ),
         until_exit: bool = Query(False, description="with follow: end the stream when the instance has exited"),
         new_only: bool = Query(False, description="with follow: no tail, only lines written from now on (attach)"),
     ) -> Any:
         streams = STREAMS if stream == "both" else (stream,)
         paths = await run_in_threadpool(instances.log_paths, name, streams)
-        if format is None:
-            format = "sse" if "text/event-stream" in request.headers.get("accept", "") else "text"
-        if format == "json":
+        if as_format is None:
+            as_format = "sse" if "text/event-stream" in request.headers.get("accept", "") else "text"
+        if as_format == "json":
             if follow:
                 raise UsageError("format=json cannot follow: use text or sse")
             return await _read_logs(lambda: list(instances.logs(name, tail=tail, streams=streams)))
@@ -212,28 +349,37 @@ def make_control_router(
             shutting_down,
             new_only=new_only and follow,
         )
-        if format == "sse":
+        if as_format == "sse":
             body = (f"event: {kind}\ndata: {line}\n\n" async for kind, line in lines)
             return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return StreamingResponse((f"{line}\n" async for _, line in lines), media_type="text/plain; charset=utf-8")
 
-    @api.post("/plan", summary="What `up` would do to each instance: start, recreate (config changed), leave")
+    @api.post(
+        "/plan",
+        summary="What `up` would do to each instance: start, recreate (config changed), leave",
+        **documented(list[schemas.PlanEntry], 400, 404, 422, changes=True),
+    )
     def plan(body: PlanRequest) -> list[dict[str, Any]]:
         return instances.plan(body.names, recreate=body.recreate)
 
     @api.post(
         "/instances/{name}/recreate",
         summary="Apply the declared config to a running instance: drain (replicas), stop, start, wait healthy",
+        **documented(schemas.RecreateResult, 400, 404, 409, 422, changes=True),
     )
     def recreate(name: str, body: RecreateRequest | None = None) -> dict[str, Any]:
         body = body or RecreateRequest()
         return instances.recreate(name, wait=body.wait, timeout=body.timeout, stop_timeout=body.stop_timeout)
 
-    @api.post("/daemon/reload", summary="One reconcile pass now (as SIGHUP): apply changed, new and removed configs")
+    @api.post(
+        "/daemon/reload",
+        summary="One reconcile pass now (as SIGHUP): apply changed, new and removed configs",
+        **documented(schemas.ReloadResult, 400, changes=True),
+    )
     def reload() -> dict[str, Any]:
         return instances.reload()
 
-    @api.get("/daemon", summary="The daemon: pid, version, uptime, API URL, home")
+    @api.get("/daemon", summary="The daemon: pid, version, uptime, API URL, home", **documented(schemas.DaemonInfo))
     def daemon() -> dict[str, Any]:
         return daemon_record()
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from llama_orchestrator.adapters.memory import release_freed_memory
-from llama_orchestrator.domain.routing import error_body as openai_error_body
+from llama_orchestrator.domain.routing import error_body
 from llama_orchestrator.domain.settings import ApiSettings
 from llama_orchestrator.domain.web_access import (
     SAFE_METHODS,
@@ -49,7 +50,7 @@ EXPOSED_HEADERS = b"retry-after, x-llama-orch-instance"
 MACHINE_NAMES_TTL_S = 30.0  # addresses change (DHCP, VPN): a Host that misses looks again, at most this often
 
 
-async def send_json(send: Callable, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def send_json(send: Callable, status: int, body: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
@@ -65,11 +66,9 @@ async def send_json(send: Callable, status: int, body: dict, headers: list[tuple
     await send({"type": "http.response.body", "body": payload})
 
 
-def refusal(zone: str, message: str, kind: str, code: str) -> dict:
-    """The error body in the zone's own shape: OpenAI's on the router, the control API's elsewhere."""
-    if zone == "router":
-        return openai_error_body(message, kind, code)
-    return {"error": {"message": message, "type": kind}}
+def refusal(message: str, kind: str, code: str) -> dict[str, Any]:
+    """The error body of a refusal: OpenAI's error object, as every other error answer of every zone."""
+    return error_body(message, kind, code)
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -128,7 +127,7 @@ class RequestGuard:
                 f"Host {host!r} is not a name this daemon serves (a page using DNS rebinding sends its own "
                 "name): add it to api.allowed_hosts in orchestrator.json to allow it"
             )
-            await _refuse(http, send, 403, refusal(zone, message, "forbidden_host", "host_not_allowed"))
+            await _refuse(http, send, 403, refusal(message, "permission_error", "host_not_allowed"))
             return
         origin = header(headers, b"origin")
         if origin is not None and zone != "open":
@@ -137,7 +136,7 @@ class RequestGuard:
                     f"requests from the web page at {origin} are refused: add that origin to "
                     "api.cors_origins in orchestrator.json to allow it"
                 )
-                await _refuse(http, send, 403, refusal(zone, message, "forbidden_origin", "origin_not_allowed"))
+                await _refuse(http, send, 403, refusal(message, "permission_error", "origin_not_allowed"))
                 return
             if http and scope["method"] == "OPTIONS" and header(headers, b"access-control-request-method"):
                 await _preflight(send, origin, header(headers, b"access-control-request-headers"))
@@ -166,7 +165,7 @@ class RequestGuard:
                     "and an `Authorization: Bearer` header): an HTML form or text/plain request from a web "
                     "page must not change anything"
                 )
-                await send_json(send, 415, refusal(zone, message, "unsupported_media_type", "content_type_not_allowed"))
+                await send_json(send, 415, refusal(message, "invalid_request_error", "content_type_not_allowed"))
                 return
         if not chunked:
             await inner(scope, receive, send)
@@ -192,7 +191,7 @@ class RequestGuard:
     async def _too_large(self, zone: str, send: Callable) -> None:
         message = f"request body over {self.settings.max_body_mb:g} MiB (api.max_body_mb in orchestrator.json)"
         await send_json(
-            send, 413, refusal(zone, message, "invalid_request_error", "body_too_large"), [(b"connection", b"close")]
+            send, 413, refusal(message, "invalid_request_error", "body_too_large"), [(b"connection", b"close")]
         )
 
 

@@ -6,7 +6,7 @@
                                            {"event": "plan", "files": [{"name", "size"}]}
                                            {"event": "progress", "file", "done", "total"}   (at most ~10 a second)
                                            {"event": "done", "reference", "path", "files", "downloaded", ...}
-                                           {"event": "error", "message", "type"}            (the pull failed)
+                                           {"event": "error", "message", "type", "code"}    (the pull failed)
     POST /api/models/remove             {"reference": ...} -> {"deleted": [paths]}; 409 while an instance uses it
 
 A reference that does not parse, or an unknown catalog ID, is answered with its status before any stream starts.
@@ -25,6 +25,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from llama_orchestrator.adapters.home import Home
+from llama_orchestrator.api import schemas
+from llama_orchestrator.api.schemas import documented, error_responses
 from llama_orchestrator.domain.errors import OrchestratorError
 
 PROGRESS_EVERY_S = 0.1
@@ -43,7 +45,11 @@ class RemoveRequest(BaseModel):
 def make_models_router(home: Home) -> APIRouter:
     api = APIRouter(prefix="/models", tags=["models"])
 
-    @api.get("", summary="Models: pulled, in the models folder, or named by a config (`models list --json`)")
+    @api.get(
+        "",
+        summary="Models: pulled, in the models folder, or named by a config (`models list --json`)",
+        **documented(list[schemas.ModelRecord]),
+    )
     def list_() -> list[dict[str, Any]]:
         from llama_orchestrator.services.models import list_models
 
@@ -52,8 +58,14 @@ def make_models_router(home: Home) -> APIRouter:
     @api.post(
         "/pull",
         summary="Pull a model from Hugging Face; progress streamed as NDJSON",
-        response_model=None,
-        responses={200: {"content": {"application/x-ndjson": {}}}},
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "one JSON object a line: plan, progress..., then done or error",
+                "content": {"application/x-ndjson": {"schema": schemas.PullEvent.model_json_schema()}},
+            },
+            **error_responses(400, 404, 415, 422),
+        },
     )
     async def pull(body: PullRequest) -> StreamingResponse:
         from llama_orchestrator.services import model_store
@@ -63,7 +75,11 @@ def make_models_router(home: Home) -> APIRouter:
             _pull_events(home, ref), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"}
         )
 
-    @api.post("/remove", summary="Delete a pulled model's files; 409 while an instance uses them")
+    @api.post(
+        "/remove",
+        summary="Delete a pulled model's files; 409 while an instance uses them",
+        **documented(schemas.RemoveResult, 400, 404, 409, 422, changes=True),
+    )
     def remove(body: RemoveRequest) -> dict[str, Any]:
         from llama_orchestrator.services import model_store
 
@@ -74,13 +90,14 @@ def make_models_router(home: Home) -> APIRouter:
 
 async def _pull_events(home: Home, ref) -> AsyncIterator[str]:  # HfRef
     """Runs the pull on a worker thread; its callbacks post events to this coroutine through a queue."""
+    from llama_orchestrator.api.control import http_error_of
     from llama_orchestrator.services import model_store
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict | None] = asyncio.Queue()
     last: dict[str, float] = {}
 
-    def post(event: dict) -> None:
+    def post(event: dict | None) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
     def on_plan(files: list[tuple[str, int | None]]) -> None:
@@ -98,9 +115,11 @@ async def _pull_events(home: Home, ref) -> AsyncIterator[str]:  # HfRef
             result = model_store.pull(home, ref, on_progress=on_progress, on_plan=on_plan)
             post({"event": "done", **result.as_dict()})
         except OrchestratorError as exc:
-            post({"event": "error", "message": str(exc), "type": type(exc).__name__})
-        except Exception as exc:  # the stream has started: the error travels in it
-            post({"event": "error", "message": f"{type(exc).__name__}: {exc}", "type": "internal"})
+            _, type_, code = http_error_of(exc)
+            post({"event": "error", "message": str(exc), "type": type_, "code": code})
+        except Exception as exc:  # noqa: BLE001 - the stream has started: the error travels in it
+            message = f"{type(exc).__name__}: {exc}"
+            post({"event": "error", "message": message, "type": "server_error", "code": "internal_error"})
         finally:
             post(None)
 

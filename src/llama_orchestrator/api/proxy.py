@@ -7,8 +7,10 @@
 Raw ASGI rather than Starlette routing, and no middleware: bench/asgi_choice.py measured Starlette's
 StreamingResponse at about half the requests per second and 3/4 of the streamed events per second of the same
 proxy written against ASGI directly. Nothing here may buffer or compress: each chunk from the instance is sent
-on as it arrives. When served on its own (tests, bench), the app's lifespan starts and stops the router; the
-daemon mounts it under its own app and calls ``router.startup()``/``shutdown()`` itself.
+on as it arrives; a stream's chunks go through the server's ``ChunkWriter`` where it offers one (the daemon's
+``api.http_protocol``), past ``send`` and its per-message checks (issue 14). When served on its own (tests,
+bench), the app's lifespan starts and stops the router; the daemon mounts it under its own app and calls
+``router.startup()``/``shutdown()`` itself.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from llama_orchestrator.api.http_protocol import CHUNK_WRITER
 from llama_orchestrator.domain.routing import error_body
 from llama_orchestrator.services.router import RouteError, Router, Upstream
 
@@ -125,7 +128,7 @@ async def _forward(
         await send({"type": "http.response.start", "status": error.status, "headers": error.headers()})
         await send({"type": "http.response.body", "body": error.body()})
         return
-    await _relay(upstream, send, watch)
+    await _relay(upstream, scope, send, watch)
 
 
 async def _passthrough(
@@ -146,10 +149,10 @@ async def _passthrough(
         await send({"type": "http.response.start", "status": error.status, "headers": error.headers()})
         await send({"type": "http.response.body", "body": error.body()})
         return
-    await _relay(upstream, send, watch)
+    await _relay(upstream, scope, send, watch)
 
 
-async def _relay(upstream: Upstream, send: Send, watch: _Watch) -> None:
+async def _relay(upstream: Upstream, scope: Scope, send: Send, watch: _Watch) -> None:
     client_gone = False
 
     async def emit(message: Message) -> None:
@@ -171,10 +174,11 @@ async def _relay(upstream: Upstream, send: Send, watch: _Watch) -> None:
                 await upstream.close()  # counted before the client sees the end, so /metrics never lags
                 await emit({"type": "http.response.body", "body": body})
                 return
-            async for chunk in upstream.chunks():
-                await emit({"type": "http.response.body", "body": chunk, "more_body": True})
+            writer = scope.get("extensions", {}).get(CHUNK_WRITER) if upstream.event_stream else None
+            await upstream.relay(send, writer.write if writer is not None and writer.ready() else None)
             await upstream.close()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            client_gone = client_gone or upstream.send_failed
             if client_gone or not upstream.event_stream:
                 raise  # a cut connection is the honest answer for a broken non-stream body
             # A stream that breaks half way ends with an error event, as llama-server reports its own errors.
@@ -230,7 +234,8 @@ class _Watch:
 
 async def _guarded(scope: Scope, receive: Receive, send: Send, work: Callable[[_Watch], Awaitable[None]]) -> None:
     task = asyncio.current_task()
-    assert task is not None
+    if task is None:
+        raise RuntimeError("the proxy runs in a task of the ASGI server")
     watch = _Watch(receive, task)
     try:
         await work(watch)
@@ -311,7 +316,7 @@ async def _lifespan(router: Router, receive: Receive, send: Send) -> None:
         if message["type"] == "lifespan.startup":
             try:
                 await router.startup()
-            except Exception as exc:  # reported to the server, which refuses to start
+            except Exception as exc:  # noqa: BLE001 - reported to the server, which refuses to start
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
             await send({"type": "lifespan.startup.complete"})

@@ -37,8 +37,10 @@ from llama_orchestrator import __version__
 from llama_orchestrator.api.control import install_error_handlers, make_control_router
 from llama_orchestrator.api.guard import RequestGuard, send_json
 from llama_orchestrator.api.metrics import CONTENT_TYPE, render_metrics
+from llama_orchestrator.api.schemas import GUARD_STATUSES, error_responses
 from llama_orchestrator.api.web import install_web
 from llama_orchestrator.domain.errors import OrchestratorError
+from llama_orchestrator.domain.routing import error_body
 from llama_orchestrator.domain.settings import ApiSettings
 from llama_orchestrator.services.instances_port import LocalInstances
 
@@ -126,13 +128,14 @@ class OrchestratorApp:
             await send_json(
                 send,
                 401,
-                {"error": {"message": message, "type": "authentication_error"}},
+                error_body(message, "authentication_error", "missing_or_wrong_key"),
                 [(b"www-authenticate", b"Bearer")],
             )
             return
         if zone == "router":
-            if self.router_error is not None:
-                await send_json(send, 503, {"error": {"message": self.router_error, "type": "unavailable"}})
+            if self.router_error is not None or self.proxy is None:
+                message = self.router_error or "the router is not available in this build"
+                await send_json(send, 503, error_body(message, "server_error", "router_unavailable"))
                 return
             await self.proxy(scope, receive, send)
             return
@@ -206,6 +209,7 @@ def make_app(
         tags=["nodes"],
         summary="The peer nodes as this router sees them: state, models, latency, requests (issue 12)",
         dependencies=[Depends(bearer)],
+        responses=error_responses(*GUARD_STATUSES),
     )
     async def nodes() -> list[dict[str, Any]]:
         peers = getattr(app.router, "peers", None) if app.router is not None else None
@@ -264,7 +268,7 @@ def make_router(service_factory: Callable[[], Any], settings: Any, *, clock: Cal
 
 def url_for(host: str, port: int) -> str:
     """The URL clients on this machine use: a wildcard bind answers on loopback."""
-    if host in ("0.0.0.0", "", "*"):
+    if host in ("0.0.0.0", "", "*"):  # noqa: S104 - a comparison: which address answers a wildcard bind
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
@@ -326,8 +330,9 @@ class ApiServer:
             log_config=None,  # our handlers (daemon.log) stay; uvicorn's loggers propagate to them
             access_log=True,
             lifespan="on",
-            timeout_graceful_shutdown=graceful_s,
-            timeout_keep_alive=settings.idle_timeout,
+            # uvicorn takes any number of seconds for both, although its hints say int
+            timeout_graceful_shutdown=graceful_s,  # type: ignore[arg-type]
+            timeout_keep_alive=settings.idle_timeout,  # type: ignore[arg-type]
             http=head_deadline_protocol(settings.header_timeout) or "auto",
             server_header=False,
         )
@@ -338,7 +343,7 @@ class ApiServer:
     def _run(self) -> None:
         try:
             self.server.run(sockets=[self.sock])
-        except BaseException as exc:  # SystemExit from a failed lifespan included
+        except BaseException as exc:  # noqa: BLE001 - SystemExit from a failed lifespan included
             self._error = exc
 
     def start(self, timeout: float = 30.0) -> None:

@@ -31,6 +31,7 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from llama_orchestrator.adapters.usage import PsutilSampler
+from llama_orchestrator.api.schemas import GUARD_STATUSES, error_body, error_responses, sse_event
 from llama_orchestrator.services.instances_port import LocalInstances
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
@@ -82,7 +83,8 @@ def static_file(relative: str) -> Path | None:
 
 def file_response(path: Path, request: Request) -> Response:
     stat = path.stat()
-    etag = '"' + hashlib.sha1(f"{stat.st_mtime_ns}-{stat.st_size}".encode()).hexdigest()[:16] + '"'
+    digest = hashlib.sha1(f"{stat.st_mtime_ns}-{stat.st_size}".encode(), usedforsecurity=False).hexdigest()
+    etag = f'"{digest[:16]}"'
     headers = {**security_headers(UI_CSP), "Cache-Control": "no-cache", "ETag": etag}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
@@ -91,7 +93,7 @@ def file_response(path: Path, request: Request) -> Response:
 
 
 def not_found() -> Response:
-    body = json.dumps({"error": {"message": "no such file under /ui/", "type": "NotFound"}})
+    body = json.dumps(error_body("no such file under /ui/", "not_found_error", "not_found"))
     return Response(body, status_code=404, media_type="application/json", headers=security_headers(UI_CSP))
 
 
@@ -159,7 +161,7 @@ async def snapshots(
         now = time.time()
         try:
             per_instance = rates.update(stats(), time.monotonic())  # on the loop: the router mutates it there
-        except Exception:  # the page still shows the instances when the router's stats fail
+        except Exception:  # noqa: BLE001 - the page still shows the instances when the router's stats fail
             per_instance = {}
         for record in data["instances"]:
             record.update(per_instance.get(record["name"], {}))
@@ -217,13 +219,23 @@ def install_web(
 
     control.include_router(pages)
 
-    api = APIRouter(prefix="/api", tags=["control"], dependencies=dependencies)
+    api = APIRouter(
+        prefix="/api", tags=["control"], dependencies=dependencies, responses=error_responses(*GUARD_STATUSES)
+    )
 
     @api.get(
         "/stream",
         summary="Live feed for the web page: a `snapshot` event a second (server-sent events)",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}},
+        responses={
+            200: {
+                "description": "`event: snapshot` a second, its data the JSON of {instances, events, time}",
+                "content": {
+                    "text/event-stream": {"schema": sse_event({"const": "snapshot"}, "the JSON of a snapshot")}
+                },
+            },
+            **error_responses(422),
+        },
     )
     async def stream(interval: float = Query(STREAM_INTERVAL_S, ge=0.2, le=60)) -> StreamingResponse:
         body = snapshots(instances, stats, shutting_down, interval)

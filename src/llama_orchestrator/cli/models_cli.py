@@ -24,7 +24,15 @@ RevisionOption = Annotated[
 @contextmanager
 def progress_bars():
     """A rich progress bar per file (size, speed, ETA) on stderr; yields the callback the pull reports to."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     from llama_orchestrator.cli.render import console
 
@@ -37,7 +45,7 @@ def progress_bars():
         console=console(stderr=True),
         transient=False,
     )
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
 
     def report(name: str, done: int, total: int | None) -> None:
         if name not in tasks:
@@ -57,7 +65,8 @@ def remote_api():
         return None
     from llama_orchestrator.adapters.api_client import ApiClient
 
-    return ApiClient(str(host), _state.get("api_key"))  # type: ignore[arg-type]
+    key = _state.get("api_key")
+    return ApiClient(str(host), key if isinstance(key, str) else None)
 
 
 def pull_remote(api, body: dict) -> dict:  # ApiClient
@@ -275,7 +284,7 @@ def memory_warning(home, config, plan) -> None:  # Home, InstanceConfig, MemoryP
             from llama_orchestrator.services.system_service import gpu_overview
 
             free_mb = (free_mb or 0) + sum(d.free_mib or 0 for d in gpu_overview(home).report.devices)
-        except Exception:  # no GPU figure: RAM alone
+        except Exception:  # noqa: BLE001, S110 - a warning must not fail `init`: no GPU figure, RAM alone
             pass
     say(
         f"context {config.model.context_size} tokens"
@@ -295,5 +304,5 @@ def _free_ram_mb() -> float | None:
         import psutil
 
         return psutil.virtual_memory().available / (1024 * 1024)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a platform psutil cannot read: no figure, no warning
         return None

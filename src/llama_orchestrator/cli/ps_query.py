@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
-from typing import Any
 
-from llama_orchestrator.domain.errors import UsageError
+TYPE_CHECKING = False  # typing stays unimported: `ps` starts in a few tens of milliseconds
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any
 
-Record = dict[str, Any]
+    Record = dict[str, Any]
 
 FILTER_KEYS = ("status", "health", "name", "model", "alias", "backend")
 # Template field -> record key; Docker's spellings beside ours (an instance's name is its ID).
@@ -71,6 +72,13 @@ FIELD_NAMES = (
 _PLACEHOLDER = re.compile(r"\{\{\s*(json\s+)?\.([A-Za-z_]*)\s*\}\}")
 
 
+def _usage(message: str) -> Exception:
+    # Imported when needed: domain.errors imports dataclasses (and inspect), and `ps` starts without them.
+    from llama_orchestrator.domain.errors import UsageError
+
+    return UsageError(message)
+
+
 def parse_filters(specs: Iterable[str]) -> dict[str, set[str]]:
     """``["status=running", "status=exited", "name=q"]`` -> ``{"status": {"running", "exited"}, "name": {"q"}}``."""
     wanted: dict[str, set[str]] = {}
@@ -78,7 +86,7 @@ def parse_filters(specs: Iterable[str]) -> dict[str, set[str]]:
         key, sep, value = spec.partition("=")
         key = key.strip().lower()
         if not sep or key not in FILTER_KEYS:
-            raise UsageError(f"invalid filter {spec!r}: use KEY=VALUE with KEY one of {', '.join(FILTER_KEYS)}")
+            raise _usage(f"invalid filter {spec!r}: use KEY=VALUE with KEY one of {', '.join(FILTER_KEYS)}")
         wanted.setdefault(key, set()).add(value.strip())
     return wanted
 
@@ -112,9 +120,9 @@ def render_format(records: list[Record], fmt: str, cell: Callable[[Record, str],
     template = template.replace("\\t", "\t").replace("\\n", "\n")
     for _, field in _PLACEHOLDER.findall(template):
         if field and field.lower() not in FIELDS:
-            raise UsageError(f"template: can't evaluate field {field} (fields: {', '.join(FIELD_NAMES)})")
+            raise _usage(f"template: can't evaluate field {field} (fields: {', '.join(FIELD_NAMES)})")
     if not _PLACEHOLDER.search(template):
-        raise UsageError(
+        raise _usage(
             f"invalid --format {fmt!r}: use json, a template such as '{{{{.Name}}}}\\t{{{{.Status}}}}'"
             ", or 'table' and a template"
         )

@@ -101,11 +101,6 @@ def rows(names: list[str], before: Sample, after: Sample) -> list[dict[str, Any]
         if span > 0 and old.cpu_s is not None and new.cpu_s is not None:
             cpu = max(0.0, (new.cpu_s - old.cpu_s) / span * 100.0)
 
-        def rate(a: dict[str, float], b: dict[str, float]) -> float | None:
-            if span <= 0 or name not in b:
-                return None
-            return max(0.0, (b[name] - a.get(name, 0.0)) / span)
-
         memory_percent = None
         if new.rss is not None and after.memory_total:
             memory_percent = new.rss / after.memory_total * 100.0
@@ -115,12 +110,19 @@ def rows(names: list[str], before: Sample, after: Sample) -> list[dict[str, Any]
                 "cpu_percent": cpu,
                 "memory_bytes": new.rss,
                 "memory_percent": memory_percent,
-                "requests_per_second": rate(before.requests, after.requests),
-                "tokens_per_second": rate(before.tokens, after.tokens),
+                "requests_per_second": _rate(name, before.requests, after.requests, span),
+                "tokens_per_second": _rate(name, before.tokens, after.tokens, span),
                 "pids": new.pids,
             }
         )
     return out
+
+
+def _rate(name: str, before: dict[str, float], after: dict[str, float], span: float) -> float | None:
+    """Per second over ``span``, from two readings of a counter; None without two readings."""
+    if span <= 0 or name not in after:
+        return None
+    return max(0.0, (after[name] - before.get(name, 0.0)) / span)
 
 
 def table(stat_rows: list[dict[str, Any]]):
@@ -149,8 +151,11 @@ def _fixed(value: float | None, unit: str = "") -> str:
 def _bytes(value: int | None) -> str:
     if value is None:
         return "--"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f}{unit}" if unit != "B" else f"{value}B"
-        value /= 1024  # type: ignore[assignment]
-    return f"{value}"
+    if value < 1024:
+        return f"{value}B"
+    scaled = value / 1024
+    for unit in ("KiB", "MiB"):
+        if scaled < 1024:
+            return f"{scaled:.1f}{unit}"
+        scaled /= 1024
+    return f"{scaled:.1f}GiB"

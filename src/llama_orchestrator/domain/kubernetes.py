@@ -18,6 +18,7 @@ import json
 import math
 import shlex
 from dataclasses import dataclass, field
+from typing import Any
 
 from llama_orchestrator.domain.config import InstanceConfig
 from llama_orchestrator.domain.launch import build_launch
@@ -63,7 +64,7 @@ def _seconds(value: float) -> int:
     return max(1, math.ceil(value))
 
 
-def probes(config: InstanceConfig) -> dict[str, dict]:
+def probes(config: InstanceConfig) -> dict[str, dict[str, Any]]:
     """From ``healthcheck``: a startupProbe that allows ``start_period`` plus ``retries`` failures (Docker's rule:
     failures inside start_period don't count), then liveness (``retries`` failures restart the container) and
     readiness (one failure takes the pod out of the Service: llama-server's 503 while loading keeps it unready)."""
@@ -95,11 +96,12 @@ def probes(config: InstanceConfig) -> dict[str, dict]:
 
 def container_launch(item: ExportInstance) -> tuple[list[str], dict[str, str]]:
     """The argv and env `up` builds, with the container's binary and model path, listening on all interfaces."""
-    config = item.config.model_copy(update={"server": item.config.server.model_copy(update={"host": "0.0.0.0"})})
+    server = item.config.server.model_copy(update={"host": "0.0.0.0"})  # noqa: S104 - the pod's own network namespace
+    config = item.config.model_copy(update={"server": server})
     from pathlib import PurePosixPath
 
     model = PurePosixPath(DATA_DIR) / "models" / item.model_relpath
-    spec = build_launch(config, PurePosixPath(CONTAINER_BINARY), model, {}, platform="linux")  # type: ignore[arg-type]
+    spec = build_launch(config, PurePosixPath(CONTAINER_BINARY), model, {}, platform="linux")
     env = dict(spec.env)
     if config.gpu.backend in GPU_RESOURCES:
         for variable in _DEVICE_VARIABLES:
@@ -108,8 +110,8 @@ def container_launch(item: ExportInstance) -> tuple[list[str], dict[str, str]]:
     return spec.argv, env
 
 
-def resources(item: ExportInstance) -> dict:
-    out: dict = {}
+def resources(item: ExportInstance) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     if item.memory_mb:
         out["requests"] = {"memory": f"{math.ceil(item.memory_mb)}Mi"}
     gpu = GPU_RESOURCES.get(item.config.gpu.backend)
@@ -118,7 +120,7 @@ def resources(item: ExportInstance) -> dict:
     return out
 
 
-def _model_pull_container(item: ExportInstance, image: str) -> dict:
+def _model_pull_container(item: ExportInstance, image: str) -> dict[str, Any]:
     source = item.config.model.source
     model = f"{DATA_DIR}/models/{item.model_relpath}"
     if source:
@@ -143,7 +145,7 @@ def _model_pull_container(item: ExportInstance, image: str) -> dict:
     return container
 
 
-def instance_documents(item: ExportInstance, options: ExportOptions) -> list[dict]:
+def instance_documents(item: ExportInstance, options: ExportOptions) -> list[dict[str, Any]]:
     config = item.config
     name = config.name
     labels = {**_labels(name, "llama-server"), **options.labels}
@@ -162,7 +164,10 @@ def instance_documents(item: ExportInstance, options: ExportOptions) -> list[dic
     if res:
         container["resources"] = res
     size_gib = max(1, math.ceil((item.model_bytes or 0) * 1.2 / GIB))
-    pvc_spec: dict = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{size_gib}Gi"}}}
+    pvc_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": f"{size_gib}Gi"}},
+    }
     if options.storage_class:
         pvc_spec["storageClassName"] = options.storage_class
     return [
@@ -202,11 +207,16 @@ def instance_documents(item: ExportInstance, options: ExportOptions) -> list[dic
     ]
 
 
-def router_settings(items: list[ExportInstance], api_key: str) -> dict:
+def router_settings(items: list[ExportInstance], api_key: str) -> dict[str, Any]:
     """The router's ``orchestrator.json``: every instance Service as a peer (llama-server answers /v1 itself),
     with its aliases, so the router serves the same names, aliases and replicas as one node does."""
     return {
-        "api": {"host": "0.0.0.0", "port": ROUTER_PORT, "api_keys": [api_key], "allowed_hosts": ["*"]},
+        "api": {
+            "host": "0.0.0.0",  # noqa: S104 - the router pod serves its Kubernetes Service
+            "port": ROUTER_PORT,
+            "api_keys": [api_key],
+            "allowed_hosts": ["*"],
+        },
         "peers": [
             {
                 "name": i.config.name,
@@ -218,7 +228,7 @@ def router_settings(items: list[ExportInstance], api_key: str) -> dict:
     }
 
 
-def router_documents(items: list[ExportInstance], options: ExportOptions, api_key: str) -> list[dict]:
+def router_documents(items: list[ExportInstance], options: ExportOptions, api_key: str) -> list[dict[str, Any]]:
     """A Secret with ``orchestrator.json`` (it holds the key), copied into the router's home by an init container
     (the home must be private and writable), the router Deployment and its Service on port 8000."""
     labels = {**_labels(ROUTER_NAME, "router"), **options.labels}
@@ -284,16 +294,16 @@ def router_documents(items: list[ExportInstance], options: ExportOptions, api_ke
     ]
 
 
-def render(items: list[ExportInstance], options: ExportOptions, *, router_key: str) -> dict[str, list[dict]]:
+def render(items: list[ExportInstance], options: ExportOptions, *, router_key: str) -> dict[str, list[dict[str, Any]]]:
     """``{file name: documents}``: ``<instance>.yaml`` each, ``router.yaml`` when any instance has aliases (its
     clients send ``router_key`` as their Bearer key),
     and ``kustomization.yaml`` listing them (with the namespace when one is given)."""
-    files: dict[str, list[dict]] = {}
+    files: dict[str, list[dict[str, Any]]] = {}
     for item in sorted(items, key=lambda i: i.config.name):
         files[f"{item.config.name}.yaml"] = instance_documents(item, options)
     if any(i.config.aliases for i in items):
         files["router.yaml"] = router_documents(items, options, router_key)
-    kustomization: dict = {
+    kustomization: dict[str, Any] = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": list(files),

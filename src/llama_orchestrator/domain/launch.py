@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from llama_orchestrator.domain.config import InstanceConfig
 
@@ -32,8 +32,8 @@ class LaunchSpec:
 
 def build_launch(
     config: InstanceConfig,
-    binary: Path,
-    model_path: Path,
+    binary: PurePath,
+    model_path: PurePath,
     base_env: Mapping[str, str],
     *,
     platform: str,

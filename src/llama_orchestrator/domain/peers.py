@@ -14,7 +14,7 @@ def probe_delay(failures: int) -> float:
     """Seconds until the next probe: ``PROBE_UP_S`` while up; 1, 2, 4, ... capped at 30 after failures."""
     if failures <= 0:
         return PROBE_UP_S
-    return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (failures - 1))
+    return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** (failures - 1))
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from llama_orchestrator.domain.errors import UsageError
 
@@ -45,7 +46,7 @@ class GpuDevice:
         if self.vendor is None:
             object.__setattr__(self, "vendor", vendor_of(self.name))
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -85,7 +86,7 @@ def auto_backend(devices: Iterable[GpuDevice], *, platform: str, available: Iter
 
 def profile_defaults(
     profile: str, *, physical_cores: int, devices: Sequence[GpuDevice], platform: str = "linux"
-) -> dict:
+) -> dict[str, Any]:
     """A partial config document for ``init --profile``; the user's explicit options are merged over it.
 
     threads = the physical core count (llama.cpp runs best without hyper-threads), gpu.layers = -1 (all) for a GPU
@@ -95,7 +96,7 @@ def profile_defaults(
     if profile not in PROFILES:
         raise UsageError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     backend = auto_backend(devices, platform=platform) if profile == "auto" else profile
-    gpu: dict = {"backend": backend, "layers": 0 if backend == "cpu" else -1}
+    gpu: dict[str, Any] = {"backend": backend, "layers": 0 if backend == "cpu" else -1}
     device_id = _roomiest(devices, backend)
     if device_id is not None:
         gpu["device_id"] = device_id
@@ -109,7 +110,7 @@ def _roomiest(devices: Sequence[GpuDevice], backend: str) -> int | None:
     return max(matching.values(), key=lambda d: (d.free_mib or 0, -(d.index or 0))).index
 
 
-def merge_under(defaults: dict, explicit: dict) -> dict:
+def merge_under(defaults: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
     """``explicit`` over ``defaults``, nested dicts merged key by key; ``None`` in explicit means "not given"."""
     merged = dict(defaults)
     for key, value in explicit.items():

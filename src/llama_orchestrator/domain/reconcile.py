@@ -106,7 +106,6 @@ def _decide(
     recreate: Recreate,
 ) -> Action | None:
     running = process is not None
-    row_active = row is not None and row.status in ACTIVE
     if isinstance(config, ConfigError):
         where = "it keeps running" if running else "not started"
         return Action(ActionKind.report_invalid, name, f"config does not load ({where}): {config}")
@@ -115,11 +114,10 @@ def _decide(
             return Action(ActionKind.stop, name, "config removed")
         return None  # only a record left (`ps -a` shows it); nothing runs
     aliases = tuple(config.aliases)
-    if running and not (row_active and row is not None and row.pid == process.pid):
-        # A live process the record does not name: take it over rather than start a second one.
-        return Action(ActionKind.adopt, name, f"pid {process.pid} runs but is not recorded", aliases=aliases)
-    if running:
-        assert row is not None
+    if process is not None:
+        if row is None or row.status not in ACTIVE or row.pid != process.pid:
+            # A live process the record does not name: take it over rather than start a second one.
+            return Action(ActionKind.adopt, name, f"pid {process.pid} runs but is not recorded", aliases=aliases)
         if row.status == "stopping":
             return Action(ActionKind.leave, name, "stopping", aliases=aliases)
         changed = config_changed(row.config_hash, config)

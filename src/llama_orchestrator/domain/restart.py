@@ -25,7 +25,7 @@ RestartAction = Literal["restart", "give_up", "stay_down"]
 
 
 def backoff_delay(restart: RestartSection, attempt: int) -> float:
-    """Seconds to wait before restart number ``attempt`` (1-based): base × multiplier^(n-1), capped."""
+    """Seconds to wait before restart number ``attempt`` (1-based): base * multiplier^(n-1), capped."""
     if attempt < 1:
         raise ValueError(f"attempt counts from 1, got {attempt}")
     try:

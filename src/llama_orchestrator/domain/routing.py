@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 # -- replicas ----------------------------------------------------------------------------------------------------
 
@@ -213,8 +214,9 @@ def token_report(payload: object, *, elapsed_s: float | None = None) -> TokenRep
     """
     if not isinstance(payload, dict):
         return None
-    usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
-    timings = payload.get("timings") if isinstance(payload.get("timings"), dict) else {}
+    raw_usage, raw_timings = payload.get("usage"), payload.get("timings")
+    usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+    timings: dict[str, Any] = raw_timings if isinstance(raw_timings, dict) else {}
     tokens = usage.get("completion_tokens", timings.get("predicted_n"))
     speed = timings.get("predicted_per_second")
     prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
@@ -235,7 +237,8 @@ def sse_token_report(tail: bytes, *, elapsed_s: float | None = None) -> TokenRep
     speed: float | None = None
     prompt: int | None = None
     for line in tail.split(b"\n"):
-        if not line.startswith(b"data:") or b"[DONE]" in line:
+        # Only the events that carry the figures are parsed (the finish chunk, a usage chunk): not every token's.
+        if not line.startswith(b"data:") or (b'"usage"' not in line and b'"timings"' not in line):
             continue
         try:
             report = token_report(json.loads(line[5:]))
@@ -254,6 +257,8 @@ def sse_token_report(tail: bytes, *, elapsed_s: float | None = None) -> TokenRep
     return TokenReport(tokens, speed, prompt)
 
 
-def error_body(message: str, type_: str, code: str | int | None) -> dict:
-    """OpenAI's error format."""
-    return {"error": {"message": message, "type": type_, "code": code}}
+def error_body(message: str, type_: str, code: str | int | None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object, the body of every error answer (the router's, the control API's, the guard's):
+    ``type`` a category (``invalid_request_error``, ``not_found_error``...), ``code`` what happened, ``param`` the
+    request field at fault, if one is."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

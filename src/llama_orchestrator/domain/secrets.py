@@ -7,6 +7,7 @@ An instance's ``env`` goes to llama-server as it is (``LLAMA_API_KEY``, ``HF_TOK
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 MASK = "***"
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
@@ -48,7 +49,7 @@ def mask_args(args: list[str]) -> list[str]:
     return out
 
 
-def mask_document(document: dict) -> dict:
+def mask_document(document: dict[str, Any]) -> dict[str, Any]:
     """A copy of an instance config document with its ``env`` and the values of secret ``args`` masked (the rest
     is not secret)."""
     masked = dict(document)

@@ -36,7 +36,7 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
             Status.starting,  # a person (or autostart) starts it
             Status.running,  # found running: adopted from the OS scan (e.g. after the database was lost)
             Status.failed,  # a person's start could not execute the binary: nothing was spawned
-            Status.backoff,  # the daemon's start (autostart, policy at daemon start) failed before spawning: retry later
+            Status.backoff,  # the daemon's start (autostart, policy at daemon start) failed before spawning: retry
         }
     ),
     Status.starting: frozenset(

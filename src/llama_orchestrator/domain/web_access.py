@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-WILDCARD_BINDS = frozenset({"0.0.0.0", "::", "", "*"})
+WILDCARD_BINDS = frozenset({"0.0.0.0", "::", "", "*"})  # noqa: S104 - recognises wildcard binds, binds nothing
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 

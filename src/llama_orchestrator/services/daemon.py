@@ -24,12 +24,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 from llama_orchestrator import __version__
 from llama_orchestrator.adapters import process as proc
 from llama_orchestrator.adapters.config_files import load_config, load_settings
-from llama_orchestrator.adapters.health_probe import probe_light
+from llama_orchestrator.adapters.health_probe import probe_light, probe_on
 from llama_orchestrator.adapters.home import Home
+from llama_orchestrator.adapters.io_loop import IoLoop
 from llama_orchestrator.adapters.logfiles import rotate_if_needed
 from llama_orchestrator.adapters.store import InstanceRow, Store
 from llama_orchestrator.domain.config import InstanceConfig
@@ -41,10 +44,13 @@ from llama_orchestrator.services.instances import InstanceService
 from llama_orchestrator.services.instances_port import LocalInstances
 from llama_orchestrator.services.reconciler import Reconciler
 from llama_orchestrator.services.supervisor import Supervisor
+from llama_orchestrator.services.supervisor_view import SupervisorView
 
 log = logging.getLogger("llama_orchestrator.daemon")
-TICK_S = 0.5  # a process that exits is noticed within a second (SPEC §6)
-ROTATION_CHECK_S = 0.5
+TICK_S = 0.5  # housekeeping: log rotation, others' changes in the store, the reconciler's trigger
+FULL_PASS_S = 5.0  # a pass over every instance even when nothing said so (exits and changes are told at once)
+ROTATION_CHECK_S = 0.5  # a growing log is looked at this often at most
+ROTATION_IDLE_S = 5.0  # a log that does not grow, this often
 MIN_PAUSE_S = 0.02
 
 
@@ -62,10 +68,13 @@ class ServiceOps:
 
     def __init__(self, service: InstanceService) -> None:
         self.service = service
-        self._rotation_checked: dict[str, float] = {}
+        self._rotation_next: dict[str, float] = {}  # monotonic time of the next look at an instance's logs
+        self._log_sizes: dict[Path, tuple[int, float]] = {}  # size at the last look, and when
         self._configs: dict[str, tuple[tuple[int, int], InstanceConfig]] = {}
         self._invalid: dict[str, tuple[tuple[int, int], OrchestratorError]] = {}
         self._names: tuple[float, list[str]] = (-1.0, [])
+        self._config_paths: dict[str, Path] = {}
+        self._log_paths: dict[str, tuple[Path, ...]] = {}
 
     def names(self) -> list[str]:
         # The folder listing changes rarely; look at most once a second.
@@ -75,9 +84,11 @@ class ServiceOps:
         return self._names[1]
 
     def load(self, name: str) -> InstanceConfig:
-        path = self.service.home.config_path(name)
+        path = self._config_paths.get(name)
+        if path is None:  # building and checking the path costs more than the stat: once per name
+            path = self._config_paths[name] = self.service.home.config_path(name)
         try:
-            stat = path.stat()
+            stat = os.stat(path)
         except FileNotFoundError:
             self._configs.pop(name, None)
             self._invalid.pop(name, None)
@@ -116,7 +127,7 @@ class ServiceOps:
         # The port the process was started on: an edited server.port applies only when `up` recreates it.
         return probe_light(base_url(config, port), config.healthcheck.path, config.healthcheck.timeout)
 
-    def update(self, name: str, only_if: dict[str, object] | None = None, **changes: object) -> bool:
+    def update(self, name: str, only_if: dict[str, object] | None = None, **changes: Any) -> bool:
         return self.service.store.update(name, only_if=only_if, **changes)
 
     def transition(self, name: str, expected, new, *, event=None, only_if=None, now=None, **changes) -> bool:
@@ -130,15 +141,35 @@ class ServiceOps:
         self.service.store.add_event(name, kind, message, ts)
 
     def rotate_logs(self, name: str, config: InstanceConfig) -> None:
-        # Twice a second is enough to keep the size bound; a stat of two files per instance per pass is not free.
+        """Rotate a log past its size. How soon to look again follows how fast it grows: a log that grows is looked
+        at about twice before it could reach the limit (every ROTATION_CHECK_S at most), a quiet one every
+        ROTATION_IDLE_S; a stat of two files per instance twice a second is not free when nothing is logged."""
         now = time.monotonic()
-        if now - self._rotation_checked.get(name, 0.0) < ROTATION_CHECK_S:
+        if now < self._rotation_next.get(name, 0.0):
             return
-        self._rotation_checked[name] = now
         limit = int(config.logs.max_size_mb * 1024 * 1024)
-        for stream in ("stdout", "stderr"):
-            if rotate_if_needed(self.service.home.log_path(name, stream), limit, config.logs.rotation):
+        paths = self._log_paths.get(name)
+        if paths is None:
+            paths = self._log_paths[name] = tuple(self.service.home.log_path(name, s) for s in ("stdout", "stderr"))
+        wait = ROTATION_IDLE_S
+        for stream, path in zip(("stdout", "stderr"), paths, strict=True):
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                size = 0
+            rotated = size > limit and rotate_if_needed(path, limit, config.logs.rotation)
+            if rotated:
                 log.info("%s: rotated %s.log", name, stream)
+                size = 0
+            last = self._log_sizes.get(path)
+            self._log_sizes[path] = (size, now)
+            if last is None or rotated or size < last[0]:  # new, or just emptied: its pace is not known
+                wait = min(wait, ROTATION_CHECK_S)
+            elif size > last[0] and now > last[1]:
+                rate = (size - last[0]) / (now - last[1])
+                wait = min(wait, (limit - size) / rate / 2)
+        # (A little less than the period, so a housekeeping pass a few ms early is not skipped.)
+        self._rotation_next[name] = now + max(ROTATION_CHECK_S * 0.8, wait)
 
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -170,6 +201,7 @@ def run_daemon(
     *,
     stop: threading.Event | None = None,
     tick_s: float = TICK_S,
+    full_pass_s: float = FULL_PASS_S,
     clock: Callable[[], float] = time.time,
     install_signal_handlers: bool = True,
 ) -> None:
@@ -189,36 +221,56 @@ def run_daemon(
         started_at = clock()
         # The loop reads every row twice a second; a row cache dropped on any write keeps that off SQLite.
         service = InstanceService(home, store=Store(home.db_path, cache_s=0.2), processes=processes, clock=clock)
+        view = SupervisorView()  # what the supervisor sees, published for the router (made before either)
         try:
             settings = load_settings(home.settings_path)
             # Config changes: applied 2 s after the last edit with reload "auto"; on request either way.
             reconciler = Reconciler(LocalInstances(service, probe_starting=False), auto=settings.reload == "auto")
             api, api_url = None, None
             if settings.api.enabled:
-                api, api_url = _serve_api(home, service, settings, me.pid, started_at, reconciler=reconciler)
+                api, api_url = _serve_api(home, service, settings, me.pid, started_at, reconciler=reconciler, view=view)
         except OrchestratorError as exc:
             log.error("daemon not started: %s", exc)
             raise
         daemon_control.write_pid_file(
             home, daemon_control.DaemonInfo(me.pid, me.create_time, started_at, __version__, api_url)
         )
+        # One selector holds everything the loop waits for: the workers' results (they ring it), process exits
+        # (pidfds on Linux; waiting threads elsewhere ring it), the health probes' sockets, and the deadlines.
+        loop = IoLoop()
+        exits = processes.exit_watch(loop)
+
+        def halt(*_: object) -> None:
+            stop.set()
+            loop.wake()
+
         if install_signal_handlers:
             for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGBREAK", None)):
                 if signum is not None:
-                    signal.signal(signum, lambda *_: stop.set())
-        # Workers wake the loop when they post a result (a probe answered, a start finished), so it acts on it at
-        # once instead of at the next tick; the tick still bounds how late an exit is noticed.
-        wake = threading.Event()
+                    signal.signal(signum, halt)
+
+        # A `stop` set by another thread (tests, an embedding program) wakes the loop too; this thread only waits.
+        def wake_on_stop() -> None:
+            stop.wait()
+            loop.wake()
+
+        threading.Thread(target=wake_on_stop, name="orch-stop", daemon=True).start()
 
         def dispatch(work: Callable[[], object]) -> None:
-            pool.submit(_logged, work).add_done_callback(lambda _: wake.set())
+            pool.submit(_logged, work).add_done_callback(lambda _: loop.wake())
 
-        reconciler.on_request = wake.set
+        def prober(config: InstanceConfig, port: int | None, done: Callable[[ProbeOutcome], None]) -> None:
+            # The port the process was started on: an edited server.port applies only when `up` recreates it.
+            probe_on(loop, base_url(config, port), config.healthcheck.path, config.healthcheck.timeout, done)
+
+        reconciler.on_request = loop.wake
         if install_signal_handlers and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: reconciler.request())  # `kill -HUP`: one reconcile pass
 
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="orch") as pool:
-            supervisor = Supervisor(ServiceOps(service), dispatch)
+            supervisor = Supervisor(
+                ServiceOps(service), dispatch, prober=prober, exits=exits, wake=loop.wake, view=view
+            )
             service.store.add_event("-", "daemon", f"daemon started (pid {me.pid})", clock())
             log.info("daemon started, pid %s, home %s, API %s", me.pid, home.root, api_url or "off")
             # Our llama-servers the database does not know (it was lost or rebuilt): found by their marker.
@@ -229,26 +281,13 @@ def run_daemon(
             daemon_control.write_pid_file(
                 home, daemon_control.DaemonInfo(me.pid, me.create_time, started_at, __version__, api_url, ready=True)
             )
-            # A full pass every tick (exits are noticed within it); in between, the loop wakes for what is due
-            # (a probe at its interval, the end of a backoff) or for a worker's result, and steps only those.
-            next_full_tick = clock()
-            while not stop.is_set():
-                due = min(next_full_tick, supervisor.next_due() or next_full_tick)
-                # At least MIN_PAUSE_S between passes: a watch that stays "due" must never make the loop spin.
-                wake.wait(max(MIN_PAUSE_S, due - clock()))
-                wake.clear()
-                if stop.is_set():
-                    break
-                full = clock() >= next_full_tick
-                if full:
-                    next_full_tick = clock() + tick_s
-                try:
-                    supervisor.tick(clock(), only_news=not full)
-                    service.reap_children()  # restarted instances are our children: no zombies
-                    if full and reconciler.due(clock()):
-                        dispatch(reconciler.run_pass)
-                except Exception:  # one bad tick must not end supervision
-                    log.exception("supervisor tick failed")
+            try:
+                _supervise(
+                    supervisor, service, reconciler, dispatch, loop, stop, clock, tick_s=tick_s, full_pass_s=full_pass_s
+                )
+            finally:
+                exits.close()
+                loop.close()
             if api is not None:
                 api.stop()
                 api = None
@@ -261,8 +300,74 @@ def run_daemon(
         lock.release()
 
 
+def _supervise(
+    supervisor: Supervisor,
+    service: InstanceService,
+    reconciler: Reconciler,
+    dispatch: Callable[[Callable[[], object]], None],
+    loop: IoLoop,
+    stop: threading.Event,
+    clock: Callable[[], float],
+    *,
+    tick_s: float,
+    full_pass_s: float,
+) -> None:
+    """The loop. It sleeps until the next thing is due: a probe at its interval, the end of a backoff, a worker's
+    result, a process exit, or the housekeeping every ``tick_s`` (log rotation, a look for others' changes in the
+    store, the reconciler's trigger). Each wake steps only the instances concerned; a full pass over every instance
+    runs when the store says someone else changed something, and otherwise every ``full_pass_s`` as a safety net."""
+    store = service.store
+    now = clock()
+    next_housekeeping, next_full = now, now
+    seen = store.change_stamp()
+    spun = False
+    while not stop.is_set():
+        now = clock()
+        due = min(next_housekeeping, next_full, supervisor.next_due() or next_full)
+        pause = due - now
+        # Something still due right after its pass (a config that does not load): once more at once, then at
+        # most every MIN_PAUSE_S, so the loop never spins.
+        if pause <= 0:
+            pause, spun = (MIN_PAUSE_S if spun else 0.0), True
+        else:
+            spun = False
+        if not supervisor.inbox.empty():
+            pause = 0.0  # posted during the last pass (a probe refused at once): handle it now
+        loop.run_once(pause)
+        if stop.is_set():
+            break
+        now = clock()
+        if now < due and supervisor.inbox.empty():
+            continue  # a probe's socket moved, nothing is known yet: no pass
+        try:
+            full = now >= next_full
+            if now >= next_housekeeping:
+                next_housekeeping = now + tick_s
+                stamp = store.change_stamp()
+                full = full or stamp != seen
+                seen = stamp
+                supervisor.rotate_logs()
+                if reconciler.due(now):
+                    dispatch(reconciler.run_pass)
+            if full:
+                next_full = now + full_pass_s
+            supervisor.tick(now, only_news=not full)
+            if full:
+                service.reap_children()  # restarted instances are our children: none lingers as a zombie
+                seen = store.change_stamp()  # what this pass wrote itself is not news
+        except Exception:  # one bad pass must not end supervision
+            log.exception("supervisor tick failed")
+
+
 def _serve_api(
-    home: Home, service: InstanceService, settings, pid: int, started_at: float, *, reconciler: Reconciler | None = None
+    home: Home,
+    service: InstanceService,
+    settings,
+    pid: int,
+    started_at: float,
+    *,
+    reconciler: Reconciler | None = None,
+    view: SupervisorView | None = None,
 ):
     """Bind the API's socket and serve the app on it; returns ``(ApiServer, url)``. ApiBindError for a taken port."""
     from llama_orchestrator.adapters.config_files import record_api_port
@@ -300,6 +405,7 @@ def _serve_api(
 
     try:
         router = make_router(lambda: service, settings.router)
+        # Issue 14, to wire in the router: read `view` (services.supervisor_view) instead of refreshing every instance.
         if router is not None and settings.peers:  # other nodes' models through this router (issue 12)
             from llama_orchestrator.services.peers import PeerPool
 

@@ -6,6 +6,7 @@ The daemon writes ``state/daemon.pid`` (JSON: pid, create_time, started_at, vers
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -126,7 +127,5 @@ def stop_daemon(home: Home, *, timeout: float = 15.0, processes: proc.ProcessCon
 def _kill(handle: proc.ProcessHandle) -> None:
     import psutil
 
-    try:
+    with contextlib.suppress(psutil.Error):
         psutil.Process(handle.pid).kill()  # only the daemon: its instances live in their own sessions
-    except psutil.Error:
-        pass

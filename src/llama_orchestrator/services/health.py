@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llama_orchestrator.domain.config import InstanceConfig
 from llama_orchestrator.domain.health import ProbeOutcome, classify
@@ -31,7 +31,7 @@ class CheckResult:
 def base_url(config: InstanceConfig, port: int | None = None) -> str:
     """Where the instance answers; ``port``: the one its process was started on, when it differs from the file's."""
     host = config.server.host
-    if host in ("0.0.0.0", "::", ""):
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - recognising a wildcard, not binding one
         host = "127.0.0.1"  # a server on all interfaces answers on loopback
     if ":" in host:
         host = f"[{host}]"
@@ -61,7 +61,7 @@ def check_once(
     now = service.clock()
     in_start = row.started_at is not None and now - row.started_at < config.healthcheck.start_period
     health = judge_single(outcome, in_start and row.status == Status.starting)
-    changes: dict[str, object] = {
+    changes: dict[str, Any] = {  # Store.update keyword arguments
         "health": health,
         "health_checked_at": now,
         "health_latency_ms": outcome.latency_ms,

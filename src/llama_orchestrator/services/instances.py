@@ -13,6 +13,7 @@ belongs to a stop whose process died half way: it is settled from the OS by whoe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from llama_orchestrator.adapters import process as proc
 from llama_orchestrator.adapters.binaries import resolve_binary
@@ -40,9 +42,23 @@ from llama_orchestrator.domain.errors import (
 from llama_orchestrator.domain.launch import build_launch
 from llama_orchestrator.domain.states import ACTIVE, Health, Status
 
+if TYPE_CHECKING:
+    import psutil
+
+    from llama_orchestrator.services.health import Probe
+
 log = logging.getLogger("llama_orchestrator.instances")
 EARLY_EXIT_WINDOW_S = 1.0
 INACTIVE = frozenset(Status) - ACTIVE
+
+
+@runtime_checkable
+class _Child(Protocol):
+    """A process we spawned (a ``subprocess.Popen``): polled so that it never lingers as a zombie."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
 
 
 @dataclass
@@ -83,7 +99,7 @@ class InstanceService:
         self.processes = processes or proc.current()
         self.clock = clock
         # Processes this object spawned: we are their parent, so we reap them and learn their exit codes.
-        self._children: dict[str, object] = {}
+        self._children: dict[str, _Child] = {}
 
     @property
     def store(self) -> Store:
@@ -282,12 +298,11 @@ class InstanceService:
     def reap_children(self) -> None:
         """Collect the exit status of every child of ours that has ended, so none lingers as a zombie."""
         for popen in list(self._children.values()):
-            if popen is not None:
-                popen.poll()
+            popen.poll()
 
     def _reap(self, name: str, pid: int) -> int | None:
         popen = self._children.get(name)
-        if popen is not None and getattr(popen, "pid", None) == pid:
+        if popen is not None and popen.pid == pid:
             return popen.poll()
         return None
 
@@ -324,10 +339,11 @@ class InstanceService:
             except OSError as exc:
                 self._record_failed_start(name, row, f"could not execute {spec.argv[0]}: {exc}", by_person)
                 raise StartError(f"{name}: could not execute {spec.argv[0]}: {exc}") from None
-            self._children[name] = spawned.popen
+            if isinstance(spawned.popen, _Child):  # a Popen; None where the process was not our child
+                self._children[name] = spawned.popen
             now = self.clock()
             recorded = fingerprint(config)
-            changes: dict[str, object] = {
+            changes: dict[str, Any] = {
                 "health": Health.unknown,
                 "pid": spawned.handle.pid,
                 "create_time": spawned.handle.create_time,
@@ -411,7 +427,7 @@ class InstanceService:
         name: str,
         timeout: float,
         *,
-        probe: Callable[[str, str, float], object] | None = None,
+        probe: Probe | None = None,
         poll_s: float = 0.1,
     ) -> InstanceRow:
         """Wait until the instance answers its health check with 200, it exits, or ``timeout`` passes.
@@ -460,7 +476,11 @@ class InstanceService:
             raise InstanceNotFound(name)
         with self.processes.exclusive_lock(self.home.lock_path(name)):
             row = self.refresh(name, locked=True)  # a dead process is recorded as exited first: no skipped edge
-            handle = proc.ProcessHandle(row.pid, row.create_time or 0.0) if row.status in ACTIVE else None
+            handle = (
+                proc.ProcessHandle(row.pid, row.create_time or 0.0)
+                if row.status in ACTIVE and row.pid is not None
+                else None
+            )
             if handle is None:
                 found = self._find_marked(name)  # ours may run though the row lost it (a rebuilt database)
                 if found is not None and self._adopt(found, row, "found by down"):
@@ -497,7 +517,7 @@ class InstanceService:
                 for member in alive:
                     _kill_quietly(member)
                 _wait_gone(alive, 5.0)
-            exit_code = self._reap(name, row.pid)
+            exit_code = self._reap(name, handle.pid)
             self._wait_port_released(row.port, 5.0)
             now = self.clock()
             how = (
@@ -578,10 +598,8 @@ def _is_suspended(members: list) -> bool:
         return False
 
 
-def _kill_quietly(member) -> None:
+def _kill_quietly(member: psutil.Process) -> None:
     import psutil
 
-    try:
+    with contextlib.suppress(psutil.Error):
         member.kill()  # psutil checks the create time first: a reused PID is not signalled
-    except psutil.Error:
-        pass

@@ -243,7 +243,7 @@ class LocalInstances:
                 gguf = read_gguf_info(model).as_dict()
             except FileNotFoundError:
                 gguf = f"model file not found: {model}"
-            except Exception as exc:  # any reader failure is shown, not fatal
+            except Exception as exc:  # noqa: BLE001 - any reader failure is shown, not fatal
                 gguf = f"cannot read GGUF metadata: {exc}"
         events = svc.store.events(name, limit=15)
         return {

@@ -362,7 +362,7 @@ def memory_budget_mb(home: Home) -> float | None:
         import psutil
 
         return psutil.virtual_memory().available / (1024 * 1024)
-    except Exception:  # no figure: no cap
+    except Exception:  # noqa: BLE001 - no figure (a platform psutil cannot read): no cap
         return None
 
 
@@ -385,7 +385,7 @@ def memory_plan(
             from llama_orchestrator.adapters.gguf_meta import read_gguf_info
 
             trained = read_gguf_info(path).context_length
-        except Exception:  # not a readable GGUF: the fallback context
+        except Exception:  # noqa: BLE001 - not a readable GGUF (the reader raises anything): the fallback context
             trained = None
     budget = budget_mb if budget_mb is not None else memory_budget_mb(home)
     size = model_bytes(path)

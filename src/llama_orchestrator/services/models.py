@@ -100,7 +100,7 @@ def _hidden_or_later_part(path: Path, folder: Path) -> bool:
     import re
 
     split = re.search(r"-(\d{5})-of-\d{5}\.gguf$", path.name, re.IGNORECASE)
-    return bool(split) and split.group(1) != "00001"
+    return split is not None and split.group(1) != "00001"
 
 
 def _read_metadata(entry: ModelEntry) -> None:
@@ -111,5 +111,5 @@ def _read_metadata(entry: ModelEntry) -> None:
         return
     try:
         entry.info = read_gguf_info(entry.path).as_dict()
-    except Exception as exc:  # a file that is not GGUF is listed with the reason, not fatal
+    except Exception as exc:  # noqa: BLE001 - a file that is not GGUF is listed with the reason, not fatal
         entry.error = f"not a readable GGUF file: {exc}"

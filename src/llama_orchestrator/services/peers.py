@@ -120,7 +120,9 @@ class PeerPool:
     # -- what the router asks --------------------------------------------------------------------------------
 
     def has(self, model: str | None) -> bool:
-        return bool(model) and bool(candidates(model, list(self.views.values())))  # type: ignore[arg-type]
+        if not model:
+            return False
+        return bool(candidates(model, list(self.views.values())))
 
     def model_entries(self, local: set[str]) -> list[dict[str, Any]]:
         """/v1/models entries: ``node/model`` for every model of every node, and the plain name unless this node
@@ -241,12 +243,14 @@ class PeerPool:
                 "models": list(view.models),
                 "aliases": list(view.aliases),
                 "in_flight": view.in_flight,
-                "latency_ms": None
-                if self.stats[name].latency_s is None
-                else round(self.stats[name].latency_s * 1000, 1),
+                "latency_ms": _ms(self.stats[name].latency_s),
                 "last_error": self.stats[name].last_error,
                 "requests": dict(self.stats[name].requests),
                 "probes_failed": self.stats[name].probes_failed,
             }
             for name, view in sorted(self.views.items())
         ]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)

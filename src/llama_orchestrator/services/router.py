@@ -64,12 +64,22 @@ UNDRAIN_CHECK_S = 30.0  # undrain waits at most this long for the new process to
 class RouteError(Exception):
     """An answer in OpenAI's error format: what went wrong, with the HTTP status that says so."""
 
-    def __init__(self, status: int, message: str, type_: str, code: str, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str,
+        retry_after: int | None = None,
+        *,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.retry_after = status, message, type_, code, retry_after
+        self.param = param  # the request field at fault, as OpenAI names it ("model")
 
     def body(self) -> bytes:
-        return json.dumps(error_body(self.message, self.type, self.code)).encode()
+        return json.dumps(error_body(self.message, self.type, self.code, self.param)).encode()
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json")]
@@ -312,12 +322,13 @@ class Router:
                 return self._upstream(inst, resp, started)
             failed.add(inst.name)
             last_error = resp
-        assert inst is not None
-        error = RouteError(
+        if inst is None:
+            raise RuntimeError("inst is unset here: a bug in the router")
+        unreachable = RouteError(
             502, f"instance {inst.name!r} did not answer: {last_error}", "server_error", "upstream_unreachable"
         )
-        self._record(inst, error.status, started)
-        raise error
+        self._record(inst, unreachable.status, started)
+        raise unreachable
 
     async def passthrough(
         self,
@@ -438,6 +449,7 @@ class Router:
                     f"the request names no model; known models: {', '.join(known) or 'none'}",
                     "invalid_request_error",
                     "model_required",
+                    param="model",
                 )
             self._count_unknown()
             raise RouteError(
@@ -445,6 +457,7 @@ class Router:
                 f"model {model!r} not found; known models: {', '.join(known) or 'none'}",
                 "invalid_request_error",
                 "model_not_found",
+                param="model",
             )
         candidates = [self._instances[n] for n in names]
         open_ = [i for i in candidates if not i.drained]
@@ -468,7 +481,10 @@ class Router:
                 )
                 for i in candidates
             ]
-            chosen = self._instances[pick_replica(replicas)]
+            picked = pick_replica(replicas)
+            if picked is None:
+                raise RuntimeError("no replica picked among candidates: a bug in the router")
+            chosen = self._instances[picked]
         chosen.last_picked = self.clock()
         return chosen
 
@@ -570,7 +586,8 @@ class Router:
 
     async def _await_task(self, inst: _Instance, deadline: float) -> None:
         task = inst.task
-        assert task is not None
+        if task is None:
+            raise RuntimeError("task is unset here: a bug in the router")
         remaining = deadline - self.clock()
         try:
             if remaining <= 0:
@@ -588,7 +605,7 @@ class Router:
             ) from None
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # whatever stopped the start is the client's answer
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the start is the client's answer
             if task.get_name() == "stop":
                 return  # a failed stop: the loop looks again at what runs
             raise RouteError(503, f"{inst.name} could not be started: {exc}", "server_error", "start_failed") from None
@@ -617,7 +634,8 @@ class Router:
     async def _wait_for_room(self, inst: _Instance, deadline: float) -> None:
         remaining = deadline - self.clock()
         changed = self._changed
-        assert changed is not None
+        if changed is None:
+            raise RuntimeError("changed is unset here: a bug in the router")
         self._room_waiters += 1
         try:
             if remaining <= 0:
@@ -677,8 +695,12 @@ class Router:
         deadline = self.clock() + self.settings.start_timeout
         while True:
             slice_s = max(0.1, min(1.0, deadline - self.clock()))
+
+            def wait(service: InstanceService, slice_s: float = slice_s) -> Any:
+                return service.wait_healthy(inst.name, slice_s)
+
             try:
-                return await self._call(lambda s, t=slice_s: s.wait_healthy(inst.name, t))
+                return await self._call(wait)
             except OrchestratorError:
                 row = await self._call(lambda s: s.refresh(inst.name))
                 if row.status not in ACTIVE or self.clock() >= deadline:
@@ -710,7 +732,7 @@ class Router:
         try:
             row = await self._call(lambda s: s.refresh(inst.name))
             runs = row.status in ACTIVE
-        except BaseException:  # cancelled or broken: the next tick looks again
+        except BaseException:  # noqa: BLE001 - cancelled or broken: the next tick looks again
             runs = False
         self._swap(inst, was, Phase.active if runs else Phase.stopped)  # STARTING/STOPPING -> ACTIVE/STOPPED
 
@@ -755,7 +777,7 @@ class Router:
             raise RuntimeError("Router.drain/undrain block: call them from a worker thread, not the router's loop")
         asyncio.run_coroutine_threadsafe(coro, loop).result(wait_s)
 
-    async def _drain(self, name: str, timeout: float) -> None:
+    async def _drain(self, name: str, timeout_s: float) -> None:
         inst = self._instances.get(name)
         if inst is None:
             await self._reload(since=self.clock())
@@ -764,7 +786,7 @@ class Router:
             return  # not an instance we route to
         inst.drained = True
         log.info("router: draining %s (%d in flight, %d queued)", name, inst.in_flight, len(inst.waiters))
-        deadline = self.clock() + timeout
+        deadline = self.clock() + timeout_s
         while not inst.settled:
             remaining = deadline - self.clock()
             if remaining <= 0:
@@ -773,7 +795,7 @@ class Router:
                     name,
                     inst.in_flight,
                     len(inst.waiters),
-                    timeout,
+                    timeout_s,
                 )
                 return
             done = asyncio.get_running_loop().create_future()
@@ -800,7 +822,7 @@ class Router:
                 await asyncio.wait_for(asyncio.shield(inst.task), UNDRAIN_CHECK_S)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # requests then find it as it is (and start it on demand)
+        except Exception as exc:  # noqa: BLE001 - requests then find it as it is (and start it on demand)
             log.warning("router: %s undrained without a healthy check: %s", name, exc)
         finally:
             inst.drained = False
@@ -816,7 +838,8 @@ class Router:
         while all(i.drained for i in candidates):
             remaining = deadline - self.clock()
             event = self._undrained
-            assert event is not None
+            if event is None:
+                raise RuntimeError("event is unset here: a bug in the router")
             try:
                 if remaining <= 0:
                     raise TimeoutError
@@ -949,7 +972,8 @@ class Router:
 
         ``since``: unless a read began after that moment (many requests for unknown models share one read).
         """
-        assert self._reload_lock is not None
+        if self._reload_lock is None:
+            raise RuntimeError("self._reload_lock is unset here: a bug in the router")
         async with self._reload_lock:
             if since is not None and self._last_reload >= since:
                 return

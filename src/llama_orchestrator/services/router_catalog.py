@@ -86,7 +86,7 @@ def model_shape(path: Path) -> ModelShape | None:
             _int(value(f"{arch}.attention.key_length")),
             _int(value(f"{arch}.attention.value_length")),
         )
-    except Exception:  # any unreadable file falls back to the default per-token estimate
+    except Exception:  # noqa: BLE001 - any unreadable file falls back to the default per-token estimate
         return None
 
 

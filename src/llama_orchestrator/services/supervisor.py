@@ -1,9 +1,12 @@
 """The supervisor: one loop that watches every instance, probes its health and applies its restart policy.
 
-Shaped like honcho's manager: the loop thread owns all decisions. Slow work (a start, a stop, an HTTP probe) runs
-on worker threads, which post their results to one queue; each ``tick(now)`` first drains that queue, then steps
-every instance. Time is an argument and the operations sit behind ``InstanceOps``, so tests replay whole histories
-(crash loops, hangs, slow loads) with a fake clock and fake operations, instantly.
+Shaped like honcho's manager: the loop thread owns all decisions. Slow work (a start, a stop) runs on worker
+threads, which post their results to one queue; probes run on the loop's own selector when the daemon gives a
+``prober`` (worker threads otherwise). An exit watch (``exits``: a pidfd, or a waiting thread) posts a notice the
+moment a watched process ends, so an exit is handled at once rather than at the next pass. Each ``tick(now)``
+first drains the queue, then steps every instance (or only those the news was about, and those due). Time is an
+argument and the operations sit behind ``InstanceOps``, so tests replay whole histories (crash loops, hangs, slow
+loads) with a fake clock and fake operations, instantly.
 """
 
 from __future__ import annotations
@@ -14,20 +17,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llama_orchestrator.adapters.process import ProcessHandle
 from llama_orchestrator.adapters.store import InstanceRow
 from llama_orchestrator.domain.config import InstanceConfig
 from llama_orchestrator.domain.errors import OrchestratorError
 from llama_orchestrator.domain.health import HealthTracker, ProbeOutcome
 from llama_orchestrator.domain.restart import ExitReason, RestartTracker, resume_on_daemon_start, should_restart
 from llama_orchestrator.domain.states import ACTIVE, Health, Status
+from llama_orchestrator.services.supervisor_view import SupervisorView
 
 log = logging.getLogger("llama_orchestrator.supervisor")
 
 HEALTH_SAVE_S = 5.0
+CONFIG_RETRY_S = 1.0  # an instance whose config does not load is looked at again after this (not in a spin)
 # The grace a stop of an unhealthy instance gives: it already failed `retries` health checks, so it is likely
 # wedged and would only use the whole grace up; a suspended one (SIGSTOP) is killed at once (InstanceService.stop).
 UNHEALTHY_STOP_GRACE_S = 3.0
 ProcessKey = tuple[int | None, float | None]  # (pid, create_time): which process a tracker belongs to
+
+
+class ExitNotices(Protocol):
+    """``adapters.process.exit_watch.ExitWatch``: ``on_exit()`` soon after the process ends (from any thread)."""
+
+    def watch(self, key: str, handle: ProcessHandle, on_exit: Callable[[], None]) -> None: ...
+    def forget(self, key: str) -> None: ...
+
+
+# Start a probe of (config, port) and call back with its outcome, on the loop's thread (``health_probe.probe_on``).
+Prober = Callable[[InstanceConfig, "int | None", Callable[[ProbeOutcome], None]], None]
 
 
 class InstanceOps(Protocol):
@@ -74,26 +91,48 @@ class Watch:
     started_by_us: ProcessKey | None = None
     restart_at: float | None = None  # when a backoff ends
     health_saved: tuple[Health, float] | None = None  # what was last written, and when
+    # The row said `starting` at the last step: a healthy probe then moves it to `running` (one transaction). Once
+    # it runs, a probe writes nothing but the health it changed (no write transaction per probe).
+    starting: bool = False
+    idle_until: float = 0.0  # its config does not load: nothing is due before this
+    config: InstanceConfig | None = None  # the one its last step used
 
     def due_at(self) -> float | None:
         """When this instance next needs a step of its own (a probe, or the end of a backoff)."""
         if self.busy:
             return None
-        times = [self.restart_at] if self.restart_at is not None else []
-        if self.health is not None and not self.probing:
-            times.append(self.next_probe_at)
-        return min(times) if times else None
+        due = self.restart_at
+        if self.health is not None and not self.probing and (due is None or self.next_probe_at < due):
+            due = self.next_probe_at
+        return None if due is None else max(due, self.idle_until)
 
 
 Dispatch = Callable[[Callable[[], object]], None]
 
 
 class Supervisor:
-    def __init__(self, ops: InstanceOps, dispatch: Dispatch, *, stop_timeout: float = UNHEALTHY_STOP_GRACE_S) -> None:
+    def __init__(
+        self,
+        ops: InstanceOps,
+        dispatch: Dispatch,
+        *,
+        stop_timeout: float = UNHEALTHY_STOP_GRACE_S,
+        prober: Prober | None = None,
+        exits: ExitNotices | None = None,
+        wake: Callable[[], None] = lambda: None,
+        view: SupervisorView | None = None,
+    ) -> None:
+        """``prober``: probes on the loop (else ``ops.probe`` on a worker); ``exits``: told of exits at once (else
+        they are found by the passes); ``wake``: rings the loop when a notice is posted from another thread;
+        ``view``: where it publishes what it sees (made before it, so the router can be given it first)."""
         self.ops = ops
         self._dispatch = dispatch
+        self._prober = prober
+        self._exits = exits
+        self._wake = wake
         self.stop_timeout = stop_timeout
         self.watches: dict[str, Watch] = {}
+        self.view = view or SupervisorView()  # what it saw, for the router (services.supervisor_view)
         self.inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
 
     # -- entry points ------------------------------------------------------------------------------------------
@@ -121,14 +160,18 @@ class Supervisor:
         """Handle what the workers posted, then step every instance (or, with ``only_news``, just the ones those
         messages were about: a worker's result wakes the loop early, and that should not cost a full pass)."""
         touched = self.drain(now)
-        names = self.ops.names()
-        for gone in set(self.watches) - set(names):
-            del self.watches[gone]
         if only_news:
+            # No folder listing: the instances concerned are known (a removed one is pruned by the next full pass,
+            # and its step finds no config meanwhile).
             touched |= {n for n, w in self.watches.items() if (w.due_at() or float("inf")) <= now}
+            names = sorted(touched)
+        else:
+            names = self.ops.names()
+            for gone in set(self.watches) - set(names):
+                del self.watches[gone]
+                self._unwatch_exit(gone)
+                self.view.drop(gone)
         for name in names:
-            if only_news and name not in touched:
-                continue
             try:
                 self._step(name, now)
             except OrchestratorError as exc:
@@ -140,6 +183,13 @@ class Supervisor:
         """The earliest time an instance needs a step before the next regular pass."""
         times = [t for t in (w.due_at() for w in self.watches.values()) if t is not None]
         return min(times) if times else None
+
+    def rotate_logs(self) -> None:
+        """Keep the logs of the running instances within their size (the daemon calls this on a timer of its own:
+        a flood fills a log between two probes)."""
+        for name, watch in list(self.watches.items()):
+            if watch.key != (None, None) and watch.config is not None:
+                self.ops.rotate_logs(name, watch.config)  # the config of its last step: no stat of it here
 
     def drain(self, now: float) -> set[str]:
         """Handle every posted message; returns the names of the instances they were about."""
@@ -165,21 +215,27 @@ class Supervisor:
             return
         config = self._config(name)
         if config is None:
+            watch.idle_until = now + CONFIG_RETRY_S  # not due again at once: the loop must not spin on it
             return
+        watch.config = config
         row = self.ops.refresh(name)
+        self.view.publish(row)
         key: ProcessKey = (row.pid, row.create_time)
         seen = watch.key
         if row.status in (Status.starting, Status.running):
             if watch.key != key:
                 self._adopt(name, watch, row, now, by_person=watch.started_by_us != key)
+            watch.starting = row.status == Status.starting
             watch.restart = self._tick_restart(name, watch.restart, config, now)
             if not watch.probing and now >= watch.next_probe_at:
                 watch.probing = True
-                self._dispatch(lambda: self.inbox.put(("probed", name, key, self.ops.probe(config, row.port))))
+                self._probe(name, key, config, row.port)
             self.ops.rotate_logs(name, config)
         else:
             # Not running (a person stopped it, or it is down for good): nothing to probe. Without this the
             # watch would stay "due" forever and the loop would spin.
+            if watch.key != (None, None):
+                self._unwatch_exit(name)
             watch.key, watch.health = (None, None), None
             if row.status != Status.backoff:
                 watch.restart_at = None
@@ -199,6 +255,7 @@ class Supervisor:
             watch.restart = RestartTracker()  # a person started it: the count begins again, as in Docker
             self.ops.update(name, restart_attempts=0)
         watch.key = key
+        self._watch_exit(name, key)
         watch.restart_at = None  # a process runs: a pending backoff restart is superseded
         watch.health_saved = None
         watch.health = HealthTracker(started_at=row.started_at or now)
@@ -213,6 +270,36 @@ class Supervisor:
                 name, "reset", f"restart count reset after {config.restart.reset_after_seconds:g} s healthy", now
             )
         return after
+
+    # -- exit notices and probes ---------------------------------------------------------------------------------
+
+    def _watch_exit(self, name: str, key: ProcessKey) -> None:
+        pid, create_time = key
+        if self._exits is None or pid is None:
+            return
+
+        def on_exit() -> None:  # any thread: post, ring, and let the loop decide
+            self.inbox.put(("exit_seen", name, key))
+            self._wake()
+
+        self._exits.watch(name, ProcessHandle(pid, create_time or 0.0), on_exit)
+
+    def _unwatch_exit(self, name: str) -> None:
+        if self._exits is not None:
+            self._exits.forget(name)
+
+    def _on_exit_seen(self, name: str, now: float, key: ProcessKey) -> None:
+        """A watched process ended: nothing to do here, the notice makes ``tick`` step the instance now, and the
+        step's ``refresh`` establishes (and records) the exit."""
+
+    def _probe(self, name: str, key: ProcessKey, config: InstanceConfig, port: int | None) -> None:
+        def report(outcome: ProbeOutcome) -> None:
+            self.inbox.put(("probed", name, key, outcome))
+
+        if self._prober is not None:
+            self._prober(config, port, report)
+        else:
+            self._dispatch(lambda: report(self.ops.probe(config, port)))
 
     # -- health --------------------------------------------------------------------------------------------------
 
@@ -240,7 +327,8 @@ class Supervisor:
             return
         if tracker.health == Health.healthy:
             watch.restart = watch.restart.on_healthy(now)
-            if self.ops.transition(
+            was_starting, watch.starting = watch.starting, False
+            if was_starting and self.ops.transition(
                 name,
                 Status.starting,
                 Status.running,
@@ -250,6 +338,8 @@ class Supervisor:
                 last_error=None,
                 **changes,
             ):
+                watch.health_saved = (tracker.health, now)  # written with the status
+                self.view.publish(self.ops.refresh(name))
                 return
         else:
             watch.restart = watch.restart.on_unhealthy()
@@ -257,9 +347,10 @@ class Supervisor:
         # every HEALTH_SAVE_S (the "last check" others read): twenty instances probed every second would
         # otherwise be twenty writes a second.
         saved = watch.health_saved
-        if saved is None or saved[0] != tracker.health or now - saved[1] >= HEALTH_SAVE_S:
-            if self.ops.update(name, only_if={"pid": pid}, **changes):
-                watch.health_saved = (tracker.health, now)
+        due = saved is None or saved[0] != tracker.health or now - saved[1] >= HEALTH_SAVE_S
+        if due and self.ops.update(name, only_if={"pid": pid}, **changes):
+            watch.health_saved = (tracker.health, now)
+        self.view.probed(name, now, outcome.latency_ms, tracker.health)
         if tracker.health != before and before not in (Health.unknown, Health.loading):
             detail = "recovered" if tracker.health == Health.healthy else outcome.describe()
             self.ops.event(name, "health", f"{before} -> {tracker.health}: {detail}", now)
@@ -282,7 +373,7 @@ class Supervisor:
             try:
                 row = self.ops.stop(name, self.stop_timeout)
                 self.inbox.put(("stopped_unhealthy", name, row))
-            except Exception as exc:  # reported through the loop, which decides
+            except Exception as exc:  # noqa: BLE001 - reported through the loop, which decides
                 self.inbox.put(("op_failed", name, f"stop failed: {exc}"))
 
         self._dispatch(work)
@@ -302,6 +393,7 @@ class Supervisor:
     ) -> None:
         watch.handled_exit = (row.pid, row.create_time)
         watch.key, watch.health = (None, None), None
+        self._unwatch_exit(name)
         decision = watch.restart.on_exit(config.restart, reason, row.stopped_by_user, now)
         watch.restart = decision.tracker
         # Compare-and-swap on the status this decision was made from: if a person acted meanwhile, theirs stands.
@@ -331,6 +423,7 @@ class Supervisor:
             )
         elif decision.status != current:
             self.ops.transition(name, current, decision.status, now=now)
+        self.view.publish(self.ops.refresh(name))
 
     def _start(self, name: str, watch: Watch, attempt: int | None) -> None:
         watch.busy, watch.restart_at = True, None
@@ -339,7 +432,7 @@ class Supervisor:
             try:
                 row = self.ops.start(name)
                 self.inbox.put(("started", name, row, attempt))
-            except Exception as exc:  # a failed start is a failure like a crash: policy decides
+            except Exception as exc:  # noqa: BLE001 - a failed start is a failure like a crash: policy decides
                 self.inbox.put(("start_failed", name, str(exc), attempt))
 
         self._dispatch(work)

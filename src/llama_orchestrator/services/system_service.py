@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llama_orchestrator.adapters import binaries
 from llama_orchestrator.adapters.home import Home, default_root
@@ -36,6 +37,9 @@ from llama_orchestrator.adapters.service_units import (
     service_name_for,
 )
 from llama_orchestrator.domain.errors import NotFoundError, OrchestratorError, UsageError
+
+if TYPE_CHECKING:
+    from llama_orchestrator.adapters.gpus import GpuReport
 
 Which = Callable[[str], "str | None"]
 
@@ -266,8 +270,8 @@ class BinaryRegistry:
         probe = binaries.probe_binary(path, self.runner)
         if backend is None:
             # A re-probe that sees no GPU keeps the backend given by hand earlier (a GPU build, GPU absent today).
-            keep = existing and existing.get("backend") and probe.backend == binaries.NO_GPU_BACKEND
-            backend = existing["backend"] if keep else probe.backend
+            kept = existing.get("backend") if existing else None
+            backend = kept if kept and probe.backend == binaries.NO_GPU_BACKEND else probe.backend
         return {
             "path": str(path),
             "backend": backend,
@@ -366,18 +370,18 @@ def _iso(ts: float) -> str:
 
 @dataclass
 class GpuOverview:
-    report: object  # adapters.gpus.GpuReport
+    report: GpuReport
     binary: str | None
     auto_backend: str
     physical_cores: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "binary": self.binary,
             "auto_backend": self.auto_backend,
             "physical_cores": self.physical_cores,
             **self.report.as_dict(),
-        }  # type: ignore[attr-defined]
+        }
 
 
 def gpu_overview(

@@ -2,16 +2,22 @@
 an instance's answer being relayed (with the token accounting for /metrics).
 
 aiohttp rather than httpx.AsyncClient: bench/asgi_choice.py measured about 6x the requests per second at
-concurrency 16 and 2-4x the streamed events per second through the same proxy.
+concurrency 16 and 2-4x the streamed events per second through the same proxy. Its connector makes connections
+itself (``_Connector``): llama-server closes one after every stream, and aiohttp's way through uvloop's
+``sock_connect`` resolved the numeric address in a thread pool each time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import inspect
 import json
 import socket
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import aiohttp
 
@@ -50,12 +56,69 @@ def _reset_on_close_socket(addr_info: tuple) -> socket.socket:
     return sock
 
 
+async def _connect(addr_info: tuple, loop: asyncio.AbstractEventLoop) -> socket.socket:
+    """A connected non-blocking socket to a numeric address, without ``loop.sock_connect``: uvloop's resolves even
+    a numeric address again in its thread pool, which measured 2-4x the cost of the whole connect here."""
+    address = addr_info[4]
+    sock = _reset_on_close_socket(addr_info)
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            writable = loop.create_future()
+            fd = sock.fileno()
+
+            def connected() -> None:
+                if not writable.done():
+                    writable.set_result(None)
+
+            loop.add_writer(fd, connected)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(fd)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, f"Connect call failed {address}: {errno.errorcode.get(err, err)}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Connector(aiohttp.TCPConnector):
+    """``TCPConnector`` whose new connections are made by ``_connect``: llama-server closes the connection after
+    every stream, so each streamed request pays a connect (a third of the router's CPU per stream in py-spy, most
+    of it uvloop's thread-pool resolve). Only for one plain-TCP address (an instance is always one); the rest, and
+    an aiohttp whose internals differ, go the usual way."""
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        addr_infos, req, timeout = kwargs.get("addr_infos"), kwargs.get("req"), kwargs.get("timeout")
+        if not addr_infos or len(addr_infos) != 1 or kwargs.get("ssl") or req is None or timeout is None:
+            return await super()._wrap_create_connection(*args, **kwargs)
+        client_error = kwargs.pop("client_error", aiohttp.ClientConnectorError)
+        for key in ("addr_infos", "req", "timeout"):
+            kwargs.pop(key)
+        try:
+            async with asyncio.timeout(timeout.sock_connect):
+                sock = await _connect(addr_infos[0], self._loop)
+                return await self._loop.create_connection(*args, **kwargs, sock=sock)
+        except OSError as exc:
+            if exc.errno is None and isinstance(exc, TimeoutError):
+                raise  # aiohttp reports a connect timeout itself
+            raise client_error(req.connection_key, exc) from exc
+
+
+_FAST_CONNECT = "addr_infos" in inspect.signature(aiohttp.TCPConnector._wrap_create_connection).parameters
+
+
 def new_session() -> aiohttp.ClientSession:
     """One per instance, so that its pooled connections can be dropped when it stops: a connection left open to a
     stopped server keeps its port from being bound again."""
+    connector = _Connector if _FAST_CONNECT else aiohttp.TCPConnector
     return aiohttp.ClientSession(
         # keep-alive shorter than llama-server's own 5 s, so we never reuse a connection it is closing
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, socket_factory=_reset_on_close_socket),
+        connector=connector(limit=0, keepalive_timeout=4.0, socket_factory=_reset_on_close_socket),
         auto_decompress=False,  # relay bytes as they are
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),  # a long generation is not a timeout
         skip_auto_headers=("User-Agent",),
@@ -70,9 +133,9 @@ def upstream_headers(headers: Iterable[tuple[bytes, bytes]], args: list[str], ke
         if key not in _HOP_IN or (keep_length and key == b"content-length"):
             out[key.decode("latin-1")] = value.decode("latin-1")
     out["accept-encoding"] = "identity"  # a compressed stream would arrive in lumps
-    key = _arg_value(args, "--api-key")  # an instance with its own key gets it from us, not from the client
-    if key:
-        out["authorization"] = f"Bearer {key}"
+    api_key = _arg_value(args, "--api-key")  # an instance with its own key gets it from us, not from the client
+    if api_key:
+        out["authorization"] = f"Bearer {api_key}"
     return out
 
 
@@ -100,6 +163,7 @@ class Upstream:
         self._complete = False
         self._closed = False
         self.first_chunk_at: float | None = None  # on ``clock``: when the first body bytes came (time to first token)
+        self.send_failed = False  # relay(): sending to the client raised
 
     @property
     def small(self) -> bool:
@@ -114,20 +178,52 @@ class Upstream:
         self._complete = True
         return body
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives: each chunk is yielded as soon as the upstream sent it."""
-        sse, kept, budget = self.event_stream, self._kept, TOKEN_BODY_MAX if self._json else 0
-        async for chunk in self._resp.content.iter_any():
-            if self.first_chunk_at is None:
-                self.first_chunk_at = self._clock()
-            if sse:
-                self._tail.append(chunk)
-            elif budget > 0:
-                kept.append(chunk)
-                budget -= len(chunk)
-                if budget <= 0:
-                    kept.clear()  # too big to be worth parsing for the token count
-            yield chunk
+    async def relay(
+        self, send: Callable[[dict], Awaitable[None]], write: Callable[[bytes], Awaitable[None] | None] | None = None
+    ) -> None:
+        """Send the body on as it arrives, each chunk as one ASGI ``http.response.body`` message (``more_body``),
+        or for an event stream through ``write`` when given (``api.http_protocol.ChunkWriter.write``).
+
+        One loop, no generator: it runs once per streamed token, and an async generator and a send wrapper per
+        chunk were a measurable part of the router's CPU per token. ``send_failed`` tells a send that raised (the
+        client is gone) from an upstream that broke.
+        """
+        read = self._resp.content.readany
+        chunk = await read()
+        if chunk:
+            self.first_chunk_at = self._clock()
+        if self.event_stream and write is not None:
+            tail = self._tail
+            while chunk:
+                tail.append(chunk)
+                pending = write(chunk)
+                if pending is not None:
+                    await pending  # the client reads slower than the instance writes
+                chunk = await read()
+        elif self.event_stream:
+            tail = self._tail
+            while chunk:
+                tail.append(chunk)
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except OSError:
+                    self.send_failed = True
+                    raise
+                chunk = await read()
+        else:
+            kept, budget = self._kept, TOKEN_BODY_MAX if self._json else 0
+            while chunk:
+                if budget > 0:
+                    kept.append(chunk)
+                    budget -= len(chunk)
+                    if budget <= 0:
+                        kept.clear()  # too big to be worth parsing for the token count
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except OSError:
+                    self.send_failed = True
+                    raise
+                chunk = await read()
         self._complete = True
 
     async def close(self, *, client_gone: bool = False) -> None:

@@ -72,16 +72,18 @@ def check_instances(svc: InstanceService, names: list[str] | None, *, lint: bool
             continue
         by_port[config.server.port].append(name)
     for report in reports:
-        config = loaded.get(report.name)
-        if config is None:
+        checked = loaded.get(report.name)
+        if checked is None:
             continue
-        _check_runtime(svc, config, report, by_port)
+        _check_runtime(svc, checked, report, by_port)
         if lint:
-            report.warnings += _lint(config)
+            report.warnings += _lint(checked)
     return reports
 
 
-def _check_runtime(svc: InstanceService, config: InstanceConfig, report: CheckReport, by_port) -> None:
+def _check_runtime(
+    svc: InstanceService, config: InstanceConfig, report: CheckReport, by_port: dict[int, list[str]]
+) -> None:
     model = config.model_path(svc.home.config_path(config.name).parent)
     if not model.is_file():
         report.errors.append(f"model.path: file {str(model)!r} not found")

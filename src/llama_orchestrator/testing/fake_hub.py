@@ -87,8 +87,9 @@ class FakeHub:
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
+        if self._server is None:
+            raise RuntimeError("the fake hub is not started")
+        host, port = self._server.socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def stop(self) -> None:
@@ -106,7 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # quiet
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib method's parameter name; quiet
         pass
 
     def do_GET(self) -> None:

@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -169,16 +170,16 @@ def _select_known(argv: list[str], parser: argparse.ArgumentParser) -> list[str]
     return out
 
 
-def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> FakeConfig:
+def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> FakeConfig:
     """Parse llama-server style arguments plus fake flags; fill unset fake flags from ``FAKE_LLAMA_*``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     parser = build_parser()
     ns, _unknown = parser.parse_known_args(_select_known(argv, parser), namespace=FakeConfig())
     for attr, conv, default in _FAKE_FLAGS:
         if getattr(ns, attr) is not None:
             continue
-        raw = environ.get(_ENV_PREFIX + attr[len("fake_") :].upper())
+        raw = env.get(_ENV_PREFIX + attr[len("fake_") :].upper())
         if raw is not None and raw.strip() != "":
             try:
                 setattr(ns, attr, conv(raw))
@@ -255,7 +256,7 @@ class Handler(BaseHTTPRequestHandler):
     state: FakeState  # set on the subclass made in serve()
 
     # ----------------------------------------------------------------- plumbing
-    def log_message(self, format: str, *args: Any) -> None:  # stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib method's parameter name
         pass
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
@@ -265,7 +266,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def end_headers(self) -> None:
         # As llama-server's CORS middleware does: any Origin is reflected (the router must not relay that).
-        origin = self.headers.get("Origin") if self.headers is not None else None
+        origin = self.headers.get("Origin")
         if origin:
             self.send_header("Access-Control-Allow-Origin", origin)
         super().end_headers()
@@ -319,9 +320,8 @@ class Handler(BaseHTTPRequestHandler):
         if st.loading():
             self._error(503, "Loading model", "unavailable_error")
             return
-        routes = _GET_ROUTES if method in ("GET", "HEAD") else _POST_ROUTES
-        fn = routes.get(path)
-        if fn is None:
+        routes: Mapping[str, object] = _GET_ROUTES if method in ("GET", "HEAD") else _POST_ROUTES
+        if path not in routes:
             if path in _GET_ROUTES or path in _POST_ROUTES:
                 self._error(405, "Method Not Allowed", "invalid_request_error")
             else:
@@ -335,9 +335,9 @@ class Handler(BaseHTTPRequestHandler):
             except ValueError as exc:
                 self._error(400, f"invalid JSON body: {exc}", "invalid_request_error")
                 return
-            fn(self, payload)
+            _POST_ROUTES[path](self, payload)
         else:
-            fn(self)
+            _GET_ROUTES[path](self)
 
     def do_GET(self) -> None:
         self._route("GET")
@@ -646,7 +646,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, on_term)
 
     server_cls = _Server6 if ":" in cfg.host else _Server
-    Handler_ = type("BoundHandler", (Handler,), {})
+
+    class Handler_(Handler):  # one per server: its FakeState is set below
+        pass
+
     try:
         server = server_cls((cfg.host, cfg.port), Handler_)
     except OSError as exc:

@@ -7,6 +7,8 @@ cursor stays where it is and nothing flickers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.text import Text
 from textual import on
 from textual.app import App, ComposeResult
@@ -18,6 +20,9 @@ from llama_orchestrator.domain.errors import OrchestratorError
 from llama_orchestrator.domain.states import ACTIVE
 from llama_orchestrator.tui.data import COLUMNS, Backend, Cell, InstanceLine, Snapshot
 from llama_orchestrator.tui.screens import ConfirmScreen, DetailScreen, LogScreen
+
+if TYPE_CHECKING:
+    from llama_orchestrator.services.instances import InstanceService
 
 
 class InstanceTable(DataTable):
@@ -117,7 +122,7 @@ class DashboardApp(App[None]):
     def _load_snapshot(self) -> None:
         try:
             self.post_message(SnapshotReady(self.backend.snapshot(self._last_event_id)))
-        except Exception as exc:  # shown in the notice line; the next refresh tries again
+        except Exception as exc:  # noqa: BLE001 - shown in the notice line; the next refresh tries again
             self.post_message(SnapshotReady(None, f"could not read the state: {exc}"))
 
     @on(SnapshotReady)
@@ -220,7 +225,7 @@ class DashboardApp(App[None]):
                 self.post_message(ActionDone(verb, name, call(name), True))
             except OrchestratorError as exc:
                 self.post_message(ActionDone(verb, name, str(exc), False))
-            except Exception as exc:  # a bug must not end the dashboard; show it instead
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the dashboard; show it instead
                 self.post_message(ActionDone(verb, name, f"{verb} {name} failed unexpectedly: {exc!r}", False))
 
         self.run_worker(work, thread=True, group="actions", exit_on_error=False)
@@ -258,6 +263,6 @@ def _text(cell: Cell) -> Text:
     return Text(cell.text, style=cell.style, no_wrap=True)
 
 
-def run_dashboard(service, refresh_s: float = 1.0, **backend_options: object) -> None:
+def run_dashboard(service: InstanceService, refresh_s: float = 1.0) -> None:
     """Run the dashboard in this terminal until the person quits (Q)."""
-    DashboardApp(Backend(service, **backend_options), refresh_s=refresh_s).run()  # type: ignore[arg-type]
+    DashboardApp(Backend(service), refresh_s=refresh_s).run()

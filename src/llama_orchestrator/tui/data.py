@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -62,7 +63,7 @@ EVENT_STYLE = {
 class Sampler(Protocol):
     def sample(self, pid: int, create_time: float) -> Usage: ...
 
-    def keep_only(self, alive: set[tuple[int, float]]) -> None:
+    def keep_only(self, alive: AbstractSet[tuple[int, float]]) -> None:
         """Forget every process not in ``alive`` (pid, create_time)."""
 
 
@@ -257,9 +258,10 @@ class Backend:
         if self.daemon(self.home) is None:
             view = self.service.view(name)
         else:
-            view = self._recorded_view(name, self.service.store.get(name))
-            if view is None:
+            recorded = self._recorded_view(name, self.service.store.get(name))
+            if recorded is None:
                 raise InstanceNotFound(name)
+            view = recorded
         row, now = view.row, self.clock()
         runtime = (
             ("status", status_text(view)),

@@ -60,7 +60,7 @@ class DetailScreen(Screen[None]):
     def _load(self) -> None:
         try:
             self.post_message(self.Loaded(self.backend.detail(self.instance)))
-        except Exception as exc:  # shown on the screen instead of ending the app
+        except Exception as exc:  # noqa: BLE001 - shown on the screen instead of ending the app
             self.post_message(self.Loaded(None, str(exc)))
 
     @on(Loaded)

@@ -11,13 +11,18 @@ different process (the PID was reused) and is never signalled.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
+
+if TYPE_CHECKING:
+    from llama_orchestrator.adapters.io_loop import IoLoop
+    from llama_orchestrator.adapters.process.exit_watch import ExitWatch
 
 # psutil rounds create times differently across calls on some platforms; 10 ms apart is the same process.
 CREATE_TIME_TOLERANCE = 0.01
@@ -54,6 +59,10 @@ class ProcessControl(Protocol):
 
     def try_lock(self, path: Path) -> HeldLock | None:
         """Take the inter-process lock now, or return None if another process holds it (the daemon's lock)."""
+
+    def exit_watch(self, loop: IoLoop) -> ExitWatch:
+        """How this OS tells that a process ended (``exit_watch.py``): pidfds on ``loop`` on Linux, a waiting
+        thread per process elsewhere."""
 
     def scan(self, home: Path) -> list[Found]:
         """The running processes that carry the marker of ``home`` (``domain.launch``): the top one of each
@@ -126,8 +135,29 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     return data[data.rfind(b")") + 2 :].split()
 
 
+# Processes an exit watch holds a pidfd of (``exit_watch.PidfdExitWatch``): whether one still runs is a poll of its
+# pidfd (readable once it ended), one system call instead of reading /proc, which the daemon and its router ask
+# for every instance at every look. The lock keeps a pidfd from being closed (and its number reused) mid-poll.
+_PIDFD_CHECKS: dict[ProcessHandle, Callable[[], bool]] = {}
+_PIDFD_LOCK = threading.Lock()
+
+
+def register_pidfd_check(handle: ProcessHandle, ended: Callable[[], bool] | None) -> None:
+    """``ended()`` answers for ``handle`` from now on (None: no longer). Called under the lock it is checked with."""
+    with _PIDFD_LOCK:
+        if ended is None:
+            _PIDFD_CHECKS.pop(handle, None)
+        else:
+            _PIDFD_CHECKS[handle] = ended
+
+
 def is_alive(handle: ProcessHandle) -> bool:
     """True when the PID runs *and* is the process we started (same create time); zombies count as dead."""
+    if _PIDFD_CHECKS:
+        with _PIDFD_LOCK:
+            ended = _PIDFD_CHECKS.get(handle)
+            if ended is not None:
+                return not ended()
     known = _VERIFIED_START_TICKS.get(handle)
     if known is not None:
         fields = _stat_fields(handle.pid)

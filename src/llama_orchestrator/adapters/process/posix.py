@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 
 from llama_orchestrator.adapters.home import open_private_log
+from llama_orchestrator.adapters.io_loop import IoLoop
 from llama_orchestrator.adapters.process import (
     Found,
     ProcessHandle,
@@ -22,9 +23,21 @@ from llama_orchestrator.adapters.process import (
     scan_marked,
     tree,
 )
+from llama_orchestrator.adapters.process.exit_watch import (
+    ExitWatch,
+    PidfdExitWatch,
+    ThreadExitWatch,
+    pidfds_work,
+    posix_wait,
+)
 
 
 class PosixProcesses:
+    def exit_watch(self, loop: IoLoop) -> ExitWatch:
+        """Linux: pidfds on ``loop``'s selector. macOS (and a kernel without pidfds): a thread per process blocked
+        in kqueue (NOTE_EXIT), or looking every half second where there is no kqueue."""
+        return PidfdExitWatch(loop) if pidfds_work() else ThreadExitWatch(posix_wait())
+
     def scan(self, home: Path) -> list[Found]:
         # psutil reads /proc/<pid>/environ (Linux) or sysctl KERN_PROCARGS2 (macOS): the environment at exec time.
         return scan_marked(home, psutil.process_iter)

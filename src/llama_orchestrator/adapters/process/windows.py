@@ -1,9 +1,9 @@
 """Windows: a new process group per instance, no console window, CTRL_BREAK to stop, ``msvcrt.locking`` for locks.
 
 Every call into the Windows API goes through one small object, ``WinApi`` (methods ``popen``, ``send_ctrl_break``,
-``lock_byte``, ``unlock_byte``, ``taskkill``). ``WindowsProcesses`` takes it as ``api``; the default one talks to the
-real OS and imports ``msvcrt`` only when a lock is taken, so this module imports (and is unit-tested) on Linux with a
-fake ``api``. psutil is cross-platform and is used directly.
+``lock_byte``, ``unlock_byte``, ``taskkill``, ``wait_exit``). ``WindowsProcesses`` takes it as ``api``; the default
+one talks to the real OS and imports ``msvcrt`` only when a lock is taken, so this module imports (and is
+unit-tested) on Linux with a fake ``api``. psutil is cross-platform and is used directly.
 
 Known limit of the graceful stop: ``CREATE_NO_WINDOW`` gives the instance its own hidden console, and
 ``GenerateConsoleCtrlEvent`` (what ``os.kill(pid, CTRL_BREAK_EVENT)`` calls) reaches only processes on the caller's
@@ -27,6 +27,7 @@ from typing import IO, Any, Protocol
 import psutil
 
 from llama_orchestrator.adapters.home import open_private_log
+from llama_orchestrator.adapters.io_loop import IoLoop
 from llama_orchestrator.adapters.process import (
     Found,
     ProcessHandle,
@@ -36,6 +37,7 @@ from llama_orchestrator.adapters.process import (
     scan_marked,
     tree,
 )
+from llama_orchestrator.adapters.process.exit_watch import ExitWatch, ThreadExitWatch
 
 # Process creation flags, from the Win32 headers. ``subprocess`` only defines them on Windows; the values are part of
 # the ABI, so we spell them out and the module works (and is tested) everywhere.
@@ -72,6 +74,9 @@ class WinApi(Protocol):
     def taskkill(self, pid: int) -> None:
         """``taskkill /T /F /PID pid``: the last resort when psutil could not kill. Never raises."""
 
+    def wait_exit(self, pid: int) -> None:
+        """Block until process ``pid`` ends (``WaitForSingleObject``, no polling); returns at once if it is gone."""
+
 
 class RealWinApi:
     """The Windows calls themselves. Nothing Windows-only is touched before a method runs."""
@@ -93,20 +98,20 @@ class RealWinApi:
 
         # msvcrt.locking locks from the current file position: always byte 0, whatever was read or written.
         os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
+        msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]  # Windows only
 
     def unlock_byte(self, fd: int) -> None:
         import msvcrt
 
         os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]  # Windows only
 
     def try_lock_byte(self, fd: int) -> bool:
         import msvcrt
 
         os.lseek(fd, 0, os.SEEK_SET)
         try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]  # Windows only
         except OSError as exc:
             if exc.errno in _LOCK_BUSY_ERRNOS:
                 return False
@@ -114,10 +119,12 @@ class RealWinApi:
         return True
 
     def taskkill(self, pid: int) -> None:
-        # An argv list, never a shell; /T takes the tree the system still knows, /F forces it.
+        # An argv list, never a shell; /T takes the tree the system still knows, /F forces it. The full path: a
+        # taskkill.exe planted earlier on PATH is not run.
+        system32 = ntpath.join(os.environ.get("SYSTEMROOT", r"C:\Windows"), "System32")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(
-                ["taskkill", "/T", "/F", "/PID", str(pid)],
+                [ntpath.join(system32, "taskkill.exe"), "/T", "/F", "/PID", str(pid)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -125,6 +132,11 @@ class RealWinApi:
                 timeout=10,
                 check=False,
             )
+
+    def wait_exit(self, pid: int) -> None:
+        # psutil's wait on Windows is OpenProcess(SYNCHRONIZE) + WaitForSingleObject(INFINITE): no CPU meanwhile.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait()
 
 
 class WindowsProcesses:
@@ -151,6 +163,14 @@ class WindowsProcesses:
             same_path=lambda a, b: bool(a) and ntpath.normcase(a) == ntpath.normcase(b),
             env_key=str.upper,
         )
+
+    def exit_watch(self, loop: IoLoop) -> ExitWatch:
+        """Exits told by a thread per process blocked in ``WaitForSingleObject`` (Windows has no pidfd)."""
+        return ThreadExitWatch(self._wait_exit)
+
+    def _wait_exit(self, handle: ProcessHandle) -> None:
+        if is_alive(handle):  # the PID is still our process (create time): only then is its end ours to wait for
+            self._api.wait_exit(handle.pid)
 
     def creationflags(self) -> int:
         return BASE_CREATIONFLAGS | (CREATE_BREAKAWAY_FROM_JOB if self._breakaway else 0)
@@ -267,7 +287,8 @@ class WindowsProcesses:
 
 class _ByteLock:
     def __init__(self, api: WinApi, fd: int) -> None:
-        self._api, self._fd = api, fd
+        self._api = api
+        self._fd: int | None = fd
 
     def release(self) -> None:
         if self._fd is not None:

@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Any, Protocol
 
 SERVICE_NAME = "llama-orchestrator"
 OS_NAMES = ("linux", "windows", "macos")
@@ -73,7 +73,7 @@ class RunCommand:
     check: bool = True  # False: a failure is expected at times (stopping what is not running) and is ignored
 
 
-Step = Union[WriteFile, RemoveFile, RunCommand]
+Step = WriteFile | RemoveFile | RunCommand
 
 
 @dataclass
@@ -85,7 +85,7 @@ class ServiceStatus:
     detail: str = ""
     files: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "manager": self.manager,
             "installed": self.installed,
