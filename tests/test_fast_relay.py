@@ -4,14 +4,13 @@ them, and only where uvicorn would frame them so (a chunked answer, after its st
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import uvicorn
 
-from helpers import free_port
+from helpers import free_port, wait_until
 from llama_orchestrator.api.http_protocol import CHUNK_WRITER, head_deadline_protocol
 
 CHUNKS = [b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"]
@@ -48,9 +47,7 @@ def url() -> Iterator[str]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: server.started, 10, message="uvicorn did not start")
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(5)

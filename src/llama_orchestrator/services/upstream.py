@@ -200,20 +200,13 @@ class Upstream:
                 if pending is not None:
                     await pending  # the client reads slower than the instance writes
                 chunk = await read()
-        elif self.event_stream:
-            tail = self._tail
-            while chunk:
-                tail.append(chunk)
-                try:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except OSError:
-                    self.send_failed = True
-                    raise
-                chunk = await read()
         else:
-            kept, budget = self._kept, TOKEN_BODY_MAX if self._json else 0
+            tail, kept = self._tail, self._kept
+            budget = 0 if self.event_stream else TOKEN_BODY_MAX if self._json else 0
             while chunk:
-                if budget > 0:
+                if self.event_stream:
+                    tail.append(chunk)
+                elif budget > 0:
                     kept.append(chunk)
                     budget -= len(chunk)
                     if budget <= 0:
