@@ -15,6 +15,12 @@ scenarios straight at the instance's port, through the router and through nginx,
   over both streamed scenarios: steadier than the ratios on a machine whose other work comes and goes.
 
     .venv/bin/python bench/router.py [--fake] [--seconds 4] [--rounds 9] [--tokens 64] [--no-nginx] [--json]
+                                     [--baseline-src OTHER/src]
+
+``--baseline-src`` adds a second router ("baseline") serving another copy of the code in front of the same
+instance, in the same interleaved rounds: a before/after comparison that the machine's drifting load affects alike.
+
+The last line pairs the targets request by request for the small-request latency (``--paired-seconds``).
 
 Goals (issue 14): streaming throughput through the router >= 97 % of direct and within 3 points of nginx's ratio;
 the router's added median latency for a small request at most twice nginx's.
@@ -40,7 +46,8 @@ from pathlib import Path
 import psutil
 
 PY = sys.executable
-SRC = Path(__file__).resolve().parent.parent / "src"
+# A router process started with --baseline-src serves the code under that folder (the before of a change).
+SRC = Path(os.environ.get("LLAMA_ORCH_BENCH_SRC") or Path(__file__).resolve().parent.parent / "src")
 sys.path.insert(0, str(SRC))
 from bench_common import fake_binary, free_port, real_binary  # noqa: E402 (found through the path set above)
 
@@ -212,6 +219,24 @@ async def scenarios(url: str, seconds: float, tokens: int, relay=None) -> dict[s
         return result
 
 
+async def paired_latency(urls: dict[str, str], seconds: float) -> dict[str, float]:
+    """p50 ms of a small request (1 token, concurrency 1) to each target in turn, one request each round: the
+    machine's drifting load then falls on every target alike, which whole rounds of seconds do not ensure."""
+    import aiohttp
+
+    small = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            for name, url in urls.items():
+                t0 = time.perf_counter()
+                async with session.post(url + "/v1/chat/completions", json=small) as resp:
+                    await resp.read()
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 # -- main --------------------------------------------------------------------------------------------------------
 
 
@@ -223,6 +248,10 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per generated answer (default 64)")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx, the reference relay, out")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--baseline-src", type=Path, help="also a router serving the code of this src folder")
+    parser.add_argument(
+        "--paired-seconds", type=float, default=10.0, help="small requests to each target in turn (default 10)"
+    )
     parser.add_argument("--serve-router", nargs=2, metavar=("HOME", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_router:
@@ -262,6 +291,13 @@ def main() -> int:
         nginx = start_nginx(root / "nginx", port, nginx_port) if with_nginx else None
         relays = {"router": psutil.Process(router.pid)}
         targets = {"direct": f"http://127.0.0.1:{port}", "router": f"http://127.0.0.1:{router_port}"}
+        baseline = None
+        if args.baseline_src:
+            baseline_port = free_port()
+            env = {**os.environ, "LLAMA_ORCH_BENCH_SRC": str(args.baseline_src.resolve())}
+            baseline = subprocess.Popen([PY, __file__, "--serve-router", str(home), str(baseline_port)], env=env)
+            relays["baseline"] = psutil.Process(baseline.pid)
+            targets["baseline"] = f"http://127.0.0.1:{baseline_port}"
         if nginx is not None:
             relays["nginx"] = psutil.Process(nginx.pid)
             targets["nginx"] = f"http://127.0.0.1:{nginx_port}"
@@ -271,6 +307,9 @@ def main() -> int:
             asyncio.run(scenarios(targets["router"], 0.2, 4))  # starts the instance on demand
             if nginx is not None:
                 wait_port(nginx_port)
+            if baseline is not None:
+                wait_port(baseline_port)
+                asyncio.run(scenarios(targets["baseline"], 0.2, 4))  # its own view of the instance, warmed up
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
             names = list(targets)
             for round_ in range(args.rounds):
@@ -279,8 +318,9 @@ def main() -> int:
                     runs[name].append(
                         asyncio.run(scenarios(targets[name], args.seconds, args.tokens, relays.get(name)))
                     )
+            paired = asyncio.run(paired_latency(targets, args.paired_seconds)) if args.paired_seconds > 0 else {}
         finally:
-            for process in (router, nginx):
+            for process in (router, nginx, baseline):
                 if process is not None:
                     process.terminate()
                     process.wait(10)
@@ -290,10 +330,11 @@ def main() -> int:
     cpu = {name: rows for name, rows in cpu.items() if name in result}
     if args.json:
         server = "fake" if args.fake else "llama-server"
-        print(json.dumps({"server": server, **result, "relay_cpu": cpu, "rounds": args.rounds}, indent=2))
+        report = {"server": server, **result, "relay_cpu": cpu, "paired_p50_ms": paired, "rounds": args.rounds}
+        print(json.dumps(report, indent=2))
         return 0
     direct = result["direct"]
-    relayed = [name for name in ("router", "nginx") if name in result]
+    relayed = [name for name in ("router", "baseline", "nginx") if name in result]
     header = f"{'scenario (median of rounds)':<22} {'direct':>10}" + "".join(
         f" {n:>10} {n + '/direct':>14}" for n in relayed
     )
@@ -311,6 +352,12 @@ def main() -> int:
         + ", ".join(f"{name} {ms:.2f} ms" for name, ms in added.items())
         + f" ({'fake' if args.fake else 'llama-server'}, tiny model, {os.cpu_count()} CPUs, {args.rounds} rounds)"
     )
+    if paired:
+        print(
+            f"paired, one request to each in turn ({args.paired_seconds:g} s): p50 direct {paired['direct']:.2f} ms; "
+            + "added "
+            + ", ".join(f"{name} {paired[name] - paired['direct']:.2f} ms" for name in relayed)
+        )
     return 0
 
 

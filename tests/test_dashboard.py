@@ -1,7 +1,8 @@
 """The dashboard (`llama-orch dashboard`), driven headless with Textual's pilot.
 
 Deterministic tests freeze time, CPU/memory and the daemon lookup through ``Backend``'s providers; the lifecycle test
-starts and stops a real fake llama-server with the S and D keys. Waits poll a condition with a deadline
+starts and stops a real fake llama-server with the S and D keys; the remote tests do it through a real daemon's API,
+as `llama-orch --host URL dashboard` does, and check the daemon's own account. Waits poll a condition with a deadline
 (``pilot.pause``), never a fixed sleep.
 """
 
@@ -16,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from rich.console import Console
@@ -24,12 +26,15 @@ from textual.widgets import DataTable, RichLog, Static
 
 from conftest import instance_doc
 from helpers import free_port, time_scale
+from llama_orchestrator.adapters.api_client import RemoteInstances
 from llama_orchestrator.adapters.home import Home
 from llama_orchestrator.services.daemon_control import DaemonInfo
 from llama_orchestrator.services.instances import InstanceService
+from llama_orchestrator.services.instances_port import LocalInstances
 from llama_orchestrator.tui.app import ActionDone, DashboardApp
 from llama_orchestrator.tui.data import Backend, InstanceLine, PsutilSampler, Usage, format_bytes, format_cpu
 from llama_orchestrator.tui.screens import ConfirmScreen, DetailScreen, LogScreen, render_detail
+from test_api import Daemon, add_instance, start_daemon
 
 NOW = 1_700_000_000.0
 SIZE = (120, 40)
@@ -59,7 +64,11 @@ def utc(ts: float) -> str:
 
 def frozen_backend(service: InstanceService, daemon: DaemonInfo | None = None) -> Backend:
     return Backend(
-        service, sampler=FixedSampler(), clock=lambda: NOW, daemon=lambda home: daemon, probe=None, format_time=utc
+        LocalInstances(service, probe_starting=False),
+        sampler=FixedSampler(),
+        clock=lambda: NOW,
+        daemon=lambda: daemon,
+        format_time=utc,
     )
 
 
@@ -386,7 +395,7 @@ def test_keys_start_and_stop_a_fake_server_and_show_its_log(
     port = free_port()
     cli.write_config("alpha", instance_doc("alpha", tiny_model, port, fake_binary))
     service = InstanceService(Home(home))
-    app = DashboardApp(Backend(service, daemon=lambda home: None, stop_timeout=10), refresh_s=0.2)
+    app = DashboardApp(Backend(LocalInstances(service), daemon=lambda: None, stop_timeout=10), refresh_s=0.2)
     done: list[ActionDone] = []
 
     async def go() -> None:
@@ -407,8 +416,6 @@ def test_keys_start_and_stop_a_fake_server_and_show_its_log(
             log_screen = app.screen
             await until(pilot, lambda: log_screen.lines_shown > 0, what="log lines")
             shown_before = log_screen.lines_shown
-            import httpx
-
             # the fake logs each request; sent from a thread, so the dashboard's loop keeps running
             await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/v1/models", timeout=5)
             await until(pilot, lambda: log_screen.lines_shown > shown_before, what="a followed line")
@@ -432,13 +439,139 @@ def test_keys_start_and_stop_a_fake_server_and_show_its_log(
     assert service.store.get("alpha").status == "stopped"
 
 
-def test_with_a_daemon_the_recorded_state_is_shown_without_reconciling(home: Path, tiny_model: Path) -> None:
-    # The daemon reconciles (and, as the parent, knows the exit code); without it, the dashboard does, as `ps` does.
+def test_without_a_daemon_the_dashboard_reconciles_as_ps_does(home: Path, tiny_model: Path) -> None:
+    # With a daemon the dashboard goes through its API (the CLI's port: tests below), and the daemon reconciles; on
+    # the home alone, the dashboard does, as `ps` does.
     service = seed_three(home, tiny_model)
     service.store.update("alpha", pid=2**22 + 12345, create_time=1.0)  # a process that is gone
-    daemon = DaemonInfo(pid=4321, create_time=0.0, started_at=NOW - 90, version="0.1.0")
-    supervised = {line.name: line.status for line in frozen_backend(service, daemon=daemon).snapshot().lines}
-    assert supervised == {"alpha": "running", "beta": "stopped", "gamma": "backoff"}
-    assert frozen_backend(service, daemon=daemon).detail("alpha").status == "running"
     alone = {line.name: line.status for line in frozen_backend(service).snapshot().lines}
-    assert alone["alpha"] == "exited"
+    assert alone == {"alpha": "exited", "beta": "stopped", "gamma": "backoff"}
+    assert frozen_backend(service).detail("alpha").status == "exited"
+
+
+# -- another node's daemon, through its API (--host) ---------------------------------------------------------------
+
+CONTROL_KEY = "dashboard-control-key"
+
+
+def listed(daemon: Daemon) -> dict[str, dict]:
+    """The daemon's own account of its instances (not the dashboard's)."""
+    with daemon.client() as api:
+        return {r["name"]: r for r in api.get("/api/instances").json()}
+
+
+@posix_only
+def test_the_dashboard_shows_and_drives_another_nodes_daemon(cli, tiny_model: Path, fake_binary: Path) -> None:
+    daemon = start_daemon(cli, control_keys=[CONTROL_KEY])
+    try:
+        port = add_instance(cli, "alpha", tiny_model, fake_binary)
+        remote = RemoteInstances.connect(daemon.url, CONTROL_KEY)  # what `--host URL --api-key K` builds
+        app = DashboardApp(Backend(remote, same_machine=False, stop_timeout=10), refresh_s=0.2)
+        done: list[ActionDone] = []
+        _drive_remote(app, daemon, port, done)
+    finally:
+        cli.run("daemon", "stop", timeout=60)
+        cli.run("down", "--all", "--timeout", "1", timeout=120)
+
+
+def _drive_remote(app: DashboardApp, daemon: Daemon, port: int, done: list[ActionDone]) -> None:
+    async def state(name: str) -> dict:
+        return (await asyncio.to_thread(listed, daemon))[name]
+
+    async def daemon_says(pilot, what: Callable[[dict], bool], description: str) -> dict:
+        deadline = time.monotonic() + 30
+        while True:
+            record = await state("alpha")
+            if what(record):
+                return record
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the daemon never said {description}: {record}")
+            await pilot.pause(0.1)
+
+    async def go() -> None:
+        async with app.run_test(size=SIZE, message_hook=collect(done)) as pilot:
+            await until(pilot, lambda: app.refreshes >= 1, what="the first refresh")
+            assert cell(app, "alpha", "status") == "stopped" and cell(app, "alpha", "port") == str(port)
+            notice = str(app.query_one("#notice", Static).render())
+            assert f"Supervised by the daemon at {daemon.url} (pid {daemon.pid()}" in notice
+
+            await pilot.press("s")
+            started = await daemon_says(pilot, lambda r: r["status"] == "running", "alpha running")
+            # The daemon spawned it: the key reached that node, and nothing ran here but the dashboard.
+            assert psutil.Process(started["pid"]).ppid() == daemon.pid()
+            await until(pilot, lambda: cell(app, "alpha", "status") == "running", what="alpha running on screen")
+            await until(pilot, lambda: done, what="the start to finish")
+            assert done[-1].ok, done[-1].message
+            assert cell(app, "alpha", "cpu") == "—" and cell(app, "alpha", "mem") == "—"  # another node's process
+
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, DetailScreen) and app.screen.detail, what="the detail")
+            detail = app.screen.detail
+            assert dict(detail.runtime)["pid"] == str(started["pid"]) and f'"port": {port}' in detail.config
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, DetailScreen), what="back to the table")
+
+            await pilot.press("h")
+            await until(pilot, lambda: done[-1].verb == "health", what="the health probe")
+            assert done[-1].ok and done[-1].message.startswith("alpha: healthy"), done[-1].message
+
+            await pilot.press("l")
+            await until(pilot, lambda: isinstance(app.screen, LogScreen), what="the log screen")
+            log_screen = app.screen
+            await until(pilot, lambda: log_screen.lines_shown > 0, what="log lines through the API")
+            shown_before = log_screen.lines_shown
+            await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/v1/models", timeout=5)
+            await until(pilot, lambda: log_screen.lines_shown > shown_before, what="a followed line")
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, LogScreen), what="back to the table")
+
+            await pilot.press("ctrl+r", "y")
+            await daemon_says(pilot, lambda r: r["pid"] not in (None, started["pid"]), "alpha restarted")
+            await until(pilot, lambda: done[-1].verb == "restart", what="the restart to finish")
+            assert done[-1].ok, done[-1].message
+
+            await pilot.press("d", "y")
+            await daemon_says(pilot, lambda r: r["status"] == "stopped", "alpha stopped")
+            await until(pilot, lambda: cell(app, "alpha", "status") == "stopped", what="alpha stopped on screen")
+            await until(pilot, lambda: done[-1].verb == "stop", what="the stop to finish")
+            assert done[-1].ok, done[-1].message
+            kinds = [line.text.split()[2] for line in app.query_one("#events", RichLog).lines]
+            assert "started" in kinds and "stopped" in kinds  # the daemon's events, polled through its API
+            await pilot.press("q")
+        assert app.return_code in (0, None)
+
+    run(go())
+
+
+@posix_only
+def test_cli_dashboard_with_host_builds_on_that_daemon(
+    cli, tmp_path: Path, tiny_model: Path, fake_binary: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`llama-orch --host URL dashboard` is not refused: its app is built on the remote port (run in-process, with
+    the app's ``run`` replaced: the pilot test above drives such an app)."""
+    from llama_orchestrator.cli import commands
+
+    daemon = start_daemon(cli, control_keys=[CONTROL_KEY])
+    built: list[DashboardApp] = []
+    monkeypatch.setattr(DashboardApp, "run", lambda self, *args, **kwargs: built.append(self))
+    for variable in ("LLAMA_ORCH_HOST", "LLAMA_ORCH_API_KEY", "LLAMA_ORCH_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    elsewhere = tmp_path / "elsewhere"  # another machine's home: empty, no daemon
+    elsewhere.mkdir()
+    try:
+        add_instance(cli, "alpha", tiny_model, fake_binary)
+        for argv, same_machine in [
+            (["--home", str(elsewhere), "--host", daemon.url, "--api-key", CONTROL_KEY, "dashboard"], False),
+            (["--home", str(cli.home), "dashboard"], True),  # this home's daemon: through its API as well
+        ]:
+            monkeypatch.setattr(commands, "_state", {})
+            commands.app(argv, standalone_mode=False)
+            backend = built[-1].backend
+            assert isinstance(backend.port, RemoteInstances) and backend.port.origin == daemon.url
+            assert backend.same_machine is same_machine
+            snapshot = backend.snapshot()
+            assert [line.name for line in snapshot.lines] == ["alpha"] and snapshot.daemon is not None
+            assert snapshot.daemon.pid == daemon.pid()
+        assert len(built) == 2
+    finally:
+        cli.run("daemon", "stop", timeout=60)

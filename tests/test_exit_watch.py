@@ -6,6 +6,8 @@ run everywhere. Every wait is on a condition with a deadline.
 
 from __future__ import annotations
 
+import selectors
+import socket
 import subprocess
 import sys
 import threading
@@ -74,6 +76,34 @@ def test_a_failing_callback_does_not_stop_the_others(loop: IoLoop) -> None:
     loop.call_later(0.0, boom)
     loop.call_later(0.0, lambda: fired.append("ok"))
     run_until(loop, lambda: fired == ["ok"])
+
+
+def test_a_watched_fd_closed_and_its_number_reused_is_watched_anew(loop: IoLoop) -> None:
+    """A probe drops its socket with ``unwatch(closing=True)`` (no system call) and closes it; the next socket often
+    gets the same number. Closed without any unwatch, too, the reused number must be watched as the new file."""
+    fired: list[str] = []
+    for how in ("closing", "no unwatch"):
+        a, b = socket.socketpair()
+        loop.watch(a.fileno(), selectors.EVENT_READ, lambda _mask: fired.append("old"))
+        number = a.fileno()
+        if how == "closing":
+            loop.unwatch(number, closing=True)
+        a.close()
+        b.close()
+        c, d = socket.socketpair()
+        try:
+            reused = c if c.fileno() == number else d if d.fileno() == number else None
+            if reused is None:
+                continue  # the number was not handed out again here: nothing to check this round
+            other = d if reused is c else c
+            loop.watch(reused.fileno(), selectors.EVENT_READ, lambda _mask, how=how: fired.append(how))
+            other.send(b"x")
+            run_until(loop, lambda how=how: how in fired)
+            loop.unwatch(reused.fileno())
+        finally:
+            c.close()
+            d.close()
+    assert "old" not in fired and fired, fired
 
 
 # -- pidfd (Linux) -------------------------------------------------------------------------------------------

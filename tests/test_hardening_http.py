@@ -21,7 +21,14 @@ import pytest
 
 from conftest import Cli
 from helpers import wait_until
-from llama_orchestrator.domain.web_access import HostPolicy, OriginPolicy, preflighted, same_origin, split_host
+from llama_orchestrator.domain.web_access import (
+    HOST_ANSWERS_MAX,
+    HostPolicy,
+    OriginPolicy,
+    preflighted,
+    same_origin,
+    split_host,
+)
 from test_api import Daemon, add_instance, serve_in_process, start_daemon
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="the fake binary wrapper is a POSIX shell script")
@@ -64,6 +71,16 @@ def test_host_policy_bind_address_and_any() -> None:
     assert not HostPolicy(["0.0.0.0"], []).allows("0.0.0.0:8000")  # a wildcard is not a name
     assert HostPolicy(["127.0.0.1"], ["*"]).allows("evil.example")
     assert split_host("[::1]:8000") == ("::1", 8000) and split_host("Example.COM.") == ("example.com", None)
+
+
+def test_host_policy_remembers_answers_within_a_bound() -> None:
+    policy = HostPolicy(served=["127.0.0.1"], allowed=["box.lan"])
+    for _ in range(2):  # the second ask comes from the memory and says the same
+        assert policy.allows("box.lan:8000") and not policy.allows("evil.example")
+    for index in range(3 * HOST_ANSWERS_MAX):  # a client sending a new Host each time
+        assert not policy.allows(f"rebind-{index}.example")
+    assert len(policy._answers) <= HOST_ANSWERS_MAX
+    assert policy.allows("localhost:8000") and not policy.allows("evil.example")
 
 
 @pytest.mark.parametrize(

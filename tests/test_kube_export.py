@@ -169,3 +169,72 @@ def test_export_all_three_instances_through_the_cli(cli: Cli, tiny_model: Path, 
     }
     printed = cli.run("export", "kubernetes", "gamma", "-o", "-", check=True).stdout
     assert "kind: Deployment" in printed and "router.yaml" not in printed
+
+
+def test_router_peers_queue_as_the_instances_do() -> None:
+    """The router's peers carry each instance's slots and queue, and its orchestrator.json loads as settings."""
+    from llama_orchestrator.domain.settings import Settings
+
+    items = [
+        ExportInstance(cfg("alpha", aliases=["chat"], server={"port": 8101, "parallel": 4}), "m.gguf"),
+        ExportInstance(
+            cfg("beta", aliases=["chat"], concurrency={"limit": 2, "queue": 5, "queue_timeout": 12.5}), "m.gguf"
+        ),
+    ]
+    files = render(items, ExportOptions(), router_key="sk-test")
+    secret = next(d for d in files["router.yaml"] if d["kind"] == "Secret")
+    settings = Settings.model_validate(json.loads(secret["stringData"]["orchestrator.json"]))
+    limits = {p.name: p.concurrency.model_dump() for p in settings.peers if p.concurrency}
+    assert limits == {
+        "alpha": {"limit": 4, "queue": 32, "queue_timeout": 60.0},  # --parallel 4, the default queue
+        "beta": {"limit": 2, "queue": 5, "queue_timeout": 12.5},
+    }
+    for name in ("alpha.yaml", "router.yaml"):
+        pod = next(d for d in files[name] if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+
+
+def _dockerfile_instruction(text: str, name: str) -> list[str]:
+    """An exec-form (JSON) instruction of the Dockerfile, its continuation lines joined."""
+    joined = text.replace("\\\n", " ")
+    lines = [line.strip() for line in joined.splitlines() if line.strip().startswith(name + " ")]
+    assert len(lines) == 1, f"one {name} expected"
+    rest = lines[0][len(name) :].strip()
+    if name == "HEALTHCHECK":
+        rest = rest[rest.index("CMD ") + 4 :]
+    return json.loads(rest)
+
+
+def test_the_image_and_manifest_commands_exist(cli: Cli) -> None:
+    """The image was not built here (no Docker daemon): what it and the manifests run must at least be commands
+    and options this CLI has (each run with --help: an unknown command or option fails with exit 2)."""
+    import shlex
+
+    dockerfile = (Path(__file__).parents[1] / "deploy" / "Dockerfile").read_text()
+    assert _dockerfile_instruction(dockerfile, "ENTRYPOINT") == []  # the base's llama-server entrypoint is cleared
+    assert "\nUSER 10001\n" in dockerfile
+    commands = [_dockerfile_instruction(dockerfile, "CMD")]
+    check = _dockerfile_instruction(dockerfile, "HEALTHCHECK")
+    assert check[:2] == ["/opt/llama-orch/bin/python", "-c"]
+    compile(check[2], "HEALTHCHECK", "exec")
+    assert "ENV PATH=" in dockerfile and "LLAMA_ORCH_HEALTH_URL=http://127.0.0.1:8000/healthz" in dockerfile
+
+    items = [ExportInstance(CASES["hf"], "hf/me/tiny-GGUF/tiny-Q8_0.gguf")]
+    files = render(items, ExportOptions(), router_key="k")
+    for docs in files.values():
+        for doc in docs:
+            if doc["kind"] != "Deployment":
+                continue
+            pod = doc["spec"]["template"]["spec"]
+            for container in pod["containers"] + pod.get("initContainers", []):
+                command = container["command"]
+                if command[:2] == ["sh", "-c"]:
+                    words = shlex.split(command[2])
+                    command = words[words.index("exec") + 1 :] if "exec" in words else []
+                if command and command[0] == "llama-orch":
+                    commands.append(command)
+    assert len(commands) == 3  # the image's, the router's and the model pull's
+    for command in commands:
+        result = cli.run(*command[1:], "--help", timeout=60)
+        assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
+    assert cli.run("daemon", "run", "--router-bogus", "--help", timeout=60).returncode == 2  # the check can fail

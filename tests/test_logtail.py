@@ -158,6 +158,7 @@ def test_the_dashboard_detail_of_an_instance_with_a_50_mb_line_is_quick(
 ) -> None:
     from llama_orchestrator.adapters.home import Home
     from llama_orchestrator.services.instances import InstanceService
+    from llama_orchestrator.services.instances_port import LocalInstances
     from llama_orchestrator.tui.data import Backend
 
     cli.write_config("wide", instance_doc("wide", tiny_model, free_port(), fake_binary))
@@ -165,7 +166,7 @@ def test_the_dashboard_detail_of_an_instance_with_a_50_mb_line_is_quick(
     log.parent.mkdir(parents=True)
     write(log, b"loading\n" + b"P" * BIG + b"\n")
     started = time.perf_counter()
-    detail = Backend(InstanceService(Home(cli.home)), daemon=lambda home: None).detail("wide")
+    detail = Backend(LocalInstances(InstanceService(Home(cli.home))), daemon=lambda: None).detail("wide")
     elapsed = time.perf_counter() - started
     assert detail.stderr == ("loading", "P" * 16384 + cut_marker(BIG))
     assert elapsed < 5, f"the detail took {elapsed:.1f} s (it took 142 s before the tail was fixed)"

@@ -31,6 +31,7 @@ EXAMPLES = int(os.environ.get("LLAMA_ORCH_OPENAPI_EXAMPLES", "12"))
 FUZZED = [
     ("GET", "/api/instances"),
     ("GET", "/api/instances/{name}"),
+    ("GET", "/api/instances/{name}/runtime"),
     ("POST", "/api/instances/{name}/start"),
     ("POST", "/api/instances/{name}/wait"),
     ("POST", "/api/instances/{name}/stop"),

@@ -476,10 +476,13 @@ def test_a_session_replaced_under_a_stream_is_closed_only_after_it(cli, tiny_mod
         stream = sse_events(response)
         next(stream)
         inst = router._instances["alpha"]
-        old = inst.session
+        old = inst.relay  # a /v1 request's lean pool (adapters.http_relay)
+        assert old is not None
         asyncio.run_coroutine_threadsafe(router._close_session(inst), router._loop).result(5)
-        assert inst.session is None  # new requests get a new pool
+        assert inst.relay is None and inst.session is None  # new requests get a new pool
         rest = [e for _, e in stream]
     assert rest[-1] == "[DONE]" and len(rest) >= 10
-    wait_until(lambda: old.closed, 5, message="the retired session closed once idle")
+    assert old.closed
+    wait_until(lambda: served.stats("alpha").requests_total == {200: 1}, 5, message="the stream counted")
+    assert old.idle == 0  # its connection was closed, not pooled again
     assert served.stats("alpha").requests_total == {200: 1}

@@ -340,3 +340,72 @@ def test_a_drained_replica_is_neither_started_on_demand_nor_evicted(scripted) ->
             await router.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_the_router_reads_the_supervisors_view_and_a_stale_view_never_undoes_its_own_phases(scripted) -> None:
+    """With the daemon's SupervisorView the router refreshes no instance the view agrees on; where the view lags
+    behind the router's own start or stop (the supervisor steps the instance later), the row is read directly."""
+    from llama_orchestrator.services.supervisor_view import SupervisorView
+
+    service, _ = scripted
+    refreshed: list[str] = []
+    real_refresh = service.refresh
+
+    def counting_refresh(name: str) -> InstanceRow:
+        refreshed.append(name)
+        return real_refresh(name)
+
+    clock = Clock()
+    router = Router(lambda: service, RouterSettings(), clock=clock, tick_s=3600)
+    view = SupervisorView()
+    view.publish(InstanceRow(name=NAME, status="stopped"))
+    router.view = view
+
+    async def scenario() -> None:
+        service.refresh = counting_refresh  # type: ignore[method-assign]
+        await router.startup()
+        try:
+            inst = router._instances[NAME]
+            assert inst.phase is Phase.stopped and refreshed == [], "the view agrees: nothing refreshed"
+
+            await router._ensure_ready(inst, clock())  # our own start
+            assert inst.phase is Phase.ready
+            refreshed.clear()
+            await router._reload()  # the view still says stopped: it is read, and our phase stands
+            assert inst.phase is Phase.ready and refreshed == [NAME]
+
+            view.publish(service.rows[NAME])  # the supervisor caught up
+            refreshed.clear()
+            await router._reload()
+            assert inst.phase is Phase.ready and refreshed == []
+
+            inst.last_used = clock()
+            clock.now += 10
+            router._unload_idle()  # our own stop (ttl); the view still says running
+            await asyncio.gather(inst.task, return_exceptions=True)
+            assert inst.phase is Phase.stopped
+            await router._reload()
+            assert inst.phase is Phase.stopped, "a stale `running` in the view does not bring it back"
+
+            service.run(NAME)  # started by someone else, and the supervisor saw it
+            view.publish(service.rows[NAME])
+            await router._reload()
+            assert inst.phase is Phase.active
+
+            # A tick between config reads: the view alone, and nothing at all while it has not changed.
+            listed: list[str] = []
+            real_names = service.names
+            service.names = lambda: listed.append("names") or real_names()  # type: ignore[method-assign]
+            refreshed.clear()
+            await router._reload(configs=False)
+            assert inst.phase is Phase.active and refreshed == [] and listed == []
+
+            service.gone(NAME)  # it crashed: the supervisor's exit notice is in the view
+            view.publish(service.rows[NAME])
+            await router._reload(configs=False)
+            assert inst.phase is Phase.stopped and listed == [], "no config read for a change of state"
+            assert refreshed == [NAME], "what the view says is checked before the phase changes"
+        finally:
+            await router.shutdown()
+
+    asyncio.run(scenario())

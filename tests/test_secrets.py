@@ -95,9 +95,10 @@ def test_describe_and_the_dashboard_mask_secret_env_but_the_server_gets_it(
 
     from llama_orchestrator.adapters.home import Home
     from llama_orchestrator.services.instances import InstanceService
+    from llama_orchestrator.services.instances_port import LocalInstances
     from llama_orchestrator.tui.data import Backend
 
-    detail = Backend(InstanceService(Home(cli.home)), daemon=lambda home: None).detail("keyed")
+    detail = Backend(LocalInstances(InstanceService(Home(cli.home))), daemon=lambda: None).detail("keyed")
     assert "hf_live_secret_value" not in detail.config and "sk-instance-key" not in detail.config
     assert f'"HF_TOKEN": "{MASK}"' in detail.config and '"OMP_NUM_THREADS": "2"' in detail.config
 

@@ -513,3 +513,50 @@ def test_the_view_holds_what_the_supervisor_saw_for_the_router() -> None:
     exits.fire("a")
     sup.tick(1.2, only_news=True)
     assert sup.view.snapshot()[1]["a"].status == "backoff"
+
+
+def test_a_healthy_instance_is_probed_without_a_step_and_its_answer_makes_none() -> None:
+    """Issue 14: no work for an idle instance at or between its probes (no config load, no state read), as long as
+    its exit is watched; a full pass still steps it."""
+    ops, sup, _, prober, _ = told_world(config("a"), config("b"))
+    for name in ("a", "b"):
+        ops.run(name)
+    sup.tick(0.0)
+    prober.answer()
+    sup.tick(0.0, only_news=True)  # the first answers: starting -> running
+    assert ops.rows["a"].status == ops.rows["b"].status == "running"
+    looked: list[str] = []
+    load, refresh = ops.load, ops.refresh
+    ops.load = lambda name: looked.append(f"load {name}") or load(name)  # type: ignore[method-assign]
+    ops.refresh = lambda name: looked.append(f"refresh {name}") or refresh(name)  # type: ignore[method-assign]
+    sup.tick(0.5, only_news=True)
+    assert looked == [] and prober.pending == []
+    sup.tick(1.0, only_news=True)
+    assert sorted(name for name, _ in prober.pending) == ["a", "b"] and looked == [], "the probes, and nothing else"
+    prober.answer()
+    sup.tick(1.0, only_news=True)
+    assert looked == []
+    sup.tick(1.5)  # a full pass looks at everything
+    assert sorted(looked) == ["load a", "load b", "refresh a", "refresh b"]
+
+
+def test_probes_due_within_the_slack_go_out_in_one_wake() -> None:
+    ops = FakeOps({c.name: c for c in (config("a"), config("b"))})
+    prober = LoopProber()
+    sup = Supervisor(ops, lambda work: work(), prober=prober, exits=FakeExits(), probe_slack_s=0.05)
+    for name in ("a", "b"):
+        ops.run(name)
+    sup.tick(0.0)
+    pending, prober.pending = prober.pending, []
+    for name, done in pending:  # answered 20 ms apart: due 20 ms apart
+        sup.tick(0.0 if name == "a" else 0.02, only_news=True)
+        done(OK)
+        sup.tick(0.0 if name == "a" else 0.02, only_news=True)
+    assert sup.next_due() == pytest.approx(1.0)
+    sup.tick(1.0, only_news=True)
+    assert sorted(name for name, _ in prober.pending) == ["a", "b"], "b's probe went out with a's, 20 ms early"
+    # Never more than a tenth of the interval early: 0.2 s interval -> 20 ms.
+    assert sup.probe_slack_s == 0.05
+    from llama_orchestrator.services.supervisor import probe_slack
+
+    assert probe_slack(config("c", healthcheck={"interval": 0.2}), 0.05) == pytest.approx(0.02)

@@ -182,6 +182,9 @@ class RemoteInstances:
     def describe(self, name: str) -> Record:
         return _one(self.client.get(f"/api/instances/{name}"))
 
+    def runtime(self, name: str) -> Record:
+        return _one(self.client.get(f"/api/instances/{name}/runtime"))
+
     def start(self, name: str) -> Record:
         return _one(self.client.post(f"/api/instances/{name}/start"))
 
@@ -224,14 +227,30 @@ class RemoteInstances:
         return _many(self.client.get("/api/events", instance=name, limit=limit, after_id=after_id))
 
     def logs(
-        self, name: str, *, tail: int = 50, streams: tuple[str, ...] = STREAMS, follow: bool = False
+        self,
+        name: str,
+        *,
+        tail: int = 50,
+        streams: tuple[str, ...] = STREAMS,
+        follow: bool = False,
+        since: float | None = None,
+        until: float | None = None,
+        timestamps: bool = False,
     ) -> Iterator[str]:
         stream = streams[0] if len(streams) == 1 else "both"
         path = f"/api/instances/{name}/logs"
+        # Times travel as Unix seconds: "10m" and a zone-less time were read here, on the caller's clock and zone.
+        params = {
+            "tail": tail,
+            "stream": stream,
+            "since": None if since is None else f"{since:.6f}",
+            "until": None if until is None else f"{until:.6f}",
+            "timestamps": timestamps or None,
+        }
         if not follow:
-            lines = self.client.get(path, tail=tail, stream=stream, format="json")
+            lines = self.client.get(path, **params, format="json")
             return iter(lines)
-        return self.client.stream_lines(path, tail=tail, stream=stream, follow=True)
+        return self.client.stream_lines(path, **params, follow=True)
 
     def attach(self, names: list[str]) -> Iterator[tuple[str, str]]:
         """One log stream per instance (the lines written from when it opens, until the instance exits), merged as

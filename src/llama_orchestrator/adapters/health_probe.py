@@ -32,6 +32,7 @@ from llama_orchestrator.domain.health import ProbeOutcome
 # a sick server.
 FALLBACK_PATH = "/v1/health"
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # Linux: made non-blocking by socket() itself, one call less
 
 
 async def probe(client: httpx.AsyncClient, base_url: str, path: str, timeout: float) -> ProbeOutcome:  # noqa: ASYNC109 - the time left goes to the fallback GET
@@ -132,8 +133,9 @@ class _LoopGet:
         try:
             family, address, host = _target(base_url)
             self.request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-            self.sock = sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
+            self.sock = sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+            if not _NONBLOCK:
+                sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)  # as in _get_light: no TIME_WAIT
             code = sock.connect_ex(address)
         except OSError as exc:
@@ -208,7 +210,7 @@ class _LoopGet:
         if self.timer is not None:
             self.timer.cancel()
         if self.sock is not None:
-            self.loop.unwatch(self.sock.fileno())
+            self.loop.unwatch(self.sock.fileno(), closing=True)
             self.sock.close()
         self.done(ProbeOutcome(status, error, _ms_since(self.started)))
 

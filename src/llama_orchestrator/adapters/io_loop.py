@@ -12,6 +12,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import select
 import selectors
 import socket
 import time
@@ -33,14 +34,90 @@ class Timer:
         self.cancelled = True
 
 
+class _SelectorPoller:
+    """Where there is no epoll: the selectors module."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        # The fds watched, kept here: `fd in selector.get_map()` goes through the selector's generic Mapping
+        # lookup, which cost more than the rest of a health probe's Python.
+        self._watched: set[int] = set()
+
+    def watch(self, fd: int, events: int, callback: IoCallback | None) -> None:
+        if fd in self._watched:
+            try:
+                self._selector.modify(fd, events, callback)
+                return
+            except OSError:  # that fd was closed without an unwatch and its number reused: register it anew
+                self.unwatch(fd, closing=False)
+        self._selector.register(fd, events, callback)
+        self._watched.add(fd)
+
+    def unwatch(self, fd: int, *, closing: bool) -> None:
+        if fd in self._watched:
+            self._watched.discard(fd)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(fd)
+
+    def poll(self, timeout: float | None) -> list[tuple[IoCallback | None, int]]:
+        return [(key.data, mask) for key, mask in self._selector.select(timeout)]
+
+    def close(self) -> None:
+        self._selector.close()
+
+
+class _EpollPoller:
+    """Linux: epoll itself, without the selectors module's bookkeeping (a probe registers and drops a socket every
+    time), and an fd about to be closed is dropped without a system call (closing it takes it out of the epoll)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, IoCallback | None] = {}
+
+    def watch(self, fd: int, events: int, callback: IoCallback | None) -> None:
+        mask = (select.EPOLLIN if events & selectors.EVENT_READ else 0) | (
+            select.EPOLLOUT if events & selectors.EVENT_WRITE else 0
+        )
+        if fd in self._callbacks:
+            try:
+                self._epoll.modify(fd, mask)
+            except FileNotFoundError:  # that fd was closed without an unwatch and its number reused
+                self._epoll.register(fd, mask)
+        else:
+            self._epoll.register(fd, mask)
+        self._callbacks[fd] = callback
+
+    def unwatch(self, fd: int, *, closing: bool) -> None:
+        if fd in self._callbacks:
+            del self._callbacks[fd]
+            if not closing:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+
+    def poll(self, timeout: float | None) -> list[tuple[IoCallback | None, int]]:
+        ready = []
+        for fd, events in self._epoll.poll(-1 if timeout is None else timeout):
+            if fd not in self._callbacks:
+                continue
+            # As the selectors module reads them: an error or hang-up wakes both a reader and a writer.
+            mask = (selectors.EVENT_WRITE if events & ~select.EPOLLIN else 0) | (
+                selectors.EVENT_READ if events & ~select.EPOLLOUT else 0
+            )
+            ready.append((self._callbacks[fd], mask))
+        return ready
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
 class IoLoop:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._selector = selectors.DefaultSelector()
+        self._poller = _EpollPoller() if hasattr(select, "epoll") else _SelectorPoller()
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._poller.watch(self._wake_r.fileno(), selectors.EVENT_READ, None)
         self._timers: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()
 
@@ -55,14 +132,11 @@ class IoLoop:
 
     def watch(self, fd: int, events: int, callback: IoCallback) -> None:
         """Call ``callback(mask)`` whenever ``fd`` is ready for ``events``; replaces an earlier watch of it."""
-        if fd in self._selector.get_map():
-            self._selector.modify(fd, events, callback)
-        else:
-            self._selector.register(fd, events, callback)
+        self._poller.watch(fd, events, callback)
 
-    def unwatch(self, fd: int) -> None:
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._selector.unregister(fd)
+    def unwatch(self, fd: int, *, closing: bool = False) -> None:
+        """No more callbacks for ``fd``. ``closing``: the caller closes it next (which takes it out of an epoll)."""
+        self._poller.unwatch(fd, closing=closing)
 
     def call_at(self, when: float, callback: Callback) -> Timer:
         """Call ``callback`` once at ``when`` (this loop's clock, monotonic by default)."""
@@ -79,13 +153,13 @@ class IoLoop:
         if self._timers:
             until_timer = max(0.0, self._timers[0][0] - self.clock())
             timeout = until_timer if timeout is None else min(timeout, until_timer)
-        for key, mask in self._selector.select(None if timeout is None else max(0.0, timeout)):
-            if key.data is None:
+        for callback, mask in self._poller.poll(None if timeout is None else max(0.0, timeout)):
+            if callback is None:
                 with contextlib.suppress(BlockingIOError, OSError):
                     while self._wake_r.recv(4096):
                         pass
                 continue
-            _run(key.data, mask)
+            _run(callback, mask)
         now = self.clock()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
@@ -94,7 +168,7 @@ class IoLoop:
                 _run(timer.callback)
 
     def close(self) -> None:
-        self._selector.close()
+        self._poller.close()
         self._wake_r.close()
         self._wake_w.close()
 

@@ -4,7 +4,7 @@ llama-server writes straight into ``stdout.log``/``stderr.log`` (opened O_APPEND
 when no orchestrator process runs. Rotation is therefore copy-then-truncate, as logrotate's ``copytruncate``: the
 writer's file offset follows the truncation because of O_APPEND. Whoever is around rotates: every start, and the
 daemon on every tick. A few lines written between the copy and the truncate can be lost; that is the price of
-not sitting in the log path.
+not sitting in the log path. A log's time index (``stdout.log.idx``, ``adapters.log_times``) moves with the copy.
 
 Every reader here costs what it returns, not what the file holds: ``tail`` reads backwards in fixed blocks until
 it has its lines, and a line longer than ``line_cap`` bytes is returned cut, with a marker that says how long it
@@ -30,6 +30,7 @@ BLOCK_BYTES = 64 * 1024
 LINE_CAP_BYTES = 16 * 1024  # a llama-server log line is rarely over 1 KiB; a prompt dumped with -v can be MBs
 READ_BUDGET_BYTES = 4 * 1024 * 1024  # one LogCursor.read_lines call reads at most this much
 WHOLE_READ_BYTES = 4 * 1024 * 1024  # a tail whose lines span at most this much is read in one piece
+INDEX_SUFFIX = ".idx"
 
 
 def cut_marker(length: int) -> str:
@@ -48,13 +49,25 @@ def rotate_if_needed(path: Path, max_bytes: int, keep: int) -> bool:
         older = path.with_name(f"{path.name}.{index}")
         if older.exists():
             os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+        if index_path(older).exists():
+            os.replace(index_path(older), index_path(path.with_name(f"{path.name}.{index + 1}")))
     rotated = path.with_name(f"{path.name}.1")
     with open(path, "r+b") as live:
         # The copy is as private as the log it copies (0600): logs can hold prompts and tokens.
         with open(rotated, "wb", opener=private_opener) as copy:
             shutil.copyfileobj(live, copy, 1024 * 1024)
+        # The time index goes with the copy (its offsets are the copy's); the emptied live file starts a new one.
+        try:
+            os.replace(index_path(path), index_path(rotated))
+        except FileNotFoundError:
+            index_path(rotated).unlink(missing_ok=True)
         live.truncate(0)
     return True
+
+
+def index_path(path: Path) -> Path:
+    """The ``(offset, time)`` index of a log file (``adapters.log_times``): ``stdout.log.idx``, ``stdout.log.1.idx``."""
+    return path.with_name(f"{path.name}{INDEX_SUFFIX}")
 
 
 def _decode(data: bytes) -> str:
@@ -84,16 +97,17 @@ def _line_at(handle: BinaryIO, start: int, end: int, line_cap: int) -> str:
     return _decode_cut(handle.read(line_cap), length)
 
 
-def _line_spans(handle: BinaryIO, end: int, wanted: int) -> list[tuple[int, int]]:
-    """``(start, end)`` byte spans of the last ``wanted`` lines before ``end``, oldest first.
+def _line_spans(handle: BinaryIO, end: int, wanted: int, floor: int = 0) -> list[tuple[int, int]]:
+    """``(start, end)`` byte spans of the last ``wanted`` lines before ``end`` and from ``floor`` on (a line start),
+    oldest first.
 
     Reads backwards one block at a time and keeps only newline positions: a 50 MB line costs 800 reads of 64 KiB
     and no more memory than one block."""
     spans: list[tuple[int, int]] = []
     line_end = end
     position = end
-    while position > 0 and len(spans) < wanted:
-        start = max(0, position - BLOCK_BYTES)
+    while position > floor and len(spans) < wanted:
+        start = max(floor, position - BLOCK_BYTES)
         handle.seek(start)
         block = handle.read(position - start)
         cut = len(block)
@@ -105,8 +119,8 @@ def _line_spans(handle: BinaryIO, end: int, wanted: int) -> list[tuple[int, int]
             line_end = start + newline
             cut = newline
         position = start
-    if position == 0 and len(spans) < wanted:
-        spans.append((0, line_end))  # the first line of the file
+    if position == floor and len(spans) < wanted:
+        spans.append((floor, line_end))  # the first line of the file (or of the range)
     spans.reverse()
     return spans
 
@@ -134,13 +148,70 @@ def _tail_of(handle: BinaryIO, lines: int, line_cap: int) -> list[str]:
     handle.seek(end - 1)
     if handle.read(1) == b"\n":
         end -= 1  # a final newline ends the last line; it does not start an empty one
-    spans = _line_spans(handle, end, lines)
+    return read_spans(handle, _line_spans(handle, end, lines), line_cap)
+
+
+def read_spans(handle: BinaryIO, spans: list[tuple[int, int]], line_cap: int = LINE_CAP_BYTES) -> list[str]:
+    """The lines at ``spans`` (from ``line_spans_in``), each cut at ``line_cap`` bytes."""
+    if not spans:
+        return []
+    end = spans[-1][1]
     if end - spans[0][0] <= WHOLE_READ_BYTES:
         # Many short lines: one read and slices, rather than a seek and a read per line.
         handle.seek(spans[0][0])
         data, base = handle.read(end - spans[0][0]), spans[0][0]
         return [_slice(data, start - base, stop - base, line_cap) for start, stop in spans]
     return [_line_at(handle, start, stop, line_cap) for start, stop in spans]
+
+
+def line_start(handle: BinaryIO, offset: int) -> int:
+    """Where the line that holds byte ``offset`` starts (``offset`` itself when a line starts there)."""
+    return _line_spans(handle, offset, 1)[0][0] if offset > 0 else 0
+
+
+def line_spans_in(handle: BinaryIO, start: int, stop: int, wanted: int) -> list[tuple[int, int]]:
+    """``(start, end)`` spans (newline excluded) of the last ``wanted`` lines that end within ``[start, stop)``;
+    ``start`` is a line start. A line cut by ``stop`` is left out, unless ``stop`` is the end of the file (then it
+    is the line being written, which a tail shows too)."""
+    if stop <= start:
+        return []
+    size = os.fstat(handle.fileno()).st_size
+    handle.seek(stop - 1)
+    if handle.read(1) == b"\n":
+        end = stop - 1
+    elif stop >= size:
+        end = stop
+    else:
+        cut = line_start(handle, stop)
+        if cut <= start:
+            return []
+        end = cut - 1
+    return _line_spans(handle, end, wanted, floor=start)
+
+
+def lines_between(
+    handle: BinaryIO, start: int, stop: int, *, line_cap: int = LINE_CAP_BYTES
+) -> Iterator[tuple[int, str]]:
+    """``(end, line)`` for every line that ends within ``[start, stop)``, read forwards in blocks; ``end`` is the
+    offset past its newline. ``start`` is a line start; a line cut by ``stop`` is left out unless ``stop`` is the
+    end of the file. Memory: one block and one capped line."""
+    splitter = LineSplitter(line_cap)  # the line that runs on from one block into the next
+    position = start
+    handle.seek(start)
+    while position < stop and (chunk := handle.read(min(BLOCK_BYTES, stop - position))):
+        *whole, rest = chunk.split(b"\n")
+        end = position
+        for number, piece in enumerate(whole):
+            end += len(piece) + 1
+            if number == 0:
+                yield end, splitter.feed(piece + b"\n")[0]
+            else:
+                yield end, _slice(piece, 0, len(piece), line_cap)
+        splitter.feed(rest)
+        position += len(chunk)
+    if position >= os.fstat(handle.fileno()).st_size:
+        for line in splitter.flush():
+            yield position, line
 
 
 class LineSplitter:

@@ -41,7 +41,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from http import HTTPStatus
 from typing import Any, Literal, cast
 
@@ -85,6 +85,7 @@ TYPE_OF_STATUS = {401: "authentication_error", 403: "permission_error", 404: "no
 SQLITE_MAX_INT = 2**63 - 1  # an event id is a SQLite integer: a larger one is a 422, not an overflow (500)
 FOLLOW_POLL_S = 0.2
 EXIT_CHECK_S = 1.0
+HISTORY_BATCH = 1000  # log lines read in one worker-thread call
 LOG_READER_THREADS = 4
 
 
@@ -230,6 +231,15 @@ def make_control_router(
     def describe(name: str) -> dict[str, Any]:
         return instances.describe(name)
 
+    @api.get(
+        "/instances/{name}/runtime",
+        summary="An instance's recorded state, last health check and config as loaded: cheap to poll (no probe, "
+        "no model file read; the dashboard's detail)",
+        **documented(schemas.InstanceRuntime, 400, 404),
+    )
+    def runtime(name: str) -> dict[str, Any]:
+        return instances.runtime(name)
+
     @api.post(
         "/instances/{name}/start",
         summary="Start an instance (detached) unless it runs",
@@ -330,15 +340,39 @@ def make_control_router(
         ),
         until_exit: bool = Query(False, description="with follow: end the stream when the instance has exited"),
         new_only: bool = Query(False, description="with follow: no tail, only lines written from now on (attach)"),
+        since: str | None = Query(
+            None,
+            description="only lines written from then on: a duration back (10m, 1h30m), Unix seconds, or an "
+            "RFC 3339 time (zone-less: the daemon's local time). A line's time is when the daemon saw it written, "
+            "within about a second",
+        ),
+        until: str | None = Query(
+            None, description="only lines written up to then (same forms as since); with follow, until it passes"
+        ),
+        timestamps: bool = Query(False, description="each line starts with its RFC 3339 UTC time and a space"),
     ) -> Any:
+        from llama_orchestrator.domain.timespec import BadTime, parse_time
+
         streams = STREAMS if stream == "both" else (stream,)
+        try:
+            now = time.time()
+            since_ts = parse_time(since, now) if since else None
+            until_ts = parse_time(until, now) if until else None
+        except BadTime as exc:
+            raise UsageError(str(exc)) from None
         paths = await run_in_threadpool(instances.log_paths, name, streams)
         if as_format is None:
             as_format = "sse" if "text/event-stream" in request.headers.get("accept", "") else "text"
         if as_format == "json":
             if follow:
                 raise UsageError("format=json cannot follow: use text or sse")
-            return await _read_logs(lambda: list(instances.logs(name, tail=tail, streams=streams)))
+            return await _read_logs(
+                lambda: list(
+                    instances.logs(
+                        name, tail=tail, streams=streams, since=since_ts, until=until_ts, timestamps=timestamps
+                    )
+                )
+            )
         lines = _follow_lines(
             instances,
             name,
@@ -348,6 +382,9 @@ def make_control_router(
             until_exit,
             shutting_down,
             new_only=new_only and follow,
+            since=since_ts,
+            until=until_ts,
+            timestamps=timestamps,
         )
         if as_format == "sse":
             body = (f"event: {kind}\ndata: {line}\n\n" async for kind, line in lines)
@@ -413,41 +450,57 @@ async def _follow_lines(
     shutting_down: threading.Event,
     *,
     new_only: bool = False,
+    since: float | None = None,
+    until: float | None = None,
+    timestamps: bool = False,
 ) -> AsyncIterator[tuple[str, str]]:
-    """``(stream, line)``: the tail, then new lines until the client leaves, the instance exits (``until_exit``)
-    or the daemon stops. The cursors are placed at the ends before the tail is read, so no line falls in between.
-    Every file read runs in a worker thread (``_read_logs``); lines are cut at ``logfiles.LINE_CAP_BYTES``."""
-    from llama_orchestrator.adapters.logfiles import LogCursor, read_new_lines, tail
+    """``(stream, line)``: the tail (from ``since`` to ``until``, in time order), then new lines until the client
+    leaves, the instance exits (``until_exit``), ``until`` passes or the daemon stops. The cursors are placed at the
+    ends before the tail is read, so no line falls in between. Every file read runs in a worker thread
+    (``_read_logs``); lines are cut at ``logfiles.LINE_CAP_BYTES``. A new line's time is when it was read."""
+    from itertools import islice
+
+    from llama_orchestrator.adapters.log_times import TimedLine, timed_lines
+    from llama_orchestrator.adapters.logfiles import LogCursor, read_new_lines
+    from llama_orchestrator.domain.log_times import rfc3339
 
     stream_of = {p: p.stem for p in paths}
 
-    def open_and_tail() -> tuple[list[LogCursor], list[tuple[str, str]]]:
+    def shown(moment: float, text: str) -> str:
+        return f"{rfc3339(moment)} {text}" if timestamps else text
+
+    def open_and_tail() -> tuple[list[LogCursor], Iterator[TimedLine]]:
         cursors = []
         if follow:
             for path in paths:
-                # new_only: at the end now (a file not there yet is read from its start when it appears)
-                cursor = LogCursor(path, from_end=tail_n > 0 or (new_only and path.exists()))
-                if tail_n > 0 or new_only:
-                    cursor.read_lines()  # opens the file at its end
+                # At the end now, the history is read below (a file not there yet is read from its start when it
+                # appears)
+                cursor = LogCursor(path, from_end=path.exists())
+                cursor.read_lines()  # opens the file at its end
                 cursors.append(cursor)
-        batch: list[tuple[str, str]] = []
-        if (tail_n > 0 or not follow) and not new_only:
-            for path in paths:
-                batch += [(stream_of[path], line) for line in tail(path, tail_n)]
-        return cursors, batch[-tail_n:] if tail_n > 0 else batch
+        history = iter(()) if new_only else timed_lines(paths, tail=tail_n, since=since, until=until)
+        return cursors, history
+
+    def next_batch(history: Iterator[TimedLine]) -> list[tuple[str, str]]:
+        # In pieces: `--tail 0` of a 50 MB log is streamed, never held whole.
+        return [(stream_of[line.path], shown(line.time, line.text)) for line in islice(history, HISTORY_BATCH)]
 
     def read_new(cursors: list[LogCursor]) -> tuple[list[tuple[str, str]], bool]:
         lines, behind = read_new_lines(cursors)
-        return [(stream_of[path], line) for path, line in lines], behind
+        moment = time.time()
+        if (since is not None and moment < since) or (until is not None and moment > until):
+            return [], behind
+        return [(stream_of[path], shown(moment, line)) for path, line in lines], behind
 
-    cursors, batch = await _read_logs(open_and_tail)
+    cursors, history = await _read_logs(open_and_tail)
     try:
-        for item in batch:
-            yield item
+        while batch := await _read_logs(next_batch, history):
+            for item in batch:
+                yield item
         if not follow:
             return
         next_exit_check = time.monotonic() + EXIT_CHECK_S
-        while not shutting_down.is_set():
+        while not shutting_down.is_set() and (until is None or time.time() <= until):
             lines, behind = await _read_logs(read_new, cursors)
             for item in lines:
                 yield item

@@ -10,14 +10,14 @@ At most ``max_pending`` connections may wait for their head at once: past that t
 a flood of slow sockets costs a bounded number of file descriptors while fresh (fast) clients still get in.
 
 Each request's scope also carries a ``ChunkWriter`` (``scope["extensions"][CHUNK_WRITER]``): the router's relay
-writes a stream's chunks through it instead of through ``send``.
+writes a stream's chunks through it instead of through ``send``, and learns from it when the client is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger("llama_orchestrator.api")
@@ -42,7 +42,7 @@ class ChunkWriter:
     which goes through ``send`` too (it writes the terminating chunk and lets uvicorn finish the cycle).
     """
 
-    __slots__ = ("_cycle",)
+    __slots__ = ("_cycle", "on_lost")
     # What it reads of uvicorn's cycle. A uvicorn whose cycle lacks one gets no writer: the relay then uses `send`.
     _USES = ("response_started", "response_complete", "chunked_encoding", "scope", "disconnected", "transport", "flow")
     _fits: bool | None = None
@@ -60,6 +60,15 @@ class ChunkWriter:
 
     def __init__(self, cycle: Any) -> None:
         self._cycle = cycle  # uvicorn's RequestResponseCycle
+        # Called when the client's connection is lost before the answer is complete: how the proxy learns of a
+        # client gone without a task per request listening on ``receive()``.
+        self.on_lost: Callable[[], None] | None = None
+
+    def connection_lost(self) -> None:
+        on_lost = self.on_lost
+        if on_lost is not None and self._cycle.disconnected:
+            self.on_lost = None
+            on_lost()
 
     def ready(self) -> bool:
         cycle = self._cycle
@@ -78,6 +87,22 @@ class ChunkWriter:
         cycle.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         return cycle.flow.drain() if cycle.flow.write_paused else None
 
+    def push(self, chunk: bytes) -> bool:
+        """Write ``chunk`` (not empty) from a callback (``adapters.http_relay``); True: stop reading, the client
+        reads slower than we write (wait for ``drain()``) or is gone (``gone()``)."""
+        cycle = self._cycle
+        if cycle.disconnected:
+            return True
+        cycle.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        return cycle.flow.write_paused
+
+    async def drain(self) -> None:
+        """Until the client's connection takes writes again (or is lost: uvicorn then resumes its flow)."""
+        await self._cycle.flow.drain()
+
+    def gone(self) -> bool:
+        return bool(self._cycle.disconnected)
+
 
 def head_deadline_protocol(
     header_timeout: float,
@@ -93,6 +118,7 @@ def head_deadline_protocol(
 
     class HeadDeadlineProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _chunk_writer: ChunkWriter | None = None  # the latest request's
         # Connections waiting for their head, oldest first (a dict keeps insertion order); one event loop.
         pending: dict[HeadDeadlineProtocol, None] = {}
 
@@ -103,6 +129,8 @@ def head_deadline_protocol(
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_head_timer()
             super().connection_lost(exc)
+            if self._chunk_writer is not None:
+                self._chunk_writer.connection_lost()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -115,7 +143,7 @@ def head_deadline_protocol(
             cycle: Any = self.cycle  # this request's, made by the call above
             if cycle is not None and ChunkWriter.fits(cycle):
                 extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-                extensions[CHUNK_WRITER] = ChunkWriter(cycle)
+                extensions[CHUNK_WRITER] = self._chunk_writer = ChunkWriter(cycle)
 
         def _arm_head_timer(self) -> None:
             self._cancel_head_timer()

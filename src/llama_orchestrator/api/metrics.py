@@ -239,7 +239,7 @@ def render_metrics(
         out.family(
             "peer_requests_total",
             "counter",
-            "Requests relayed to a peer node, by HTTP status (503: it was down).",
+            "Requests relayed to a peer node, by HTTP status (503: it was down, 429: its queue here was full).",
             [({"node": p["name"], "code": str(code)}, n) for p in peers for code, n in sorted(p["requests"].items())],
         )
         out.family(
@@ -259,6 +259,25 @@ def render_metrics(
             "counter",
             "Probes of the peer node that failed.",
             [({"node": p["name"]}, p["probes_failed"]) for p in peers],
+        )
+        out.family(
+            "peer_queued",
+            "gauge",
+            "Requests waiting here for one of the peer node's slots (peers[].concurrency).",
+            [({"node": p["name"]}, p.get("queued", 0)) for p in peers],
+        )
+        out.family(
+            "peer_failures_total",
+            "counter",
+            "Answers that counted as a failure of the peer node, by kind: connect, disconnect (cut before any "
+            "byte), http_502, http_504.",
+            [({"node": p["name"], "kind": k}, n) for p in peers for k, n in sorted((p.get("failures") or {}).items())],
+        )
+        out.family(
+            "peer_retried_total",
+            "counter",
+            "Requests sent to another replica after the peer node failed them.",
+            [({"node": p["name"]}, p.get("retried", 0)) for p in peers],
         )
 
     out.family(

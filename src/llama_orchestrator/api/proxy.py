@@ -22,9 +22,10 @@ from typing import Any
 
 import aiohttp
 
-from llama_orchestrator.api.http_protocol import CHUNK_WRITER
+from llama_orchestrator.api.http_protocol import CHUNK_WRITER, ChunkWriter
 from llama_orchestrator.domain.routing import error_body
-from llama_orchestrator.services.router import RouteError, Router, Upstream
+from llama_orchestrator.services.router import RouteError, Router
+from llama_orchestrator.services.upstream import Answer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -152,7 +153,7 @@ async def _passthrough(
     await _relay(upstream, scope, send, watch)
 
 
-async def _relay(upstream: Upstream, scope: Scope, send: Send, watch: _Watch) -> None:
+async def _relay(upstream: Answer, scope: Scope, send: Send, watch: _Watch) -> None:
     client_gone = False
 
     async def emit(message: Message) -> None:
@@ -175,7 +176,7 @@ async def _relay(upstream: Upstream, scope: Scope, send: Send, watch: _Watch) ->
                 await emit({"type": "http.response.body", "body": body})
                 return
             writer = scope.get("extensions", {}).get(CHUNK_WRITER) if upstream.event_stream else None
-            await upstream.relay(send, writer.write if writer is not None and writer.ready() else None)
+            await upstream.relay(send, writer if writer is not None and writer.ready() else None)
             await upstream.close()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             client_gone = client_gone or upstream.send_failed
@@ -201,17 +202,27 @@ async def _relay(upstream: Upstream, scope: Scope, send: Send, watch: _Watch) ->
 class _Watch:
     """Cancels the request's task when the client disconnects, so the upstream request is cancelled with it.
 
-    It may only listen once the request body has been read (both would call ``receive``): ``arm()`` then.
+    It may only listen once the request body has been read (both would call ``receive``): ``arm()`` then. With
+    the server's ``ChunkWriter`` it is told by the connection itself (``on_lost``), with no task listening on
+    ``receive()`` for each request.
     """
 
-    def __init__(self, receive: Receive, task: asyncio.Task) -> None:
-        self._receive, self._task = receive, task
+    def __init__(self, receive: Receive, task: asyncio.Task, writer: ChunkWriter | None = None) -> None:
+        self._receive, self._task, self._writer = receive, task, writer
         self._listener: asyncio.Task | None = None
         self.gone = False
         self.finished = False
 
     def arm(self) -> None:
-        if self._listener is None and not self.finished:
+        if self.finished:
+            return
+        writer = self._writer
+        if writer is not None:
+            if writer.gone():
+                self.client_left()  # it left while we read its body
+            else:
+                writer.on_lost = self.client_left
+        elif self._listener is None:
             self._listener = asyncio.create_task(self._listen())
 
     async def _listen(self) -> None:
@@ -228,6 +239,8 @@ class _Watch:
 
     def close(self) -> None:
         self.finished = True
+        if self._writer is not None:
+            self._writer.on_lost = None
         if self._listener is not None:
             self._listener.cancel()
 
@@ -236,7 +249,7 @@ async def _guarded(scope: Scope, receive: Receive, send: Send, work: Callable[[_
     task = asyncio.current_task()
     if task is None:
         raise RuntimeError("the proxy runs in a task of the ASGI server")
-    watch = _Watch(receive, task)
+    watch = _Watch(receive, task, scope.get("extensions", {}).get(CHUNK_WRITER))
     try:
         await work(watch)
     except asyncio.CancelledError:

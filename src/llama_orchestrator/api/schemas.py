@@ -105,6 +105,20 @@ class InstanceDetail(InstanceRecord):
     events: list[InstanceEvent]
 
 
+class InstanceRuntime(InstanceRecord):
+    """``GET /api/instances/{name}/runtime``: the ps record, the last health check and the config as loaded."""
+
+    stopped_at: float | None = Field(description="Unix time it last stopped or exited")
+    health_checked_at: float | None = Field(description="Unix time of the last health check")
+    health_latency_ms: float | None = Field(description="how long the last health check took to answer")
+    health_error: str | None = Field(description="why the last health check failed, if it did")
+    config_path: str | None
+    config: dict[str, Any] | None = Field(
+        description="the config as loaded (defaults filled in), env values that look secret masked"
+    )
+    config_error: str | None
+
+
 class StartResult(Record):
     name: str
     already_running: bool

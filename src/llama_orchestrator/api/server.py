@@ -311,6 +311,48 @@ def _in_use(exc: OSError) -> bool:
     return exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1))
 
 
+def _second_tick_server(config: Any) -> Any:
+    """A ``uvicorn.Server`` whose main loop wakes once a second instead of ten times.
+
+    uvicorn's loop ticks every 0.1 s to refresh its Date header (every tenth tick) and to look at ``should_exit``:
+    an idle daemon's largest fixed cost. This one ticks once a second (the Date header's resolution), at the whole
+    seconds of the event loop's clock, where the router's own tick is too (``services.router``: one wake for both),
+    and at once when ``ring()`` (``ApiServer.stop``) tells it to exit."""
+    import asyncio
+    import math
+
+    import uvicorn
+
+    def resolve(future: asyncio.Future) -> None:
+        if not future.done():
+            future.set_result(None)
+
+    class SecondTickServer(uvicorn.Server):
+        _loop: asyncio.AbstractEventLoop | None = None
+        _waiting: asyncio.Future | None = None
+
+        async def main_loop(self) -> None:
+            self._loop = loop = asyncio.get_running_loop()
+            while not await self.on_tick(0):  # counter 0: its Date header is refreshed on every tick
+                self._waiting = woken = loop.create_future()
+                if self.should_exit:  # rung before this wait began
+                    break
+                handle = loop.call_at(math.floor(loop.time()) + 1.0, resolve, woken)
+                try:
+                    await woken
+                finally:
+                    handle.cancel()
+
+        def ring(self) -> None:
+            """Any thread: end the wait between ticks now (``should_exit`` set first)."""
+            loop, waiting = self._loop, self._waiting
+            if loop is not None and waiting is not None:
+                with contextlib.suppress(RuntimeError):  # its loop is closed already
+                    loop.call_soon_threadsafe(resolve, waiting)
+
+    return SecondTickServer(config)
+
+
 class ApiServer:
     """uvicorn on its own thread and event loop, on a socket bound beforehand; the caller's thread keeps signals."""
 
@@ -336,7 +378,7 @@ class ApiServer:
             http=head_deadline_protocol(settings.header_timeout) or "auto",
             server_header=False,
         )
-        self.server = uvicorn.Server(config)
+        self.server = _second_tick_server(config)
         self.thread = threading.Thread(target=self._run, name="api", daemon=True)
         self._error: BaseException | None = None
 
@@ -363,6 +405,7 @@ class ApiServer:
         if shutting is not None:
             shutting.set()  # open log streams end now instead of holding the shutdown
         self.server.should_exit = True
+        self.server.ring()  # its loop waits a second between ticks: it hears of the exit now
         self.thread.join(timeout)
         if self.thread.is_alive():
             self.server.force_exit = True

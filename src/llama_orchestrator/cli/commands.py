@@ -505,13 +505,49 @@ def logs(
     tail_n: Annotated[int, typer.Option("--tail", "-n", help="Lines from the end (0 = all).")] = 50,
     stderr: Annotated[bool, typer.Option("--stderr", help="Only stderr (llama-server logs there).")] = False,
     stdout: Annotated[bool, typer.Option("--stdout", help="Only stdout.")] = False,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="Only lines written from then on: a duration back (10m, 1h30m), Unix seconds or an ISO-8601 time.",
+            show_default=False,
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="Only lines written up to then (same forms as --since).", show_default=False),
+    ] = None,
+    timestamps: Annotated[
+        bool, typer.Option("--timestamps", "-t", help="Start each line with its time (RFC 3339, UTC).")
+    ] = False,
 ) -> None:
-    """Show an instance's log (stdout and stderr together unless one is chosen).
+    """Show an instance's log (stdout and stderr together, in time order, unless one is chosen).
 
-    Example: llama-orch logs qwen -f --tail 20
+    llama-server writes no times: a line's time is when the daemon saw it written, within about a second (without
+    a daemon watching, the log file's last change). Example: llama-orch logs qwen -f --since 10m -t
     """
+    import time
+
+    from llama_orchestrator.domain.timespec import BadTime, parse_time
+
+    if tail_n < 0:
+        raise _usage("--tail must be 0 or more")
+    now = time.time()
+    try:
+        since_ts = parse_time(since, now) if since else None
+        until_ts = parse_time(until, now) if until else None
+    except BadTime as exc:
+        raise _usage(str(exc)) from None
     streams = ("stderr",) if stderr and not stdout else ("stdout",) if stdout and not stderr else ("stdout", "stderr")
-    lines = instances().logs(checked_name(name), tail=tail_n, streams=streams, follow=follow)
+    lines = instances().logs(
+        checked_name(name),
+        tail=tail_n,
+        streams=streams,
+        follow=follow,
+        since=since_ts,
+        until=until_ts,
+        timestamps=timestamps,
+    )
     try:
         for line in lines:
             sys.stdout.write(line + "\n")
@@ -962,12 +998,13 @@ def dashboard(
 ) -> None:
     """Live terminal dashboard of every instance: status, health, CPU, memory, events, logs.
 
-    Example: llama-orch dashboard
+    With --host, another node's instances through its daemon's API (CPU and memory show as —).
+    Example: llama-orch dashboard; llama-orch --host http://gpu-box:8000 dashboard
     """
     from llama_orchestrator.tui.app import run_dashboard
 
-    local_only("dashboard")
-    run_dashboard(service(), refresh_s=refresh)
+    # The same port as every instance command: --host's daemon, else this home's daemon, else the home.
+    run_dashboard(instances(), same_machine=not _state.get("host"), refresh_s=refresh)
 
 
 def _register_system_commands() -> None:

@@ -31,6 +31,10 @@ ROUTER_PORT = 8000
 GPU_RESOURCES = {"cuda": "nvidia.com/gpu", "rocm": "amd.com/gpu"}
 _DEVICE_VARIABLES = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
 GIB = 1024**3
+ROUTER_VOLUME = "/var/lib/llama-orch"  # the router's emptyDir; its home is the folder ``home`` in it
+IMAGE_UID = 10001  # the image's user (deploy/Dockerfile): no container runs as root
+# fsGroup: the volumes (the model PVC that `models pull` fills, the router's emptyDir) are writable by that group.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID}
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,7 @@ def instance_documents(item: ExportInstance, options: ExportOptions) -> list[dic
                 "template": {
                     "metadata": {"labels": labels},
                     "spec": {
+                        "securityContext": POD_SECURITY,
                         "initContainers": [_model_pull_container(item, options.image)],
                         "containers": [container],
                         "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-model"}}],
@@ -222,10 +227,18 @@ def router_settings(items: list[ExportInstance], api_key: str) -> dict[str, Any]
                 "name": i.config.name,
                 "url": f"http://{i.config.name}:{i.config.server.port}",
                 "aliases": list(i.config.aliases),
+                "concurrency": peer_concurrency(i.config),
             }
             for i in items
         ],
     }
+
+
+def peer_concurrency(config: InstanceConfig) -> dict[str, Any]:
+    """The instance's slots and queue, for the router's peer (``PeerSettings.concurrency``): a plain llama-server
+    has no queue of its own, so the router keeps the one the daemon would keep for this instance."""
+    queue = config.concurrency
+    return {"limit": config.concurrency_limit, "queue": queue.queue, "queue_timeout": queue.queue_timeout}
 
 
 def router_documents(items: list[ExportInstance], options: ExportOptions, api_key: str) -> list[dict[str, Any]]:
@@ -233,15 +246,18 @@ def router_documents(items: list[ExportInstance], options: ExportOptions, api_ke
     (the home must be private and writable), the router Deployment and its Service on port 8000."""
     labels = {**_labels(ROUTER_NAME, "router"), **options.labels}
     settings = json.dumps(router_settings(items, api_key), indent=2) + "\n"
-    home = "/home/llama-orch"
-    mounts = [{"name": "home", "mountPath": home}]
+    # The home is a folder the init container makes inside the volume: the volume's own root belongs to root, and
+    # the non-root user could not make it private (llama-orch wants its home 0700, orchestrator.json 0600).
+    home = f"{ROUTER_VOLUME}/home"
+    mounts = [{"name": "home", "mountPath": ROUTER_VOLUME}]
     copy = {
         "name": "settings",
         "image": options.image,
         "command": [
             "sh",
             "-c",
-            f"cp /etc/llama-orch/orchestrator.json {home}/ && chmod 700 {home} && chmod 600 {home}/orchestrator.json",
+            f"mkdir -p -m 700 {home} && cp /etc/llama-orch/orchestrator.json {home}/ "
+            f"&& chmod 600 {home}/orchestrator.json",
         ],
         "volumeMounts": [*mounts, {"name": "settings", "mountPath": "/etc/llama-orch", "readOnly": True}],
     }
@@ -272,6 +288,7 @@ def router_documents(items: list[ExportInstance], options: ExportOptions, api_ke
                 "template": {
                     "metadata": {"labels": labels},
                     "spec": {
+                        "securityContext": POD_SECURITY,
                         "initContainers": [copy],
                         "containers": [container],
                         "volumes": [

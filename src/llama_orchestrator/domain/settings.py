@@ -72,6 +72,15 @@ class RouterSettings(_Strict):
     start_timeout: float = Field(300, gt=0, description="seconds a request waits for an on-demand start")
 
 
+class PeerConcurrency(_Strict):
+    """A limit and a queue for one peer, with the fields and the rules of an instance's ``concurrency``: what
+    `export kubernetes` writes for the router's peers (each instance's parallel slots and queue)."""
+
+    limit: int = Field(ge=1, le=1024, description="requests at once relayed to that node")
+    queue: int = Field(32, ge=0, le=100_000, description="requests that wait for a slot before the router answers 429")
+    queue_timeout: float = Field(60, gt=0, le=3600, description="seconds a queued request waits before a 429")
+
+
 class PeerSettings(_Strict):
     """Another node (issue 12): its router's models are merged into this one's /v1."""
 
@@ -79,6 +88,11 @@ class PeerSettings(_Strict):
     url: str = Field(pattern=r"^https?://", description="the node's daemon (or a llama-server): http://host:port")
     api_key: str | None = Field(None, description="Bearer key for that node's router (its api.api_keys)")
     aliases: list[str] = Field(default_factory=list, description="more names it serves (for a plain llama-server)")
+    concurrency: PeerConcurrency | None = Field(
+        None,
+        description="a limit and queue here, as an instance has (absent: none; a daemon peer queues itself). "
+        "For a plain llama-server, its --parallel slots",
+    )
 
 
 class Settings(_Strict):

@@ -52,6 +52,9 @@ def is_loopback_name(name: str) -> bool:
         return False
 
 
+HOST_ANSWERS_MAX = 256
+
+
 class HostPolicy:
     """The names the daemon serves: loopback, ``served`` (the bind address; with a wildcard bind, this machine's
     names and addresses), and ``allowed`` (``api.allowed_hosts``: exact names, ``*.example.com`` for the
@@ -63,10 +66,22 @@ class HostPolicy:
         self.suffixes = tuple(normalize_name(a[2:]) for a in allowed if a.startswith("*.") and len(a) > 2)
         self.names = {normalize_name(a) for a in allowed if not a.startswith("*")}
         self.names |= {normalize_name(s) for s in served if normalize_name(s) not in WILDCARD_BINDS}
+        self._answers: dict[str, bool] = {}
 
     def allows(self, host_header: str | None) -> bool:
         if host_header is None:
             return True  # HTTP/1.0 without Host: no browser sends that, so it cannot be a rebinding page
+        # Every request asks, almost always with the same one or two values: the answer is remembered (parsing
+        # the name as an IP address each time was a visible share of a small request's CPU). Bounded: a client
+        # sending a new Host each time empties it instead of growing it.
+        known = self._answers.get(host_header)
+        if known is None:
+            if len(self._answers) >= HOST_ANSWERS_MAX:
+                self._answers.clear()
+            known = self._answers[host_header] = self._allows(host_header)
+        return known
+
+    def _allows(self, host_header: str) -> bool:
         name, _ = split_host(host_header)
         return (
             self.any

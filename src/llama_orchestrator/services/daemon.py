@@ -16,6 +16,7 @@ API, and a client that finds the PID file (with ``api_url``) finds the API answe
 
 from __future__ import annotations
 
+import gc
 import logging
 import logging.handlers
 import os
@@ -33,6 +34,7 @@ from llama_orchestrator.adapters.config_files import load_config, load_settings
 from llama_orchestrator.adapters.health_probe import probe_light, probe_on
 from llama_orchestrator.adapters.home import Home
 from llama_orchestrator.adapters.io_loop import IoLoop
+from llama_orchestrator.adapters.log_times import POINT_EVERY_S, note_growth
 from llama_orchestrator.adapters.logfiles import rotate_if_needed
 from llama_orchestrator.adapters.store import InstanceRow, Store
 from llama_orchestrator.domain.config import InstanceConfig
@@ -52,6 +54,12 @@ FULL_PASS_S = 5.0  # a pass over every instance even when nothing said so (exits
 ROTATION_CHECK_S = 0.5  # a growing log is looked at this often at most
 ROTATION_IDLE_S = 5.0  # a log that does not grow, this often
 MIN_PAUSE_S = 0.02
+# Probes due this close together go out in one wake (at most a tenth of an instance's interval early): each wake
+# of the loop costs about as much as a probe, and instances adopted together then stay probed together.
+PROBE_SLACK_S = 0.05
+# With reload "auto", the config files are looked at this often for the reconciler's trigger (a stat of each; it
+# applies a change 2 s after the last edit); with "manual" only when a reload is asked for.
+RELOAD_LOOK_S = 1.0
 
 
 class DaemonAlreadyRunning(OrchestratorError):
@@ -154,22 +162,35 @@ class ServiceOps:
         wait = ROTATION_IDLE_S
         for stream, path in zip(("stdout", "stderr"), paths, strict=True):
             try:
-                size = os.stat(path).st_size
+                seen = os.stat(path)
+                size, mtime = seen.st_size, seen.st_mtime
             except FileNotFoundError:
-                size = 0
+                size, mtime = 0, 0.0
             rotated = size > limit and rotate_if_needed(path, limit, config.logs.rotation)
             if rotated:
                 log.info("%s: rotated %s.log", name, stream)
                 size = 0
             last = self._log_sizes.get(path)
             self._log_sizes[path] = (size, now)
+            if size and not rotated and (last is None or size != last[0]):
+                _note_log_time(path, size, mtime, emptied=last is not None and size < last[0])
             if last is None or rotated or size < last[0]:  # new, or just emptied: its pace is not known
                 wait = min(wait, ROTATION_CHECK_S)
             elif size > last[0] and now > last[1]:
                 rate = (size - last[0]) / (now - last[1])
-                wait = min(wait, (limit - size) / rate / 2)
+                # Growing: looked at again within a second, for the time index (a line's time is when it was seen).
+                wait = min(wait, (limit - size) / rate / 2, POINT_EVERY_S)
         # (A little less than the period, so a housekeeping pass a few ms early is not skipped.)
         self._rotation_next[name] = now + max(ROTATION_CHECK_S * 0.8, wait)
+
+
+def _note_log_time(path: Path, size: int, mtime: float, *, emptied: bool) -> None:
+    """One point in the log's time index (``adapters.log_times``): by ``mtime`` it held ``size`` bytes. A failure
+    to write it costs `logs --since/-t` precision, never the daemon's housekeeping."""
+    try:
+        note_growth(path, size, mtime, restart=emptied)
+    except OSError as exc:
+        log.warning("%s: cannot note its time index: %s", path, exc)
 
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -263,13 +284,25 @@ def run_daemon(
             # The port the process was started on: an edited server.port applies only when `up` recreates it.
             probe_on(loop, base_url(config, port), config.healthcheck.path, config.healthcheck.timeout, done)
 
-        reconciler.on_request = loop.wake
+        reload_asked = threading.Event()
+
+        def on_reload_request() -> None:  # any thread (the API's, a signal handler): the loop looks at once
+            reload_asked.set()
+            loop.wake()
+
+        reconciler.on_request = on_reload_request
         if install_signal_handlers and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: reconciler.request())  # `kill -HUP`: one reconcile pass
 
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="orch") as pool:
             supervisor = Supervisor(
-                ServiceOps(service), dispatch, prober=prober, exits=exits, wake=loop.wake, view=view
+                ServiceOps(service),
+                dispatch,
+                prober=prober,
+                exits=exits,
+                wake=loop.wake,
+                view=view,
+                probe_slack_s=PROBE_SLACK_S,
             )
             service.store.add_event("-", "daemon", f"daemon started (pid {me.pid})", clock())
             log.info("daemon started, pid %s, home %s, API %s", me.pid, home.root, api_url or "off")
@@ -277,13 +310,26 @@ def run_daemon(
             for found in service.adopt_running(how="daemon start"):
                 log.info("%s: adopted pid %s found running by its marker", found.name, found.pid)
             supervisor.boot(clock())
+            # What the imports and the boot made lives as long as the daemon: out of the collector's sight, so its
+            # runs (set off by every probe's few allocations) do not walk the whole heap again and again.
+            gc.collect()
+            gc.freeze()
             # Up: `daemon start` waits for this before it says so (a daemon that dies while booting is a failure).
             daemon_control.write_pid_file(
                 home, daemon_control.DaemonInfo(me.pid, me.create_time, started_at, __version__, api_url, ready=True)
             )
             try:
                 _supervise(
-                    supervisor, service, reconciler, dispatch, loop, stop, clock, tick_s=tick_s, full_pass_s=full_pass_s
+                    supervisor,
+                    service,
+                    reconciler,
+                    dispatch,
+                    loop,
+                    stop,
+                    clock,
+                    tick_s=tick_s,
+                    full_pass_s=full_pass_s,
+                    reload_asked=reload_asked,
                 )
             finally:
                 exits.close()
@@ -311,14 +357,16 @@ def _supervise(
     *,
     tick_s: float,
     full_pass_s: float,
+    reload_asked: threading.Event | None = None,
 ) -> None:
     """The loop. It sleeps until the next thing is due: a probe at its interval, the end of a backoff, a worker's
     result, a process exit, or the housekeeping every ``tick_s`` (log rotation, a look for others' changes in the
     store, the reconciler's trigger). Each wake steps only the instances concerned; a full pass over every instance
-    runs when the store says someone else changed something, and otherwise every ``full_pass_s`` as a safety net."""
+    runs when the store says someone else changed something, and otherwise every ``full_pass_s`` as a safety net.
+    The reconciler's trigger is asked when ``reload_asked`` is set, and with reload "auto" every RELOAD_LOOK_S."""
     store = service.store
     now = clock()
-    next_housekeeping, next_full = now, now
+    next_housekeeping, next_full, next_reload_look = now, now, now
     seen = store.change_stamp()
     spun = False
     while not stop.is_set():
@@ -341,20 +389,34 @@ def _supervise(
             continue  # a probe's socket moved, nothing is known yet: no pass
         try:
             full = now >= next_full
-            if now >= next_housekeeping:
+            reconcile = False
+            # Housekeeping rides along on a wake for something else in the second half of its period (a wake costs
+            # about what a probe does); it is never later than ``tick_s`` after the last.
+            if now >= next_housekeeping - tick_s / 2:
                 next_housekeeping = now + tick_s
                 stamp = store.change_stamp()
                 full = full or stamp != seen
                 seen = stamp
                 supervisor.rotate_logs()
-                if reconciler.due(now):
-                    dispatch(reconciler.run_pass)
+                asked = reload_asked is None or reload_asked.is_set()
+                if asked or (reconciler.trigger.auto and now >= next_reload_look):
+                    next_reload_look = now + RELOAD_LOOK_S
+                    if reload_asked is not None:
+                        reload_asked.clear()
+                    # A pass acts on the configs: the supervisor looks at every one first (between probes it does
+                    # not), so an invalid version is said, once, before the pass that leaves its instance running.
+                    if reconciler.due(now):
+                        reconcile = full = True
             if full:
                 next_full = now + full_pass_s
-            supervisor.tick(now, only_news=not full)
-            if full:
-                service.reap_children()  # restarted instances are our children: none lingers as a zombie
-                seen = store.change_stamp()  # what this pass wrote itself is not news
+            try:
+                supervisor.tick(now, only_news=not full)
+                if full:
+                    service.reap_children()  # restarted instances are our children: none lingers as a zombie
+                    seen = store.change_stamp()  # what this pass wrote itself is not news
+            finally:
+                if reconcile:  # due once: a failed tick must not lose it
+                    dispatch(reconciler.run_pass)
         except Exception:  # one bad pass must not end supervision
             log.exception("supervisor tick failed")
 
@@ -405,11 +467,12 @@ def _serve_api(
 
     try:
         router = make_router(lambda: service, settings.router)
-        # Issue 14, to wire in the router: read `view` (services.supervisor_view) instead of refreshing every instance.
+        if router is not None:  # the supervisor's view of the processes: the router refreshes only what it doubts
+            router.view = view
         if router is not None and settings.peers:  # other nodes' models through this router (issue 12)
             from llama_orchestrator.services.peers import PeerPool
 
-            router.peers = PeerPool(settings.peers)
+            router.peers = PeerPool(settings.peers, memory=home.state_dir / "peers.json")
         # drainer: a recreate of a replica first takes it out of the router's rotation (zero-downtime `up`)
         instances = LocalInstances(service, probe_starting=False, drainer=router)
         if reconciler is not None:  # its recreates drain through the router; `daemon reload` reaches it

@@ -42,6 +42,11 @@ class InstancesPort(Protocol):
     def describe(self, name: str) -> Record:
         """``ps_record`` + config, model file metadata and recent events. Raises InstanceNotFound."""
 
+    def runtime(self, name: str) -> Record:
+        """``ps_record`` + what the dashboard's detail shows and ``describe`` does not: when it stopped, the last
+        health check (time, latency, error), the config as loaded (defaults filled in, secrets masked). Cheap
+        enough to poll every second: no probe, no model file read. Raises InstanceNotFound."""
+
     def start(self, name: str) -> Record:
         """Start unless it runs: ``{name, already_running, status, pid, port, restart_policy}``. Raises StartError."""
 
@@ -62,9 +67,20 @@ class InstancesPort(Protocol):
         """``{id, time, instance, kind, message}``, oldest first."""
 
     def logs(
-        self, name: str, *, tail: int = 50, streams: tuple[str, ...] = STREAMS, follow: bool = False
+        self,
+        name: str,
+        *,
+        tail: int = 50,
+        streams: tuple[str, ...] = STREAMS,
+        follow: bool = False,
+        since: float | None = None,
+        until: float | None = None,
+        timestamps: bool = False,
     ) -> Iterator[str]:
-        """The last ``tail`` lines (0: all), then, with ``follow``, new lines until the caller stops iterating."""
+        """The last ``tail`` lines (0: all) written from ``since`` to ``until`` (Unix times), the streams merged in
+        time order, then, with ``follow``, new lines until the caller stops iterating or ``until`` passes. With
+        ``timestamps`` each line starts with its RFC 3339 UTC time and a space (``adapters.log_times``: when the
+        daemon saw it, within about a second)."""
 
     def attach(self, names: list[str]) -> Iterator[tuple[str, str]]:
         """``(name, line)`` of the lines the instances write from this call on (not the history of earlier runs),
@@ -257,6 +273,27 @@ class LocalInstances:
             "events": [{"time": timestamp(e.ts), "ts": e.ts, "kind": e.kind, "message": e.message} for e in events],
         }
 
+    def runtime(self, name: str) -> Record:
+        from llama_orchestrator.domain.errors import InstanceNotFound
+        from llama_orchestrator.domain.secrets import mask_document
+
+        svc = self.service
+        view = svc.view(name)
+        if view.config is None and view.config_error is None and svc.store.get(name) is None:
+            raise InstanceNotFound(name)
+        row = view.row
+        return {
+            **ps_record(view, time.time()),
+            "stopped_at": row.stopped_at,
+            "health_checked_at": row.health_checked_at,
+            "health_latency_ms": row.health_latency_ms,
+            "health_error": row.health_error,
+            "config_path": str(view.config_path) if view.config_path else None,
+            # Shown on a screen others may see: env values that look secret are masked.
+            "config": mask_document(view.config.model_dump(mode="json")) if view.config else None,
+            "config_error": str(view.config_error) if view.config_error else None,
+        }
+
     def start(self, name: str) -> Record:
         self.service.home.checked_name(name)
         config = self.service.load(name)
@@ -442,24 +479,49 @@ class LocalInstances:
         return paths
 
     def logs(
-        self, name: str, *, tail: int = 50, streams: tuple[str, ...] = STREAMS, follow: bool = False
+        self,
+        name: str,
+        *,
+        tail: int = 50,
+        streams: tuple[str, ...] = STREAMS,
+        follow: bool = False,
+        since: float | None = None,
+        until: float | None = None,
+        timestamps: bool = False,
     ) -> Iterator[str]:
         from llama_orchestrator.adapters.logfiles import follow as follow_files
 
         paths = self.log_paths(name, streams)  # raises before the generator starts
-        return self._logs(paths, tail, follow, follow_files)
+        return self._logs(paths, tail, follow, follow_files, since=since, until=until, timestamps=timestamps)
 
     @staticmethod
-    def _logs(paths, tail_n: int, follow: bool, follow_files) -> Iterator[str]:
-        from llama_orchestrator.adapters.logfiles import tail
+    def _logs(
+        paths,
+        tail_n: int,
+        follow: bool,
+        follow_files,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        timestamps: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> Iterator[str]:
+        from llama_orchestrator.adapters.log_times import timed_lines
+        from llama_orchestrator.domain.log_times import rfc3339
 
-        lines: list[str] = []
-        for path in paths:
-            lines += tail(path, tail_n)
-        yield from lines[-tail_n:] if tail_n > 0 else lines
-        if follow:
-            for _, line in follow_files(paths, stop=lambda: False):
-                yield line
+        def shown(moment: float, text: str) -> str:
+            return f"{rfc3339(moment)} {text}" if timestamps else text
+
+        for line in timed_lines(paths, tail=tail_n, since=since, until=until):
+            yield shown(line.time, line.text)
+        if follow and (until is None or clock() <= until):
+            # A new line's time is when this reader saw it (it polls every 0.2 s).
+            for _, text in follow_files(paths, stop=lambda: until is not None and clock() > until):
+                moment = clock()
+                if until is not None and moment > until:
+                    return
+                if since is None or moment >= since:
+                    yield shown(moment, text)
 
     def attach(
         self, names: list[str], *, stop: Callable[[], bool] | None = None, poll_s: float = 0.2

@@ -9,7 +9,9 @@ functions of ``domain.routing``; ``api.proxy`` is the HTTP front end.
 
 Upstream HTTP uses aiohttp (bench/asgi_choice.py: about 6x the requests per second of httpx.AsyncClient at
 concurrency 16 on the same proxy). Each instance gets its own ClientSession so that its pooled keep-alive
-connections can be dropped when it stops: a connection left open to a stopped server keeps its port busy.
+connections can be dropped when it stops: a connection left open to a stopped server keeps its port busy. A
+request whose body is in memory (all of /v1) goes instead on the lean client of ``adapters.http_relay``, a pool
+per instance (``_relay_pool``) dropped at the same moments (issue 14: a fraction of aiohttp's CPU per request).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -28,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from llama_orchestrator.adapters.http_relay import ConnectFailed, ConnectionPool, RelayConnection
 from llama_orchestrator.domain.config import InstanceConfig
 from llama_orchestrator.domain.errors import OrchestratorError
 from llama_orchestrator.domain.router_phases import LOADED, Phase, is_valid_phase_edge
@@ -48,7 +52,14 @@ from llama_orchestrator.domain.states import ACTIVE, Health, Status
 from llama_orchestrator.services.health import base_url
 from llama_orchestrator.services.instances import InstanceService
 from llama_orchestrator.services.router_catalog import Catalog, Snapshot
-from llama_orchestrator.services.upstream import Upstream, new_session, upstream_headers
+from llama_orchestrator.services.upstream import (
+    Answer,
+    LeanUpstream,
+    Upstream,
+    lean_request,
+    new_session,
+    upstream_headers,
+)
 
 log = logging.getLogger("llama_orchestrator.router")
 
@@ -59,6 +70,9 @@ STOP_GRACE_S = 10.0
 CONNECT_ATTEMPTS = 3  # a connect error before any answer is retried (on another replica when there is one)
 START_RETRY_S = 10.0  # a replica whose start failed is not chosen to be started again for this long
 UNDRAIN_CHECK_S = 30.0  # undrain waits at most this long for the new process to be seen healthy
+# With the supervisor's view (the daemon), the configs are re-read this often; process states come from the view
+# on every tick, and only when it changed (a request for an unknown model still reads the configs at once).
+CONFIG_LOOK_S = 5.0
 
 
 class RouteError(Exception):
@@ -143,6 +157,7 @@ class _Instance:
     task: asyncio.Task | None = None  # our start or stop in progress
     reprobe: asyncio.Task | None = None
     session: aiohttp.ClientSession | None = None
+    relay: ConnectionPool | None = None  # lean keep-alive connections for /v1 requests (adapters.http_relay)
     retired: list = field(default_factory=list)  # sessions replaced while requests used them: closed when idle
     requests: dict[int, int] = field(default_factory=dict)
     by_endpoint: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -210,6 +225,10 @@ class Router:
         self._undrained: asyncio.Event | None = None  # set (and replaced) when an instance is undrained
         self._loop: asyncio.AbstractEventLoop | None = None  # ours: drain()/undrain() come from other threads
         self.peers: Any = None  # services.peers.PeerPool: other nodes' models (issue 12), set by the daemon
+        # services.supervisor_view.SupervisorView, set by the daemon: the process states its supervisor saw, read
+        # instead of refreshing every instance each tick (an instance it disagrees on is read directly, _reload)
+        self.view: Any = None
+        self._view_version: int | None = None  # the view's version the last reload applied
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -287,7 +306,7 @@ class Router:
 
     async def forward(
         self, model: str | None, method: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
-    ) -> Upstream:
+    ) -> Answer:
         """Send a whole request to an instance serving ``model`` and return its open answer.
 
         Raises RouteError. A connect error before any answer is retried, on another replica when there is one.
@@ -318,7 +337,7 @@ class Router:
                 if error.code != "start_failed" or not self._others(model, failed | {inst.name}):
                     raise
                 resp = error.message  # a replica that cannot start: another one can answer
-            if isinstance(resp, aiohttp.ClientResponse):
+            if not isinstance(resp, str):
                 return self._upstream(inst, resp, started)
             failed.add(inst.name)
             last_error = resp
@@ -337,7 +356,7 @@ class Router:
         path: str,
         headers: Iterable[tuple[bytes, bytes]],
         body: bytes | AsyncIterable[bytes] | None,
-    ) -> Upstream:
+    ) -> Answer:
         """`/upstream/<name>/...`: one instance by name, any method and path, the body streamed; no retry."""
         _ENDPOINT.set("/upstream")
         inst = self._instances.get(name)
@@ -362,7 +381,7 @@ class Router:
             raise error
         return self._upstream(inst, resp, started)
 
-    def _upstream(self, inst: _Instance, resp: aiohttp.ClientResponse, started: float) -> Upstream:
+    def _upstream(self, inst: _Instance, resp: aiohttp.ClientResponse | RelayConnection, started: float) -> Answer:
         endpoint = _ENDPOINT.get()
 
         def finish(status: int, tokens: TokenReport | None) -> None:
@@ -371,7 +390,8 @@ class Router:
                 inst.ttft.observe(ttft)
             self._finish(inst, status, started, tokens, endpoint)
 
-        upstream = Upstream(resp, inst.name, started, self.clock, finish)
+        kind = LeanUpstream if isinstance(resp, RelayConnection) else Upstream
+        upstream = kind(resp, inst.name, started, self.clock, finish)  # type: ignore[arg-type]
         return upstream
 
     async def _exchange(
@@ -385,8 +405,11 @@ class Router:
         keep_length: bool = False,
         retry: bool = False,
         quiet: bool = False,
-    ) -> aiohttp.ClientResponse | str:
+    ) -> aiohttp.ClientResponse | RelayConnection | str:
         """Admit, make ready, send. Returns the response, or why to try again (the slot is then released).
+
+        A whole body (``bytes``, not HEAD) goes on a lean connection (``adapters.http_relay``: a fraction of
+        aiohttp's CPU per request and per streamed token); a streamed one through aiohttp.
 
         With ``retry`` (the body is in memory), a 503 is a reason to try again too: llama-server answers 503 while
         it loads, e.g. after the supervisor restarted it behind our back, and the client must not see that.
@@ -395,14 +418,19 @@ class Router:
         try:
             await self._ensure_ready(inst, started)
             inst.last_used = self.clock()
-            session = self._session(inst)
-            resp = await session.request(
-                method,
-                inst.url() + path,
-                data=body,
-                allow_redirects=False,
-                headers=upstream_headers(headers, inst.config.args, keep_length),
-            )
+            resp: aiohttp.ClientResponse | RelayConnection
+            if isinstance(body, bytes) and method != "HEAD" and not keep_length:
+                pool = self._relay_pool(inst)
+                request = lean_request(method, path, pool.host_header, headers, inst.config.args, body)
+                resp = await pool.exchange(request)
+            else:
+                resp = await self._session(inst).request(
+                    method,
+                    inst.url() + path,
+                    data=body,
+                    allow_redirects=False,
+                    headers=upstream_headers(headers, inst.config.args, keep_length),
+                )
         except RouteError as error:
             self._release(inst)
             self._record(inst, error.status, started)
@@ -410,7 +438,7 @@ class Router:
         except (aiohttp.ClientConnectionError, OSError) as exc:
             self._release(inst)
             why = f"{type(exc).__name__}: {exc}"
-            if retry and quiet and not isinstance(exc, aiohttp.ClientConnectorError):
+            if retry and quiet and not isinstance(exc, (aiohttp.ClientConnectorError, ConnectFailed)):
                 return why  # an established keep-alive connection the server had just closed: simply retry
             self._mark_down(inst, why, connect=True)
             return why
@@ -420,7 +448,10 @@ class Router:
                 self._record(inst, 499, started)  # the client left before the answer began
             raise
         if retry and resp.status == 503:
-            resp.release()
+            if isinstance(resp, RelayConnection):
+                resp.abort()
+            else:
+                resp.release()
             self._release(inst)
             self._mark_down(inst, "HTTP 503 (loading)", connect=True)
             return "HTTP 503"
@@ -925,10 +956,24 @@ class Router:
             inst.session = new_session()
         return inst.session
 
+    def _relay_pool(self, inst: _Instance) -> ConnectionPool:
+        host, _, port = inst.url().removeprefix("http://").rpartition(":")
+        host = host.strip("[]")
+        pool = inst.relay
+        if pool is None or pool.closed or pool.address != (host, int(port)):
+            if pool is not None:
+                pool.close()
+            pool = inst.relay = ConnectionPool(host, int(port), clock=self.clock)
+        return pool
+
     async def _close_session(self, inst: _Instance) -> None:
         """New requests get a new session. The old one is closed once no request of this instance is in flight:
         closing it under a request (a stream still relayed from a healthy process, or one just sent) left that
-        request waiting forever (aiohttp on uvloop), where it must either finish or fail."""
+        request waiting forever (aiohttp on uvloop), where it must either finish or fail. The lean pool's idle
+        connections close now; one in use closes when its exchange ends."""
+        if inst.relay is not None:
+            inst.relay.close()
+            inst.relay = None
         session, inst.session = inst.session, None
         if session is not None and not session.closed:
             inst.retired.append(session)
@@ -958,31 +1003,60 @@ class Router:
 
     async def _maintain(self) -> None:
         while True:
-            await asyncio.sleep(self.tick_s)
+            await _sleep_to_multiple(self.tick_s)
             try:
-                await self._reload()
+                configs = self.view is None or self.clock() - self._last_reload >= CONFIG_LOOK_S
+                await self._reload(configs=configs)
                 self._unload_idle()
             except asyncio.CancelledError:
                 raise
             except Exception:  # one bad tick must not end the maintenance
                 log.exception("router maintenance failed")
 
-    async def _reload(self, *, since: float | None = None) -> None:
+    async def _reload(self, *, since: float | None = None, configs: bool = True) -> None:
         """Re-read configs and process states (one trip to the thread pool) and apply them.
 
         ``since``: unless a read began after that moment (many requests for unknown models share one read).
+        ``configs=False`` (a tick with the supervisor's view): only the process states, from the view, and only
+        if it changed since the last reload; the configs are read anyway when the view names an unknown instance.
         """
         if self._reload_lock is None:
             raise RuntimeError("self._reload_lock is unset here: a bug in the router")
         async with self._reload_lock:
             if since is not None and self._last_reload >= since:
                 return
-            self._last_reload = self.clock()
+            view = self.view
+            if not configs and (view is None or view.version == self._view_version):
+                if view is None:
+                    configs = True
+                else:
+                    return  # nothing the supervisor saw changed: no read at all
             # What our own starts and stops change while the snapshot is read is newer than the snapshot.
             epochs = {name: inst.epoch for name, inst in self._instances.items()}
-            with_memory = self.settings.memory_budget_mb is not None
-            snap = await self._call(lambda s: self._catalog.read(s, with_memory=with_memory))
+            version, seen = view.snapshot() if view is not None else (None, None)
+            if configs or seen is None or any(name not in self._instances for name in seen):
+                self._last_reload = self.clock()
+                with_memory = self.settings.memory_budget_mb is not None
+                snap = await self._call(lambda s: self._catalog.read(s, with_memory=with_memory, seen=seen))
+            else:
+                snap = Snapshot(
+                    configs={name: inst.config for name, inst in self._instances.items()},
+                    rows={name: seen[name] for name in self._instances if name in seen},
+                    memory_mb={name: inst.memory_mb for name, inst in self._instances.items()},
+                    broken=dict(self._broken),
+                )
+            if seen is not None:
+                # The view can lag behind our own starts and stops (the supervisor steps an instance after us),
+                # so it never decides a change of phase alone: where it disagrees with ours, the row is read (as
+                # is one the view does not hold).
+                doubtful = [
+                    n for n in snap.configs if n not in snap.rows or (n in seen and self._would_change(n, snap.rows[n]))
+                ]
+                if doubtful:
+                    fresh = await self._call(lambda s: {n: s.refresh(n) for n in doubtful})
+                    snap.rows.update(fresh)
             self._apply(snap, epochs)
+            self._view_version = version
 
     def _apply(self, snap: Snapshot, epochs: dict[str, int]) -> None:
         for name in list(self._instances):
@@ -1022,6 +1096,22 @@ class Router:
             _background(self._close_session(inst), "close")
             self._notify()
 
+    def _would_change(self, name: str, row) -> bool:
+        """Whether ``_observe`` would change the instance's phase (or take it out) on ``row``."""
+        inst = self._instances.get(name)
+        phase = inst.phase if inst is not None else Phase.stopped
+        if inst is not None and inst.task is not None:
+            return False
+        if row.status in ACTIVE and row.status != Status.stopping:
+            if phase is Phase.stopped:
+                return True
+            return (
+                inst is not None
+                and phase is Phase.ready
+                and (row.pid != inst.pid or (row.health == Health.unhealthy and inst.up))
+            )
+        return phase in (Phase.active, Phase.ready)
+
     def _unload_idle(self) -> None:
         now = self.clock()
         for inst in self._instances.values():
@@ -1031,6 +1121,23 @@ class Router:
             if inst.last_used is not None and now - inst.last_used >= ttl:
                 inst.ttl_unloads += 1
                 self._begin_stop(inst, f"idle for {ttl:g} s (ttl)")
+
+
+async def _sleep_to_multiple(period: float) -> None:
+    """Sleep until the event loop's clock is next a whole multiple of ``period``. The daemon's uvicorn ticks at each
+    whole second of the same clock (``api.server``): timers due at the same instant run in one wake of the loop."""
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+    handle = loop.call_at((math.floor(loop.time() / period) + 1) * period, _resolve, woken)
+    try:
+        await woken
+    finally:
+        handle.cancel()
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _background(coro, name: str) -> asyncio.Task:

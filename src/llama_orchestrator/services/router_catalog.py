@@ -28,7 +28,10 @@ class Catalog:
         self._configs: dict[str, tuple[tuple[int, int], InstanceConfig]] = {}
         self._memory: dict[tuple, float] = {}
 
-    def read(self, service: InstanceService, *, with_memory: bool) -> Snapshot:
+    def read(
+        self, service: InstanceService, *, with_memory: bool, seen: dict[str, InstanceRow] | None = None
+    ) -> Snapshot:
+        """``seen``: rows already known (the supervisor's view): those instances are not refreshed here."""
         snap = Snapshot()
         for name in service.names():
             path = service.home.config_path(name)
@@ -44,7 +47,8 @@ class Catalog:
             except OSError:
                 continue  # removed while we looked
             snap.configs[name] = config
-            snap.rows[name] = service.refresh(name)
+            known = seen.get(name) if seen is not None else None
+            snap.rows[name] = known if known is not None else service.refresh(name)
             if with_memory:
                 snap.memory_mb[name] = self._estimate(config.model_path(path.parent), config.model.context_size)
         return snap

@@ -96,6 +96,7 @@ class Watch:
     starting: bool = False
     idle_until: float = 0.0  # its config does not load: nothing is due before this
     config: InstanceConfig | None = None  # the one its last step used
+    port: int | None = None  # the port its process was started on, as its last step read it
 
     def due_at(self) -> float | None:
         """When this instance next needs a step of its own (a probe, or the end of a backoff)."""
@@ -105,6 +106,24 @@ class Watch:
         if self.health is not None and not self.probing and (due is None or self.next_probe_at < due):
             due = self.next_probe_at
         return None if due is None else max(due, self.idle_until)
+
+    def only_probe_due(self, now: float, slack: float) -> bool:
+        """Nothing but a probe is due (within ``slack``) for an instance that runs and whose exit is watched: the
+        probe can go out without a step (no config stat, no store read); its exit would have been told."""
+        return (
+            not self.busy
+            and not self.probing
+            and self.health is not None
+            and self.config is not None
+            and self.restart_at is None
+            and self.key != (None, None)
+            and self.next_probe_at <= now + probe_slack(self.config, slack)
+        )
+
+
+def probe_slack(config: InstanceConfig, slack: float) -> float:
+    """How early a probe may go out: ``slack``, but never more than a tenth of its interval."""
+    return min(slack, config.healthcheck.interval * 0.1)
 
 
 Dispatch = Callable[[Callable[[], object]], None]
@@ -121,16 +140,20 @@ class Supervisor:
         exits: ExitNotices | None = None,
         wake: Callable[[], None] = lambda: None,
         view: SupervisorView | None = None,
+        probe_slack_s: float = 0.0,
     ) -> None:
         """``prober``: probes on the loop (else ``ops.probe`` on a worker); ``exits``: told of exits at once (else
         they are found by the passes); ``wake``: rings the loop when a notice is posted from another thread;
-        ``view``: where it publishes what it sees (made before it, so the router can be given it first)."""
+        ``view``: where it publishes what it sees (made before it, so the router can be given it first);
+        ``probe_slack_s``: a probe due within this much of another one goes out with it (one wake for both, and
+        instances adopted together stay probed together instead of drifting apart into one wake each)."""
         self.ops = ops
         self._dispatch = dispatch
         self._prober = prober
         self._exits = exits
         self._wake = wake
         self.stop_timeout = stop_timeout
+        self.probe_slack_s = probe_slack_s
         self.watches: dict[str, Watch] = {}
         self.view = view or SupervisorView()  # what it saw, for the router (services.supervisor_view)
         self.inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
@@ -162,8 +185,23 @@ class Supervisor:
         touched = self.drain(now)
         if only_news:
             # No folder listing: the instances concerned are known (a removed one is pruned by the next full pass,
-            # and its step finds no config meanwhile).
-            touched |= {n for n, w in self.watches.items() if (w.due_at() or float("inf")) <= now}
+            # and its step finds no config meanwhile). One that is due for nothing but its probe gets just the
+            # probe: between probes, and at them, a healthy instance costs no step (its exit is told at once, and
+            # others' changes to it make the daemon run a full pass).
+            probe_only = []
+            for name, watch in self.watches.items():
+                if name in touched:
+                    continue
+                if self._exits is not None and watch.only_probe_due(now, self.probe_slack_s):
+                    probe_only.append(name)
+                elif (watch.due_at() or float("inf")) <= now:
+                    touched.add(name)
+            for name in probe_only:
+                try:
+                    self._probe_now(name, self.watches[name], now)
+                except Exception:  # as a step's: one instance's trouble must never pause the others' supervision
+                    self.watches[name].probing = False  # tried again when due, not waited on forever
+                    log.exception("%s: probe failed to start", name)
             names = sorted(touched)
         else:
             names = self.ops.names()
@@ -184,6 +222,14 @@ class Supervisor:
         times = [t for t in (w.due_at() for w in self.watches.values()) if t is not None]
         return min(times) if times else None
 
+    def _probe_now(self, name: str, watch: Watch, now: float) -> None:
+        config = watch.config
+        if config is None:  # only_probe_due saw one: never so here
+            return
+        watch.restart = self._tick_restart(name, watch.restart, config, now)
+        watch.probing = True
+        self._probe(name, watch.key, config, watch.port)
+
     def rotate_logs(self) -> None:
         """Keep the logs of the running instances within their size (the daemon calls this on a timer of its own:
         a flood fills a log between two probes)."""
@@ -200,7 +246,8 @@ class Supervisor:
             except queue.Empty:
                 return touched
             kind, name, *rest = message
-            touched.add(name)
+            if kind != "probed":  # a probe's verdict is handled whole by its handler: no step after it
+                touched.add(name)
             handler = getattr(self, f"_on_{kind}")
             try:
                 handler(name, now, *rest)
@@ -220,6 +267,7 @@ class Supervisor:
         watch.config = config
         row = self.ops.refresh(name)
         self.view.publish(row)
+        watch.port = row.port
         key: ProcessKey = (row.pid, row.create_time)
         seen = watch.key
         if row.status in (Status.starting, Status.running):
@@ -227,7 +275,7 @@ class Supervisor:
                 self._adopt(name, watch, row, now, by_person=watch.started_by_us != key)
             watch.starting = row.status == Status.starting
             watch.restart = self._tick_restart(name, watch.restart, config, now)
-            if not watch.probing and now >= watch.next_probe_at:
+            if not watch.probing and now + probe_slack(config, self.probe_slack_s) >= watch.next_probe_at:
                 watch.probing = True
                 self._probe(name, key, config, row.port)
             self.ops.rotate_logs(name, config)
@@ -305,7 +353,8 @@ class Supervisor:
 
     def _on_probed(self, name: str, now: float, key: ProcessKey, outcome: ProbeOutcome) -> None:
         watch = self.watches.get(name)
-        config = self._config(name)
+        # The config its probe was sent with (its last step's: a full pass looks at the file every few seconds)
+        config = watch.config if watch is not None and watch.config is not None else self._config(name)
         if watch is None or config is None:
             return
         watch.probing = False

@@ -21,6 +21,9 @@ _NEWS = ("status", "pid", "create_time", "port", "health", "restart_attempts", "
 class SupervisorView:
     def __init__(self) -> None:
         self._rows: dict[str, InstanceRow] = {}
+        # name -> (pid, checked_at, latency_ms) of the last probe whose verdict changed nothing: merged into the
+        # rows by snapshot(), so a probe costs a dict entry here rather than a copy of the row
+        self._checks: dict[str, tuple[int | None, float, float | None]] = {}
         self._changed = threading.Condition()
         self.version = 0
 
@@ -38,6 +41,9 @@ class SupervisorView:
                 row = replace(
                     row, health_checked_at=before.health_checked_at, health_latency_ms=before.health_latency_ms
                 )
+            check = self._checks.get(row.name)
+            if check is not None and (check[0] != row.pid or check[1] <= (row.health_checked_at or 0.0)):
+                del self._checks[row.name]  # another process's, or older than the row's own
             self._rows[row.name] = row
             if before is None or any(getattr(before, f) != getattr(row, f) for f in _NEWS):
                 self.version += 1
@@ -47,11 +53,15 @@ class SupervisorView:
         """A probe's result on the row last published (no new version unless the health changed)."""
         with self._changed:
             row = self._rows.get(name)
+            if row is not None and row.health == health:
+                self._checks[name] = (row.pid, checked_at, latency_ms)  # the common case: nothing new to copy
+                return
         if row is not None:
             self.publish(replace(row, health=health, health_checked_at=checked_at, health_latency_ms=latency_ms))
 
     def drop(self, name: str) -> None:
         with self._changed:
+            self._checks.pop(name, None)
             if self._rows.pop(name, None) is not None:
                 self.version += 1
                 self._changed.notify_all()
@@ -61,7 +71,13 @@ class SupervisorView:
     def snapshot(self) -> tuple[int, dict[str, InstanceRow]]:
         """``(version, {name: row})``: copies, so a reader may keep them."""
         with self._changed:
-            return self.version, {name: replace(row) for name, row in self._rows.items()}
+            return self.version, {name: self._merged(name, row) for name, row in self._rows.items()}
+
+    def _merged(self, name: str, row: InstanceRow) -> InstanceRow:
+        check = self._checks.get(name)
+        if check is None:
+            return replace(row)
+        return replace(row, health_checked_at=check[1], health_latency_ms=check[2])
 
     def wait_newer(self, version: int, timeout: float | None) -> int:
         """Block until the version is past ``version`` (or ``timeout`` seconds); returns the version then."""

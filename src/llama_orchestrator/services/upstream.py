@@ -1,5 +1,7 @@
-"""The router's side of one upstream exchange: the aiohttp session, which headers go through, and ``Upstream``,
-an instance's answer being relayed (with the token accounting for /metrics).
+"""The router's side of one upstream exchange: the aiohttp session, which headers go through, and the answer
+being relayed with the token accounting for /metrics: ``LeanUpstream`` on a lean connection
+(``adapters.http_relay``, every /v1 request: about 30-40 % less CPU per streamed token than aiohttp in
+bench/router.py), ``Upstream`` through aiohttp (``/upstream/`` with its streamed bodies, HEAD, peers).
 
 aiohttp rather than httpx.AsyncClient: bench/asgi_choice.py measured about 6x the requests per second at
 concurrency 16 and 2-4x the streamed events per second through the same proxy. Its connector makes connections
@@ -10,17 +12,20 @@ itself (``_Connector``): llama-server closes one after every stream, and aiohttp
 from __future__ import annotations
 
 import asyncio
-import errno
 import inspect
 import json
-import socket
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aiohttp
 
+from llama_orchestrator.adapters.http_relay import (
+    ClientGone,
+    RelayConnection,
+    connect_socket,
+    reset_on_close_socket,
+)
 from llama_orchestrator.domain.routing import TokenReport, sse_token_report, token_report
 
 TOKEN_BODY_MAX = 256 * 1024  # non-streamed answers up to this size are parsed for their token usage
@@ -46,44 +51,8 @@ _HOP_OUT = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"serv
 Finish = Callable[[int, "TokenReport | None"], None]
 
 
-def _reset_on_close_socket(addr_info: tuple) -> socket.socket:
-    """Upstream sockets close with a reset (SO_LINGER 0), so neither side keeps a TIME_WAIT on the server's port:
-    some kernels (gVisor's) refuse to bind a port that still has one, even with SO_REUSEADDR, and a crashed or
-    evicted llama-server could not come back on its port for a minute."""
-    family, type_, proto, _, _ = addr_info
-    sock = socket.socket(family, type_, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    return sock
-
-
-async def _connect(addr_info: tuple, loop: asyncio.AbstractEventLoop) -> socket.socket:
-    """A connected non-blocking socket to a numeric address, without ``loop.sock_connect``: uvloop's resolves even
-    a numeric address again in its thread pool, which measured 2-4x the cost of the whole connect here."""
-    address = addr_info[4]
-    sock = _reset_on_close_socket(addr_info)
-    try:
-        sock.setblocking(False)
-        err = sock.connect_ex(address)
-        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-            writable = loop.create_future()
-            fd = sock.fileno()
-
-            def connected() -> None:
-                if not writable.done():
-                    writable.set_result(None)
-
-            loop.add_writer(fd, connected)
-            try:
-                await writable
-            finally:
-                loop.remove_writer(fd)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, f"Connect call failed {address}: {errno.errorcode.get(err, err)}")
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+_reset_on_close_socket = reset_on_close_socket
+_connect = connect_socket
 
 
 class _Connector(aiohttp.TCPConnector):
@@ -139,15 +108,77 @@ def upstream_headers(headers: Iterable[tuple[bytes, bytes]], args: list[str], ke
     return out
 
 
-class Upstream:
-    """An instance's answer being relayed. ``close()`` must be called: ``finish`` frees the slot and counts it."""
+def lean_request(
+    method: str, target: str, host: str, headers: Iterable[tuple[bytes, bytes]], args: list[str], body: bytes
+) -> bytes:
+    """The whole request as it goes to llama-server on a lean connection: what ``upstream_headers`` would send,
+    as bytes in one piece (one ``transport.write``). ``target``: path and query as the client wrote them (the
+    server's parser has checked them), ``host``: the instance's ``host:port``."""
+    parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode("ascii"), target.encode("latin-1"), host.encode())]
+    for key, value in headers:
+        key = key.lower()
+        if key not in _HOP_IN:
+            parts.append(b"%s: %s\r\n" % (key, value))
+    api_key = _arg_value(args, "--api-key")  # an instance with its own key gets it from us, not from the client
+    if api_key:
+        parts.append(b"authorization: Bearer %s\r\n" % api_key.encode("latin-1"))
+    parts.append(b"accept-encoding: identity\r\ncontent-length: %d\r\n\r\n" % len(body))
+    parts.append(body)
+    return b"".join(parts)
+
+
+class _Answer:
+    """What both kinds of upstream answer share: the accounting when it ends (``finish`` frees the slot and
+    counts it, with the tokens of the last chunks of a stream or of a small JSON body) and the time to first
+    token. ``close()`` must be called."""
+
+    status: int
+    event_stream: bool
+
+    def __init__(self, instance: str, started: float, clock: Callable[[], float], finish: Finish) -> None:
+        self._clock, self._finish = clock, finish
+        self._started = started  # when the request arrived, on ``clock``
+        self.instance = instance
+        self._tail: deque[bytes] = deque(maxlen=3)  # the last chunks of a stream hold its usage/timings
+        self._kept: list[bytes] = []
+        self._complete = False
+        self._closed = False
+        self.first_chunk_at: float | None = None  # on ``clock``: when the first body bytes came (time to first token)
+        self.send_failed = False  # relay(): sending to the client raised
+
+    def _account(self, client_gone: bool) -> None:
+        # A client may hang up as soon as it has read `data: [DONE]`, before the stream's end: it got everything.
+        delivered = self._complete or (self.event_stream and bool(self._tail) and b"data: [DONE]" in self._tail[-1])
+        tokens = self._tokens(self._clock() - self._started) if delivered else None
+        self._finish(self.status if delivered else 499 if client_gone else 502, tokens)
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Seconds from the request's arrival to the first streamed bytes; None for an answer that is not a stream
+        (its first byte is its whole answer) or one that sent nothing."""
+        if not self.event_stream or self.first_chunk_at is None:
+            return None
+        return max(0.0, self.first_chunk_at - self._started)
+
+    def _tokens(self, elapsed: float) -> TokenReport | None:
+        try:
+            if self.event_stream:
+                return sse_token_report(b"".join(self._tail), elapsed_s=elapsed)
+            if self._kept:
+                return token_report(json.loads(b"".join(self._kept)), elapsed_s=elapsed)
+        except ValueError:
+            pass
+        return None
+
+
+class Upstream(_Answer):
+    """An instance's answer being relayed through aiohttp (peers, ``/upstream/``, what the lean path skips)."""
 
     def __init__(
         self, resp: aiohttp.ClientResponse, instance: str, started: float, clock: Callable[[], float], finish: Finish
     ) -> None:
-        self._resp, self._clock, self._finish = resp, clock, finish
-        self._started = started  # when the request arrived, on ``clock``
-        self.instance = instance
+        super().__init__(instance, started, clock, finish)
+        self._resp = resp
         self.status = resp.status
         self.headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _HOP_OUT]
         self.headers.append((b"x-llama-orch-instance", instance.encode()))
@@ -158,12 +189,6 @@ class Upstream:
             # would fail the next request sent on it. So a stream's connection is never reused.
             resp.connection.protocol.force_close()
         self._json = content_type.startswith("application/json")
-        self._tail: deque[bytes] = deque(maxlen=3)  # the last chunks of a stream hold its usage/timings
-        self._kept: list[bytes] = []
-        self._complete = False
-        self._closed = False
-        self.first_chunk_at: float | None = None  # on ``clock``: when the first body bytes came (time to first token)
-        self.send_failed = False  # relay(): sending to the client raised
 
     @property
     def small(self) -> bool:
@@ -178,11 +203,9 @@ class Upstream:
         self._complete = True
         return body
 
-    async def relay(
-        self, send: Callable[[dict], Awaitable[None]], write: Callable[[bytes], Awaitable[None] | None] | None = None
-    ) -> None:
+    async def relay(self, send: Callable[[dict], Awaitable[None]], writer: Any = None) -> None:
         """Send the body on as it arrives, each chunk as one ASGI ``http.response.body`` message (``more_body``),
-        or for an event stream through ``write`` when given (``api.http_protocol.ChunkWriter.write``).
+        or for an event stream through ``writer.write`` when given (``api.http_protocol.ChunkWriter``).
 
         One loop, no generator: it runs once per streamed token, and an async generator and a send wrapper per
         chunk were a measurable part of the router's CPU per token. ``send_failed`` tells a send that raised (the
@@ -192,7 +215,8 @@ class Upstream:
         chunk = await read()
         if chunk:
             self.first_chunk_at = self._clock()
-        if self.event_stream and write is not None:
+        if self.event_stream and writer is not None:
+            write = writer.write
             tail = self._tail
             while chunk:
                 tail.append(chunk)
@@ -228,28 +252,96 @@ class Upstream:
             self._resp.release()
         else:
             self._resp.close()
-        # A client may hang up as soon as it has read `data: [DONE]`, before the stream's end: it got everything.
-        delivered = self._complete or (self.event_stream and bool(self._tail) and b"data: [DONE]" in self._tail[-1])
-        tokens = self._tokens(self._clock() - self._started) if delivered else None
-        self._finish(self.status if delivered else 499 if client_gone else 502, tokens)
+        self._account(client_gone)
+
+
+class LeanUpstream(_Answer):
+    """An instance's answer on a lean connection (``adapters.http_relay``): a stream's body goes from the
+    connection's ``data_received`` straight to the client's (``relay`` with a writer), the rest as ``Upstream``.
+    Only the last few pieces are kept, for the token count; nothing is parsed until the end."""
+
+    def __init__(
+        self, conn: RelayConnection, instance: str, started: float, clock: Callable[[], float], finish: Finish
+    ) -> None:
+        super().__init__(instance, started, clock, finish)
+        self._conn = conn
+        self.status = conn.status
+        self.headers = []
+        content_type, self._length = b"", None
+        for key, value in conn.headers:
+            if key in _HOP_OUT:
+                continue
+            if key == b"content-type":
+                content_type = value
+            elif key == b"content-length":
+                self._length = int(value) if value.strip().isdigit() else None
+            self.headers.append((key, value))
+        self.headers.append((b"x-llama-orch-instance", instance.encode()))
+        self.event_stream = content_type.startswith(b"text/event-stream")
+        self._json = content_type.startswith(b"application/json")
+        self._tail = conn.tail  # the connection keeps the last pieces itself
 
     @property
-    def time_to_first_token(self) -> float | None:
-        """Seconds from the request's arrival to the first streamed bytes; None for an answer that is not a stream
-        (its first byte is its whole answer) or one that sent nothing."""
-        if not self.event_stream or self.first_chunk_at is None:
-            return None
-        return max(0.0, self.first_chunk_at - self._started)
+    def small(self) -> bool:
+        """A complete answer of known, small size (not a stream): sent on in one piece, one send fewer."""
+        return not self.event_stream and self._length is not None and self._length <= TOKEN_BODY_MAX
 
-    def _tokens(self, elapsed: float) -> TokenReport | None:
+    async def read(self) -> bytes:
+        body = await self._conn.read(TOKEN_BODY_MAX)
+        if self._json:
+            self._kept.append(body)
+        self._complete = True
+        return body
+
+    async def relay(self, send: Callable[[dict], Awaitable[None]], writer: Any = None) -> None:
+        """Send the body on: an event stream through ``writer`` (``api.http_protocol.ChunkWriter``: ``push``,
+        ``drain``, ``gone``) from the connection's callbacks, with backpressure; otherwise piece by piece through
+        ``send`` (the connection stops reading while the pieces not sent yet pass ``PULL_HIGH``)."""
+        conn = self._conn
+        if self.event_stream and writer is not None:
+            try:
+                await conn.relay(writer.push, writer.drain, writer.gone)
+            except ClientGone:
+                self.send_failed = True
+                raise
+            finally:
+                self.first_chunk_at = conn.first_body_at
+            self._complete = True
+            return
+        kept = self._kept
+        budget = 0 if self.event_stream else TOKEN_BODY_MAX if self._json else 0
         try:
-            if self.event_stream:
-                return sse_token_report(b"".join(self._tail), elapsed_s=elapsed)
-            if self._kept:
-                return token_report(json.loads(b"".join(self._kept)), elapsed_s=elapsed)
-        except ValueError:
-            pass
-        return None
+            piece = await conn.next_piece()
+            while piece:
+                if budget > 0:
+                    kept.append(piece)
+                    budget -= len(piece)
+                    if budget <= 0:
+                        kept.clear()  # too big to be worth parsing for the token count
+                try:
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                except OSError:
+                    self.send_failed = True
+                    raise
+                piece = await conn.next_piece()
+        finally:
+            self.first_chunk_at = conn.first_body_at
+        self._complete = True
+
+    async def close(self, *, client_gone: bool = False) -> None:
+        """Finish: a complete answer's connection goes back to the pool; a partly read one is closed, which makes
+        llama-server stop generating."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._complete:
+            self._conn.finish()
+        else:
+            self._conn.abort()
+        self._account(client_gone)
+
+
+Answer = Upstream | LeanUpstream  # what the router hands the proxy to relay
 
 
 def _arg_value(args: list[str], flag: str) -> str | None:

@@ -1,8 +1,9 @@
-"""`llama-orch dashboard`: every instance at a glance, refreshed in place every second, with start/stop/logs keys.
+"""`llama-orch dashboard`: every instance at a glance, refreshed in place every second, with start, stop, restart,
+health and logs keys; this home's instances, or another node's through its daemon's API (`--host`).
 
-The UI thread never touches the service: refreshes and actions run in Textual thread workers (``tui.data.Backend``
-blocks), which post messages back; the handlers only update widgets. The table is updated cell by cell, so the
-cursor stays where it is and nothing flickers.
+The UI thread never touches the instances port: refreshes and actions run in Textual thread workers
+(``tui.data.Backend`` blocks), which post messages back; the handlers only update widgets. The table is updated
+cell by cell, so the cursor stays where it is and nothing flickers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from llama_orchestrator.tui.data import COLUMNS, Backend, Cell, InstanceLine, Sn
 from llama_orchestrator.tui.screens import ConfirmScreen, DetailScreen, LogScreen
 
 if TYPE_CHECKING:
-    from llama_orchestrator.services.instances import InstanceService
+    from llama_orchestrator.services.instances_port import InstancesPort
+
+# What a table action is called while it runs, in the notice that it began.
+ACTING = {"start": "starting", "stop": "stopping", "restart": "restarting", "health": "probing"}
 
 
 class InstanceTable(DataTable):
@@ -70,8 +74,13 @@ class DashboardApp(App[None]):
         Binding("r", "refresh", "Refresh"),
         Binding("s", "start_selected", "Start"),
         Binding("d", "stop_selected", "Stop"),
+        Binding("ctrl+r", "restart_selected", "Restart"),  # not a letter: R is refresh
+        Binding("h", "health_selected", "Health"),
         Binding("l", "logs", "Logs"),
     ]
+    TABLE_ACTIONS = frozenset(
+        {"refresh", "start_selected", "stop_selected", "restart_selected", "health_selected", "logs"}
+    )
 
     def __init__(self, backend: Backend, refresh_s: float = 1.0) -> None:
         super().__init__()
@@ -106,8 +115,9 @@ class DashboardApp(App[None]):
         self.set_interval(self.refresh_s, self.action_refresh)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # Start, stop, logs and refresh act on the table's selection: only while the table is on screen.
-        return not (action in ("refresh", "start_selected", "stop_selected", "logs") and len(self.screen_stack) > 1)
+        # Start, stop, restart, health, logs and refresh act on the table's selection: only while the table is on
+        # screen.
+        return not (action in self.TABLE_ACTIONS and len(self.screen_stack) > 1)
 
     # -- refresh -------------------------------------------------------------------------------------------------
 
@@ -217,8 +227,8 @@ class DashboardApp(App[None]):
 
     def _act(self, verb: str, name: str) -> None:
         self.busy.add(name)
-        self.notify(f"{'starting' if verb == 'start' else 'stopping'} {name}…", timeout=3)
-        call = self.backend.start if verb == "start" else self.backend.stop
+        self.notify(f"{ACTING[verb]} {name}…", timeout=3)
+        call = {"start": self.backend.start, "stop": self.backend.stop, "restart": self.backend.restart}[verb]
 
         def work() -> None:
             try:
@@ -231,9 +241,39 @@ class DashboardApp(App[None]):
         self.run_worker(work, thread=True, group="actions", exit_on_error=False)
         self.action_refresh()  # show `stopping` while the stop waits for the process
 
+    def action_restart_selected(self) -> None:
+        name = self._selected_or_warn()
+        if name is None:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._act("restart", name)
+
+        question = (
+            f"Restart {name}?\nIt is asked to exit (killed after {self.backend.stop_timeout:g} s), then started again."
+        )
+        self.push_screen(ConfirmScreen(question, yes="Restart"), answered)
+
+    def action_health_selected(self) -> None:
+        """Probe the selected instance now (`llama-orch health NAME`); the answer shows as a notification."""
+        name = self.selected()
+        if name is None:
+            return
+        self.notify(f"{ACTING['health']} {name}…", timeout=2)
+
+        def work() -> None:
+            try:
+                self.post_message(ActionDone("health", name, self.backend.health(name), True))
+            except Exception as exc:  # noqa: BLE001 - shown, as a failed start is
+                self.post_message(ActionDone("health", name, f"health of {name}: {exc}", False))
+
+        self.run_worker(work, thread=True, group="actions", exit_on_error=False)
+
     @on(ActionDone)
     def _action_done(self, message: ActionDone) -> None:
-        self.busy.discard(message.name)
+        if message.verb != "health":  # a probe does not hold the instance: a start or stop may be in flight
+            self.busy.discard(message.name)
         self.notify(message.message, severity="information" if message.ok else "error", timeout=4 if message.ok else 12)
         if self._quit_when_idle and not self.busy:
             self.exit()
@@ -263,6 +303,12 @@ def _text(cell: Cell) -> Text:
     return Text(cell.text, style=cell.style, no_wrap=True)
 
 
-def run_dashboard(service: InstanceService, refresh_s: float = 1.0) -> None:
+def dashboard_app(port: InstancesPort, *, same_machine: bool, refresh_s: float = 1.0) -> DashboardApp:
+    """The dashboard over ``port`` (``cli.commands.instances()``). ``same_machine``: the instances' processes are
+    this machine's (no ``--host``), so their CPU and memory can be measured here."""
+    return DashboardApp(Backend(port, same_machine=same_machine), refresh_s=refresh_s)
+
+
+def run_dashboard(port: InstancesPort, *, same_machine: bool, refresh_s: float = 1.0) -> None:
     """Run the dashboard in this terminal until the person quits (Q)."""
-    DashboardApp(Backend(service), refresh_s=refresh_s).run()
+    dashboard_app(port, same_machine=same_machine, refresh_s=refresh_s).run()

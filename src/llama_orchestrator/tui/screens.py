@@ -1,4 +1,5 @@
-"""The dashboard's secondary screens: an instance's detail (Enter), its log (L), and the stop confirmation (D).
+"""The dashboard's secondary screens: an instance's detail (Enter), its log (L), and the confirmation of a stop
+(D) or restart (Ctrl+R).
 
 Each screen loads its data in thread workers (``tui.data`` blocks) and renders what the worker posts back.
 """
@@ -17,7 +18,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Header, Label, RichLog, Static
 
 from llama_orchestrator.cli.render import HEALTH_STYLE
-from llama_orchestrator.tui.data import STYLE, Backend, Detail, LogFollower, initial_log
+from llama_orchestrator.tui.data import STYLE, Backend, Detail, LogFeed
 
 
 class DetailScreen(Screen[None]):
@@ -135,7 +136,8 @@ class LogScreen(Screen[None]):
     def __init__(self, backend: Backend, name: str, poll_s: float = 0.3) -> None:
         super().__init__()
         self.backend, self.instance, self.poll_s = backend, name, poll_s
-        self._follower: LogFollower | None = None
+        self._feed: LogFeed | None = None
+        self._closed = False
         self._reading = False
         self.lines_shown = 0
 
@@ -151,24 +153,32 @@ class LogScreen(Screen[None]):
         self.set_interval(self.poll_s, self._poll)
 
     def on_unmount(self) -> None:
-        if self._follower is not None:
-            self._follower.close()
+        self._closed = True
+        if self._feed is not None:
+            self._feed.close()
 
     @work(thread=True, exit_on_error=False, group="logs")
     def _open(self) -> None:
-        paths = self.backend.log_paths(self.instance)
-        self._follower = LogFollower(paths)
-        self.post_message(self.Lines(initial_log(paths)))
+        try:
+            feed = self.backend.follow(self.instance)
+        except Exception as exc:  # noqa: BLE001 - shown on the screen (no such instance, the API unreachable)
+            self.post_message(self.Lines([f"cannot read the log of {self.instance}: {exc}"]))
+            return
+        self._feed = feed
+        if self._closed:  # left before the feed was open
+            feed.close()
+            return
+        self.post_message(self.Lines(feed.read()))
 
     def _poll(self) -> None:
-        if not self._reading and self._follower is not None:
+        if not self._reading and self._feed is not None:
             self._reading = True
             self._read()
 
     @work(thread=True, exit_on_error=False, group="logs")
     def _read(self) -> None:
-        follower = self._follower
-        self.post_message(self.Lines(follower.read() if follower is not None else []))
+        feed = self._feed
+        self.post_message(self.Lines(feed.read() if feed is not None else []))
 
     @on(Lines)
     def _show(self, message: Lines) -> None:
