@@ -1,8 +1,8 @@
 """The daemon's reconcile pass: run ``domain.reconcile.plan`` over the home and carry out its actions.
 
-When: ``ReloadTrigger`` (pure) watches the config files' stamps, which the daemon hands it on every full tick
-(a stat per config, about twice a second); with ``reload: "auto"`` in ``orchestrator.json`` a pass runs 2 s after
-the last change, with ``manual`` (the default) only when asked (`llama-orch daemon reload`, ``POST
+When: ``ReloadTrigger`` (pure) watches the config files' stamps, which the daemon hands it when a pass is asked
+for, and once a second with ``reload: "auto"`` in ``orchestrator.json`` (a stat per config); in ``auto`` a pass
+runs 2 s after the last change, with ``manual`` (the default) only when asked (`llama-orch daemon reload`, ``POST
 /api/daemon/reload``, SIGHUP). A pass runs on a worker thread, one at a time, and never writes status itself: it
 calls the InstanceService and the instances port, as the CLI does.
 

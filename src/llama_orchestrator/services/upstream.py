@@ -160,6 +160,35 @@ class _Answer:
             return None
         return max(0.0, self.first_chunk_at - self._started)
 
+    async def _send_each(
+        self,
+        piece: bytes,
+        read: Callable[[], Awaitable[bytes]],
+        send: Callable[[dict], Awaitable[None]],
+        *,
+        keep_tail: bool,
+    ) -> None:
+        """Send ``piece`` and each one ``read`` gives after it as one ASGI body message (``more_body``), keeping
+        what the token count needs: a stream's pieces in the tail (``keep_tail``), a JSON answer's up to
+        ``TOKEN_BODY_MAX``. ``send_failed`` tells a send that raised (the client is gone) from an upstream that
+        broke."""
+        tail, kept = self._tail, self._kept
+        budget = 0 if self.event_stream else TOKEN_BODY_MAX if self._json else 0
+        while piece:
+            if keep_tail:
+                tail.append(piece)
+            elif budget > 0:
+                kept.append(piece)
+                budget -= len(piece)
+                if budget <= 0:
+                    kept.clear()  # too big to be worth parsing for the token count
+            try:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            except OSError:
+                self.send_failed = True
+                raise
+            piece = await read()
+
     def _tokens(self, elapsed: float) -> TokenReport | None:
         try:
             if self.event_stream:
@@ -225,22 +254,7 @@ class Upstream(_Answer):
                     await pending  # the client reads slower than the instance writes
                 chunk = await read()
         else:
-            tail, kept = self._tail, self._kept
-            budget = 0 if self.event_stream else TOKEN_BODY_MAX if self._json else 0
-            while chunk:
-                if self.event_stream:
-                    tail.append(chunk)
-                elif budget > 0:
-                    kept.append(chunk)
-                    budget -= len(chunk)
-                    if budget <= 0:
-                        kept.clear()  # too big to be worth parsing for the token count
-                try:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except OSError:
-                    self.send_failed = True
-                    raise
-                chunk = await read()
+            await self._send_each(chunk, read, send, keep_tail=self.event_stream)
         self._complete = True
 
     async def close(self, *, client_gone: bool = False) -> None:
@@ -308,22 +322,9 @@ class LeanUpstream(_Answer):
                 self.first_chunk_at = conn.first_body_at
             self._complete = True
             return
-        kept = self._kept
-        budget = 0 if self.event_stream else TOKEN_BODY_MAX if self._json else 0
         try:
-            piece = await conn.next_piece()
-            while piece:
-                if budget > 0:
-                    kept.append(piece)
-                    budget -= len(piece)
-                    if budget <= 0:
-                        kept.clear()  # too big to be worth parsing for the token count
-                try:
-                    await send({"type": "http.response.body", "body": piece, "more_body": True})
-                except OSError:
-                    self.send_failed = True
-                    raise
-                piece = await conn.next_piece()
+            # (the connection keeps a stream's last pieces itself: no tail here)
+            await self._send_each(await conn.next_piece(), conn.next_piece, send, keep_tail=False)
         finally:
             self.first_chunk_at = conn.first_body_at
         self._complete = True
