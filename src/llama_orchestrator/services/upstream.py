@@ -134,6 +134,7 @@ class _Answer:
 
     status: int
     event_stream: bool
+    _json: bool  # an application/json answer: kept (up to TOKEN_BODY_MAX) for its token count
 
     def __init__(self, instance: str, started: float, clock: Callable[[], float], finish: Finish) -> None:
         self._clock, self._finish = clock, finish
