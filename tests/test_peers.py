@@ -92,6 +92,15 @@ def test_pool_marks_down_and_probes_back_with_backoff() -> None:
 # -- two daemons on this machine ----------------------------------------------------------------------------------
 
 
+def _stop_nodes(a: Cli, b: Cli) -> None:
+    """Both daemons stopped, B's instances down, and nothing of either home left running."""
+    for cli in (a, b):
+        cli.run("daemon", "stop", timeout=60)
+    b.run("down", "--all", "--timeout", "1", timeout=120)
+    _kill_leftovers(a.home)
+    _kill_leftovers(b.home)
+
+
 def _start(cli: Cli, port: int, **extra: object) -> str:
     settings = cli.home / "orchestrator.json"
     settings.write_text(json.dumps({"api": {"port": port}, **extra}))
@@ -185,11 +194,7 @@ def test_node_a_serves_node_b_model_and_recovers(tmp_path: Path, tiny_model: Pat
         metrics = httpx.get(f"{a_url}/metrics", timeout=10).text
         assert 'llama_orch_peer_requests_total{node="nodeb",code="503"}' in metrics
     finally:
-        for cli in (a, b):
-            cli.run("daemon", "stop", timeout=60)
-        b.run("down", "--all", "--timeout", "1", timeout=120)
-        _kill_leftovers(a.home)
-        _kill_leftovers(b.home)
+        _stop_nodes(a, b)
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX process handling in the test")
@@ -625,8 +630,4 @@ def test_two_nodes_queue_at_the_peer_and_a_down_peer_answers_503(
         assert status == 503 and "retry-after" in headers
         assert error["code"] == "peer_unavailable" and "nodeb" in error["message"]
     finally:
-        for cli in (a, b):
-            cli.run("daemon", "stop", timeout=60)
-        b.run("down", "--all", "--timeout", "1", timeout=120)
-        _kill_leftovers(a.home)
-        _kill_leftovers(b.home)
+        _stop_nodes(a, b)

@@ -1,5 +1,6 @@
-"""The router's upstream connections: made without uvicorn's thread-pool resolve (services.upstream._connect), and
-failing the way the router's retry and mark-down logic expects (aiohttp.ClientConnectorError)."""
+"""The router's upstream connections: made without uvicorn's thread-pool resolve
+(``adapters.http_relay.connect_socket``), and failing the way the router's retry and mark-down logic expects
+(aiohttp.ClientConnectorError)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import aiohttp
 import pytest
 import uvloop
 
+from llama_orchestrator.adapters.http_relay import connect_socket
 from llama_orchestrator.services import upstream
 
 
@@ -34,12 +36,12 @@ def test_connect_reaches_a_listener_and_reports_a_refusal(loop_factory) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         with _listener() as listener:
-            sock = await upstream._connect((*info[:4], listener.getsockname()), loop)
+            sock = await connect_socket((*info[:4], listener.getsockname()), loop)
             with sock:
                 assert sock.getpeername() == listener.getsockname()
                 assert not sock.getblocking()
         with pytest.raises(OSError) as refused:
-            await upstream._connect((*info[:4], ("127.0.0.1", _closed_port())), loop)
+            await connect_socket((*info[:4], ("127.0.0.1", _closed_port())), loop)
         assert refused.value.errno == errno.ECONNREFUSED
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -351,13 +351,11 @@ def make_control_router(
         ),
         timestamps: bool = Query(False, description="each line starts with its RFC 3339 UTC time and a space"),
     ) -> Any:
-        from llama_orchestrator.domain.timespec import BadTime, parse_time
+        from llama_orchestrator.domain.timespec import BadTime, parse_range
 
         streams = STREAMS if stream == "both" else (stream,)
         try:
-            now = time.time()
-            since_ts = parse_time(since, now) if since else None
-            until_ts = parse_time(until, now) if until else None
+            since_ts, until_ts = parse_range(since, until, time.time())
         except BadTime as exc:
             raise UsageError(str(exc)) from None
         paths = await run_in_threadpool(instances.log_paths, name, streams)
@@ -462,12 +460,9 @@ async def _follow_lines(
 
     from llama_orchestrator.adapters.log_times import TimedLine, timed_lines
     from llama_orchestrator.adapters.logfiles import LogCursor, read_new_lines
-    from llama_orchestrator.domain.log_times import rfc3339
+    from llama_orchestrator.domain.log_times import shown_line
 
     stream_of = {p: p.stem for p in paths}
-
-    def shown(moment: float, text: str) -> str:
-        return f"{rfc3339(moment)} {text}" if timestamps else text
 
     def open_and_tail() -> tuple[list[LogCursor], Iterator[TimedLine]]:
         cursors = []
@@ -483,14 +478,17 @@ async def _follow_lines(
 
     def next_batch(history: Iterator[TimedLine]) -> list[tuple[str, str]]:
         # In pieces: `--tail 0` of a 50 MB log is streamed, never held whole.
-        return [(stream_of[line.path], shown(line.time, line.text)) for line in islice(history, HISTORY_BATCH)]
+        return [
+            (stream_of[line.path], shown_line(line.text, line.time, timestamps=timestamps))
+            for line in islice(history, HISTORY_BATCH)
+        ]
 
     def read_new(cursors: list[LogCursor]) -> tuple[list[tuple[str, str]], bool]:
         lines, behind = read_new_lines(cursors)
         moment = time.time()
         if (since is not None and moment < since) or (until is not None and moment > until):
             return [], behind
-        return [(stream_of[path], shown(moment, line)) for path, line in lines], behind
+        return [(stream_of[path], shown_line(line, moment, timestamps=timestamps)) for path, line in lines], behind
 
     cursors, history = await _read_logs(open_and_tail)
     try:

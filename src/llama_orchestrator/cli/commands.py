@@ -528,14 +528,12 @@ def logs(
     """
     import time
 
-    from llama_orchestrator.domain.timespec import BadTime, parse_time
+    from llama_orchestrator.domain.timespec import BadTime, parse_range
 
     if tail_n < 0:
         raise _usage("--tail must be 0 or more")
-    now = time.time()
     try:
-        since_ts = parse_time(since, now) if since else None
-        until_ts = parse_time(until, now) if until else None
+        since_ts, until_ts = parse_range(since, until, time.time())
     except BadTime as exc:
         raise _usage(str(exc)) from None
     streams = ("stderr",) if stderr and not stdout else ("stdout",) if stdout and not stderr else ("stdout", "stderr")
@@ -870,14 +868,12 @@ def events(
     import time
 
     from llama_orchestrator.cli import render
-    from llama_orchestrator.domain.timespec import BadTime, parse_time
+    from llama_orchestrator.domain.timespec import BadTime, parse_range
 
     if limit is not None and limit < 0:
         raise _usage("--tail must be 0 or more")
-    now = time.time()
     try:
-        since_ts = parse_time(since, now) if since else None
-        until_ts = parse_time(until, now) if until else None
+        since_ts, until_ts = parse_range(since, until, time.time())
     except BadTime as exc:
         raise _usage(str(exc)) from None
     port = instances()

@@ -101,3 +101,8 @@ def thinned(points: list[Point], keep: int) -> list[Point]:
 def rfc3339(moment: float) -> str:
     """``2026-12-01T17:14:16.123456Z``: the stamp `logs -t` puts before a line (UTC, microseconds), as Docker's."""
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def shown_line(text: str, moment: float, *, timestamps: bool) -> str:
+    """A log line as `logs` prints it: with ``timestamps``, its ``rfc3339`` time and a space before it."""
+    return f"{rfc3339(moment)} {text}" if timestamps else text

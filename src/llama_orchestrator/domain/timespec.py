@@ -31,3 +31,9 @@ def parse_time(text: str, now: float) -> float:
             "such as 2026-12-01T10:00:00Z"
         ) from None
     return moment.timestamp()  # a naive datetime is local time
+
+
+def parse_range(since: str | None, until: str | None, now: float) -> tuple[float | None, float | None]:
+    """``--since``/``--until`` as Unix seconds, None where not given; both read against the same ``now``. Raises
+    BadTime."""
+    return (parse_time(since, now) if since else None, parse_time(until, now) if until else None)

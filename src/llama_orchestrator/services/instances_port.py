@@ -507,13 +507,10 @@ class LocalInstances:
         clock: Callable[[], float] = time.time,
     ) -> Iterator[str]:
         from llama_orchestrator.adapters.log_times import timed_lines
-        from llama_orchestrator.domain.log_times import rfc3339
-
-        def shown(moment: float, text: str) -> str:
-            return f"{rfc3339(moment)} {text}" if timestamps else text
+        from llama_orchestrator.domain.log_times import shown_line
 
         for line in timed_lines(paths, tail=tail_n, since=since, until=until):
-            yield shown(line.time, line.text)
+            yield shown_line(line.text, line.time, timestamps=timestamps)
         if follow and (until is None or clock() <= until):
             # A new line's time is when this reader saw it (it polls every 0.2 s).
             for _, text in follow_files(paths, stop=lambda: until is not None and clock() > until):
@@ -521,7 +518,7 @@ class LocalInstances:
                 if until is not None and moment > until:
                     return
                 if since is None or moment >= since:
-                    yield shown(moment, text)
+                    yield shown_line(text, moment, timestamps=timestamps)
 
     def attach(
         self, names: list[str], *, stop: Callable[[], bool] | None = None, poll_s: float = 0.2

@@ -51,12 +51,8 @@ _HOP_OUT = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"serv
 Finish = Callable[[int, "TokenReport | None"], None]
 
 
-_reset_on_close_socket = reset_on_close_socket
-_connect = connect_socket
-
-
 class _Connector(aiohttp.TCPConnector):
-    """``TCPConnector`` whose new connections are made by ``_connect``: llama-server closes the connection after
+    """``TCPConnector`` whose new connections are made by ``connect_socket``: llama-server closes the connection after
     every stream, so each streamed request pays a connect (a third of the router's CPU per stream in py-spy, most
     of it uvloop's thread-pool resolve). Only for one plain-TCP address (an instance is always one); the rest, and
     an aiohttp whose internals differ, go the usual way."""
@@ -70,7 +66,7 @@ class _Connector(aiohttp.TCPConnector):
             kwargs.pop(key)
         try:
             async with asyncio.timeout(timeout.sock_connect):
-                sock = await _connect(addr_infos[0], self._loop)
+                sock = await connect_socket(addr_infos[0], self._loop)
                 return await self._loop.create_connection(*args, **kwargs, sock=sock)
         except OSError as exc:
             if exc.errno is None and isinstance(exc, TimeoutError):
@@ -87,7 +83,7 @@ def new_session() -> aiohttp.ClientSession:
     connector = _Connector if _FAST_CONNECT else aiohttp.TCPConnector
     return aiohttp.ClientSession(
         # keep-alive shorter than llama-server's own 5 s, so we never reuse a connection it is closing
-        connector=connector(limit=0, keepalive_timeout=4.0, socket_factory=_reset_on_close_socket),
+        connector=connector(limit=0, keepalive_timeout=4.0, socket_factory=reset_on_close_socket),
         auto_decompress=False,  # relay bytes as they are
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),  # a long generation is not a timeout
         skip_auto_headers=("User-Agent",),
