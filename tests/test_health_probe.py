@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
-from llama_orchestrator.adapters.health_probe import probe, probe_sync
+from llama_orchestrator.adapters import health_probe
+from llama_orchestrator.adapters.health_probe import probe, probe_on, probe_sync
+from llama_orchestrator.adapters.io_loop import IoLoop
 from llama_orchestrator.domain.health import ProbeOutcome
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -297,7 +302,7 @@ def test_the_loop_probe_of_a_server_that_never_answers_times_out() -> None:
 
 
 def test_the_loop_probe_speaks_to_the_fake_llama_server() -> None:
-    """What the daemon probes in the end-to-end tests and the benchmark: the fake server (aiohttp)."""
+    """What the daemon probes in the end-to-end tests and the benchmark: the fake server (http.server, HTTP/1.1)."""
     import subprocess
     import sys
     import time
@@ -319,3 +324,291 @@ def test_the_loop_probe_speaks_to_the_fake_llama_server() -> None:
     finally:
         server.kill()
         server.wait()
+
+
+# --- probe_on keeps its connection for the next probe (keep_for) --------------------------------------------
+
+
+class _RawServer:
+    """HTTP/1.1 on a real socket, one thread per connection, that counts connections and how the client ends them.
+
+    ``answer(path)`` gives each answer's bytes; the server keeps every connection open until the client closes it
+    (``resets``: with a reset, ``eofs``: with a FIN), or until ``hang_up`` (a FIN, as a server's idle close) or
+    ``drop`` (the next ``drop`` requests, on any connection, end it without an answer, with a FIN or a reset).
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.lock = threading.Lock()
+        self.accepts = self.resets = self.eofs = self.drop = 0
+        self.drop_with_reset = False
+        self.requests: list[bytes] = []
+        self.conns: list[socket.socket] = []
+        self.answer: Callable[[str], bytes] = lambda _path: _answer(b"HTTP/1.1 200 OK", b'{"status":"ok"}')
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepts += 1
+                self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        data = b""
+        while True:
+            try:
+                chunk = conn.recv(4096)
+            except ConnectionResetError:
+                self._count("resets")
+                return
+            except OSError:  # closed here
+                return
+            if not chunk:
+                self._count("eofs")
+                return
+            data += chunk
+            while b"\r\n\r\n" in data:
+                request, data = data.split(b"\r\n\r\n", 1)
+                with self.lock:
+                    self.requests.append(request.split(b"\r\n", 1)[0])
+                    dropping, self.drop = self.drop > 0, max(0, self.drop - 1)
+                if dropping:
+                    if self.drop_with_reset:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                    return
+                conn.sendall(self.answer(request.split(b" ", 2)[1].decode()))
+
+    def _count(self, what: str) -> None:
+        with self.lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+    def hang_up(self) -> None:
+        """End every connection from this side, as llama-server's idle close does (then see how the client ends)."""
+        with self.lock:
+            for conn in self.conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for conn in self.conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+
+
+def _answer(status_line: bytes, body: bytes, *headers: bytes) -> bytes:
+    head = [status_line, b"Content-Type: application/json", *headers]
+    if not any(h.lower().startswith((b"content-length", b"transfer-encoding")) for h in headers):
+        head.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+@pytest.fixture
+def raw_server() -> Iterator[_RawServer]:
+    server = _RawServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def loop() -> Iterator[IoLoop]:
+    io_loop = IoLoop()
+    try:
+        yield io_loop
+    finally:
+        io_loop.close()
+
+
+def run_until(loop: IoLoop, condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Drive ``loop`` until ``condition()`` holds, within a deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        loop.run_once(0.05)
+
+
+def kept_probe(
+    loop: IoLoop, base: str, path: str = "/health", timeout: float = 5.0, keep_for: float = 1.5
+) -> ProbeOutcome:
+    outcomes: list[ProbeOutcome] = []
+    probe_on(loop, base, path, timeout, outcomes.append, keep_for=keep_for)
+    run_until(loop, lambda: outcomes, timeout + 10)
+    assert len(outcomes) == 1
+    return outcomes[0]
+
+
+def kept(loop: IoLoop) -> list[str]:
+    """The base URLs with a connection kept on ``loop``."""
+    return list(health_probe._POOLS.get(loop, {}))
+
+
+def test_a_second_probe_reuses_the_connection(raw_server: _RawServer, loop: IoLoop) -> None:
+    for _ in range(3):
+        outcome = kept_probe(loop, raw_server.base)
+        assert (outcome.status_code, outcome.error) == (200, None)
+    assert raw_server.accepts == 1
+    assert raw_server.requests == [b"GET /health HTTP/1.1"] * 3
+    assert kept(loop) == [raw_server.base]
+
+
+def test_the_fallback_reuses_the_connection(raw_server: _RawServer, loop: IoLoop) -> None:
+    raw_server.answer = lambda path: (
+        _answer(b"HTTP/1.1 200 OK", b"{}") if path == "/v1/health" else _answer(b"HTTP/1.1 404 Not Found", b"no")
+    )
+    assert kept_probe(loop, raw_server.base).status_code == 200
+    assert kept_probe(loop, raw_server.base).status_code == 200
+    assert raw_server.accepts == 1
+    assert raw_server.requests == [b"GET /health HTTP/1.1", b"GET /v1/health HTTP/1.1"] * 2
+
+
+def test_without_keep_for_nothing_is_kept(raw_server: _RawServer, loop: IoLoop) -> None:
+    for keep_for in (0.0, health_probe.KEEP_MAX_S + 1):  # off, and longer than llama-server's idle close allows
+        assert kept_probe(loop, raw_server.base, keep_for=keep_for).status_code == 200
+    run_until(loop, lambda: raw_server.resets == 2)
+    assert raw_server.accepts == 2
+    assert kept(loop) == []
+
+
+def test_a_kept_connection_the_server_closes_is_reset_and_the_next_probe_opens_a_fresh_one(
+    raw_server: _RawServer, loop: IoLoop
+) -> None:
+    assert kept_probe(loop, raw_server.base).status_code == 200
+    raw_server.hang_up()  # as llama-server's idle close, or a server that stops
+    run_until(loop, lambda: raw_server.resets == 1)  # closed by us at once, with a reset: no TIME_WAIT on its port
+    assert kept(loop) == []
+    assert kept_probe(loop, raw_server.base).status_code == 200
+    assert raw_server.accepts == 2
+
+
+def test_bytes_nobody_asked_for_end_a_kept_connection(raw_server: _RawServer, loop: IoLoop) -> None:
+    assert kept_probe(loop, raw_server.base).status_code == 200
+    with raw_server.lock:
+        raw_server.conns[0].sendall(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+    run_until(loop, lambda: raw_server.resets == 1)
+    assert kept(loop) == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _answer(b"HTTP/1.1 200 OK", b"{}", b"Connection: close"),
+        _answer(b"HTTP/1.1 200 OK", b"{}", b"connection: Close"),
+        _answer(b"HTTP/1.0 200 OK", b"{}"),
+        _answer(b"HTTP/1.1 200 OK", b"2\r\n{}\r\n0\r\n\r\n", b"Transfer-Encoding: chunked"),
+        b"HTTP/1.1 200 OK\r\n\r\n",  # no Content-Length: the body ends with the connection
+        _answer(b"HTTP/1.1 200 OK", b"{}") + b"HTTP/1.1 200 OK",  # more than the answer
+    ],
+    ids=["connection-close", "case", "http-1.0", "chunked", "no-length", "extra-bytes"],
+)
+def test_answers_that_cannot_be_kept_are_not(raw_server: _RawServer, loop: IoLoop, answer: bytes) -> None:
+    raw_server.answer = lambda _path: answer
+    assert kept_probe(loop, raw_server.base).status_code == 200
+    run_until(loop, lambda: raw_server.resets == 1)
+    assert kept(loop) == []
+    assert kept_probe(loop, raw_server.base).status_code == 200
+    assert raw_server.accepts == 2
+
+
+def test_a_kept_connection_idle_past_keep_for_is_reset(raw_server: _RawServer, loop: IoLoop) -> None:
+    assert kept_probe(loop, raw_server.base, keep_for=0.3).status_code == 200
+    idle_since = time.monotonic()
+    run_until(loop, lambda: raw_server.resets == 1)
+    assert time.monotonic() - idle_since >= 0.25
+    assert kept(loop) == []
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "reset"])
+def test_a_kept_connection_dead_at_the_next_probe_is_retried_once_on_a_fresh_one(
+    raw_server: _RawServer, loop: IoLoop, reset: bool
+) -> None:
+    assert kept_probe(loop, raw_server.base).status_code == 200
+    raw_server.drop, raw_server.drop_with_reset = 1, reset  # the server's close crosses our request
+    outcome = kept_probe(loop, raw_server.base)
+    assert (outcome.status_code, outcome.error) == (200, None)
+    assert raw_server.accepts == 2
+    assert kept(loop) == [raw_server.base]
+
+
+def test_a_fresh_connection_that_fails_too_is_a_failed_probe(raw_server: _RawServer, loop: IoLoop) -> None:
+    assert kept_probe(loop, raw_server.base).status_code == 200
+    raw_server.drop = 2
+    outcome = kept_probe(loop, raw_server.base)
+    assert outcome.status_code is None
+    assert outcome.error in (
+        "RemoteDisconnected: Remote end closed connection without response",
+        "ConnectionResetError: [Errno 104] Connection reset by peer",
+    )
+    assert raw_server.accepts == 2  # once more, not twice
+
+
+def test_a_body_that_never_comes_ends_the_probe_at_its_timeout_with_its_status(
+    raw_server: _RawServer, loop: IoLoop
+) -> None:
+    raw_server.answer = lambda _path: _answer(b"HTTP/1.1 503 Service Unavailable", b"{}", b"Content-Length: 10")
+    outcome = kept_probe(loop, raw_server.base, timeout=0.2)
+    assert (outcome.status_code, outcome.error) == (503, None)
+    run_until(loop, lambda: raw_server.resets == 1)
+    assert kept(loop) == []
+
+
+def test_closing_the_loop_resets_the_kept_connections(raw_server: _RawServer) -> None:
+    from helpers import wait_until
+
+    io_loop = IoLoop()
+    assert kept_probe(io_loop, raw_server.base).status_code == 200
+    io_loop.close()
+    wait_until(lambda: raw_server.resets == 1, 10)
+    assert kept(io_loop) == []
+
+
+def test_a_kept_connection_to_a_server_killed_lets_a_new_one_bind_its_port(loop: IoLoop) -> None:
+    """kill -9 under a kept connection, a new server on the same port: the kernel (gVisor's too) lets it bind."""
+    import subprocess
+    import sys
+
+    from helpers import free_port, wait_until
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def fake_server() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_orchestrator.testing.fake_server",
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    servers = [fake_server()]
+    try:
+        wait_until(lambda: kept_probe(loop, base).status_code == 200, 30)
+        assert kept(loop) == [base]
+        servers[0].kill()
+        servers[0].wait()
+        run_until(loop, lambda: not kept(loop))  # its end of stream seen, our end reset
+        servers.append(fake_server())
+        wait_until(lambda: servers[1].poll() is None and kept_probe(loop, base).status_code == 200, 30)
+        assert servers[1].poll() is None, "the new server could not bind the port"
+        assert kept(loop) == [base]
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()

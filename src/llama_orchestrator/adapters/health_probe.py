@@ -5,8 +5,11 @@ A probe never raises for network trouble: a refused connection or a timeout is a
 ``domain.health`` to judge. ``probe`` is for an asyncio loop, ``probe_sync`` for the CLI, ``probe_light`` (http.client,
 blocking) for one-off checks, and ``probe_on`` for the daemon, which probes every instance every second or so: the
 same request on a non-blocking socket of the daemon's one selector (``adapters.io_loop``), so a probe costs no
-thread, no hand-off and no header parser. Both light probes open one connection per probe that *we* close (with a
-reset), so a server that dies never finds its port held by a half-closed keep-alive connection of ours.
+thread, no hand-off and no header parser. Both light probes close their connection themselves, with a reset (no
+TIME_WAIT on either side). ``probe_light`` opens one per probe; ``probe_on`` may keep one per server for the next
+probe (``keep_for``: the daemon's next probe comes within a second or two), watched while idle and reset as soon as
+the server closes its end or it has been idle too long, so a server that dies never finds its port held by a
+keep-alive connection of ours.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import selectors
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -88,18 +92,45 @@ def _get_light(base_url: str, path: str, timeout: float, started: float) -> Prob
         connection.close()
 
 
-def probe_on(loop: IoLoop, base_url: str, path: str, timeout: float, done: Callable[[ProbeOutcome], None]) -> None:
-    """``probe_light`` without blocking: the probe runs on ``loop``, and ``done(outcome)`` is called there, once."""
+def probe_on(
+    loop: IoLoop,
+    base_url: str,
+    path: str,
+    timeout: float,
+    done: Callable[[ProbeOutcome], None],
+    *,
+    keep_for: float = 0.0,
+) -> None:
+    """``probe_light`` without blocking: the probe runs on ``loop``, and ``done(outcome)`` is called there, once.
+
+    ``keep_for``: keep the connection open up to this many seconds after the answer, for the next probe of
+    ``base_url`` (one send and one recv instead of a TCP connect and close); 0, or more than ``KEEP_MAX_S``: close it
+    after the answer, as ``probe_light`` does.
+    """
     started = time.perf_counter()
 
     def first(outcome: ProbeOutcome) -> None:
         left = _time_left(timeout, started)
         if _wants_fallback(outcome, path, left):
-            _LoopGet(loop, base_url, FALLBACK_PATH, left, started, done)
+            _LoopGet(loop, base_url, FALLBACK_PATH, left, started, done, keep_for)
         else:
             done(outcome)
 
-    _LoopGet(loop, base_url, path, timeout, started, first)
+    _LoopGet(loop, base_url, path, timeout, started, first, keep_for)
+
+
+def close_kept(loop: IoLoop) -> None:
+    """Close (with a reset) the connections ``probe_on`` keeps on ``loop``; ``loop.close()`` does it too."""
+    for conn in list(_POOLS.get(loop, {}).values()):
+        conn.close()
+
+
+# The longest a probe's connection is kept idle. llama-server (cpp-httplib) closes a keep-alive connection idle for
+# 5 s itself, and a close by the server leaves a TIME_WAIT on the server's own port (see _Conn): we close first.
+KEEP_MAX_S = 2.0
+
+# The connections kept for the next probe: per loop, one per base URL, each idle (no probe on it) while here.
+_POOLS: weakref.WeakKeyDictionary[IoLoop, dict[str, _Conn]] = weakref.WeakKeyDictionary()
 
 
 @lru_cache(maxsize=1024)
@@ -111,10 +142,112 @@ def _target(base_url: str) -> tuple[socket.AddressFamily, tuple[Any, ...], str]:
     return family, address, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _LoopGet:
-    """One GET on a non-blocking socket: connect, send, read the status line, close with a reset."""
+@lru_cache(maxsize=1024)
+def _request(base_url: str, path: str, keep: bool) -> bytes:
+    # HTTP/1.1 keeps the connection by default; one we will not keep says so, and the server need not wait for more.
+    connection = "" if keep else "Connection: close\r\n"
+    return f"GET {path} HTTP/1.1\r\nHost: {_target(base_url)[2]}\r\n{connection}\r\n".encode()
 
-    __slots__ = ("data", "done", "finished", "loop", "request", "sock", "started", "timer")
+
+class _Conn:
+    """A probe's TCP connection to one server, fresh or kept for the next probe.
+
+    Its socket is watched for reading from the request on until it is closed, by ``_readable``, which hands what
+    comes to the probe using it or, while it is idle, closes it: whatever an idle connection reads (the end of the
+    stream of a server that crashed, stopped or closes idle connections; an error; bytes nobody asked for) means
+    it is no use any more. Every close is a reset (SO_LINGER 0, set when the socket is made): when the server has
+    closed first, its socket waits on the server's own port (FIN_WAIT_2, then TIME_WAIT), and gVisor refuses a
+    restarted server the bind of that port while it does; the reset ends it at once. A kept connection takes one of
+    llama-server's HTTP threads, which it sizes as n_parallel + 2 "for monitoring endpoints": what they are for.
+    """
+
+    __slots__ = ("base_url", "get", "idle_timer", "loop", "sock")
+
+    def __init__(self, loop: IoLoop, base_url: str, sock: socket.socket) -> None:
+        self.loop, self.base_url = loop, base_url
+        self.sock: socket.socket | None = sock  # None once closed
+        self.get: _LoopGet | None = None  # the probe using it; None while idle
+        self.idle_timer: Timer | None = None
+
+    def park(self, keep_for: float) -> bool:
+        """Keep it idle for the next probe of its base URL, ``keep_for`` seconds at most; False if one already is."""
+        pool = _POOLS.get(self.loop)
+        if pool is None:
+            _POOLS[self.loop] = pool = {}
+            self.loop.at_close(partial(close_kept, self.loop))
+        if self.base_url in pool:
+            return False
+        pool[self.base_url] = self
+        self.idle_timer = self.loop.call_later(keep_for, self.close)
+        return True
+
+    def close(self) -> None:
+        sock, self.sock, self.get = self.sock, None, None
+        if sock is None:
+            return
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        pool = _POOLS.get(self.loop)
+        if pool is not None and pool.get(self.base_url) is self:
+            del pool[self.base_url]
+        self.loop.unwatch(sock.fileno(), closing=True)
+        sock.close()
+
+    def _writable(self, _mask: int) -> None:
+        if self.get is not None:
+            self.get.connected()
+
+    def _readable(self, _mask: int) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            chunk = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if self.get is None:
+                self.close()
+            else:
+                self.get.failed(exc)
+            return
+        if self.get is None:
+            self.close()  # idle: see the class's docstring
+        else:
+            self.get.received(chunk)
+
+
+def _take_kept(loop: IoLoop, base_url: str) -> _Conn | None:
+    """The idle connection kept for ``base_url``, now the caller's; None if there is none (or it is in use)."""
+    pool = _POOLS.get(loop)
+    conn = pool.pop(base_url, None) if pool else None
+    if conn is not None and conn.idle_timer is not None:
+        conn.idle_timer.cancel()
+        conn.idle_timer = None
+    return conn
+
+
+class _LoopGet:
+    """One GET on a non-blocking socket: on the base URL's kept connection if there is one, else on a fresh one
+    (connect, send); read the head, and to keep the connection the body too; then close it (with a reset) or keep it.
+    """
+
+    __slots__ = (
+        "base_url",
+        "conn",
+        "data",
+        "done",
+        "finished",
+        "keep_for",
+        "loop",
+        "request",
+        "reused",
+        "started",
+        "status",
+        "timer",
+        "want",
+    )
 
     def __init__(
         self,
@@ -124,16 +257,52 @@ class _LoopGet:
         timeout: float,
         started: float,
         done: Callable[[ProbeOutcome], None],
+        keep_for: float = 0.0,
     ) -> None:
-        self.loop, self.done, self.started = loop, done, started
+        self.loop, self.base_url, self.done, self.started = loop, base_url, done, started
+        # Kept longer than KEEP_MAX_S, a connection would meet llama-server's idle close: then it is not kept at all
+        # (the next probe comes too late to use it).
+        self.keep_for = keep_for if 0 < keep_for <= KEEP_MAX_S else 0.0
         self.data = b""
         self.finished = False
-        self.sock: socket.socket | None = None
+        self.reused = False
+        self.status: int | None = None
+        self.want = -1  # the length of the whole answer, head and body, once its head is read and it can be kept
+        self.conn: _Conn | None = None
         self.timer: Timer | None = None
         try:
-            family, address, host = _target(base_url)
-            self.request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-            self.sock = sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+            self.request = _request(base_url, path, bool(self.keep_for))
+        except OSError as exc:  # the host does not resolve
+            self._finish(None, f"{type(exc).__name__}: {exc}")
+            return
+        self.timer = loop.call_later(max(0.0, timeout), self._timed_out)
+        kept = _take_kept(loop, base_url) if self.keep_for else None
+        if kept is None or not self._send_on(kept):
+            self._open()
+
+    def _send_on(self, conn: _Conn) -> bool:
+        """Send on a kept connection (already watched for reading); False if it is dead: then it is closed."""
+        sock = conn.sock
+        if sock is None:  # never: an idle connection that closes leaves the pool
+            return False
+        try:
+            sock.send(self.request)
+        except OSError:
+            conn.close()
+            return False
+        self.conn, self.reused, conn.get = conn, True, self
+        return True
+
+    def _open(self) -> None:
+        try:
+            family, address, _ = _target(self.base_url)
+            sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+        except OSError as exc:
+            self._finish(None, f"{type(exc).__name__}: {exc}")
+            return
+        self.conn = conn = _Conn(self.loop, self.base_url, sock)
+        conn.get = self
+        try:
             if not _NONBLOCK:
                 sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)  # as in _get_light: no TIME_WAIT
@@ -144,17 +313,17 @@ class _LoopGet:
         if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             self._finish(None, _connect_error(code))
             return
-        self.timer = loop.call_later(max(0.0, timeout), self._timed_out)
         # On loopback the handshake is usually over before connect returns: then send at once, and wait only for
         # the answer (one registration instead of two, one wake-up less).
         if not self._send(early=True):
-            loop.watch(sock.fileno(), selectors.EVENT_WRITE, self._connected)
+            self.loop.watch(sock.fileno(), selectors.EVENT_WRITE, conn._writable)
 
     def _send(self, *, early: bool) -> bool:
         """Send the request and wait for the answer; False (early only) when the connection is not up yet."""
-        sock = self.sock
-        if sock is None or self.finished:
+        conn = self.conn
+        if conn is None or conn.sock is None or self.finished:
             return True
+        sock = conn.sock
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._finish(None, _connect_error(code))
@@ -166,53 +335,97 @@ class _LoopGet:
                 return False  # the handshake is still going: wait until the socket is writable
             self._finish(None, f"{type(exc).__name__}: {exc}")
             return True
-        self.loop.watch(sock.fileno(), selectors.EVENT_READ, self._readable)
+        self.loop.watch(sock.fileno(), selectors.EVENT_READ, conn._readable)
         return True
 
-    def _connected(self, _mask: int) -> None:
+    def connected(self) -> None:
         self._send(early=False)
 
-    def _readable(self, _mask: int) -> None:
-        sock = self.sock
-        if sock is None or self.finished:
-            return
-        try:
-            chunk = sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
+    def failed(self, exc: OSError) -> None:
+        """Reading failed (a reset, mostly)."""
+        if self.reused and not self.data:
+            self._retry()
+        elif self.status is not None:
+            self._finish(self.status, None)  # in the body: the status code stands
+        else:
             self._finish(None, f"{type(exc).__name__}: {exc}")
-            return
+
+    def received(self, chunk: bytes) -> None:
         self.data += chunk
-        end = self.data.find(b"\r\n\r\n")
-        if end < 0 and chunk and len(self.data) < 65536:
-            return  # the headers are not all here yet
-        if end < 0:
-            what = "Remote end closed connection without response" if not self.data else "headers too long"
-            self._finish(None, f"RemoteDisconnected: {what}")
-            return
-        status = _status_code(self.data[:end])
-        if status is None:
-            line = self.data.split(b"\r\n", 1)[0][:80].decode("latin-1")
-            self._finish(None, f"BadStatusLine: {line!r}")
-            return
-        # The status code is the verdict: the body (if any) is not waited for. Closing with a reset drops it.
-        self._finish(status, None)
+        if self.want < 0:
+            end = self.data.find(b"\r\n\r\n")
+            if end < 0 and chunk and len(self.data) < 65536:
+                return  # the headers are not all here yet
+            if end < 0 and not self.data and self.reused:
+                self._retry()
+                return
+            if end < 0:
+                what = "Remote end closed connection without response" if not self.data else "headers too long"
+                self._finish(None, f"RemoteDisconnected: {what}")
+                return
+            head = self.data[:end]
+            self.status = status = _status_code(head)
+            if status is None:
+                line = self.data.split(b"\r\n", 1)[0][:80].decode("latin-1")
+                self._finish(None, f"BadStatusLine: {line!r}")
+                return
+            length = _body_length(head) if self.keep_for else -1
+            if length < 0:
+                # The status code is the verdict: the body (if any) is not waited for. Closing with a reset drops it.
+                self._finish(status, None)
+                return
+            self.want = end + 4 + length
+        if len(self.data) < self.want and chunk:
+            return  # to keep the connection, its answer must be read to the end (within the probe's timeout)
+        self._finish(self.status, None, keep=len(self.data) == self.want)
+
+    def _retry(self) -> None:
+        # The kept connection was dead (the server's idle close crossed our request, or the server is gone): once
+        # more on a fresh connection, within the same timeout, so that this does not count as a failed probe.
+        if self.conn is not None:
+            self.conn.close()
+        self.conn, self.reused, self.data = None, False, b""
+        self._open()
 
     def _timed_out(self) -> None:
         self.timer = None
-        self._finish(None, "timed out (TimeoutError)")
+        if self.status is not None:
+            self._finish(self.status, None)  # the head came, the body did not: the status code stands
+        else:
+            self._finish(None, "timed out (TimeoutError)")
 
-    def _finish(self, status: int | None, error: str | None) -> None:
+    def _finish(self, status: int | None, error: str | None, *, keep: bool = False) -> None:
         if self.finished:
             return
         self.finished = True
         if self.timer is not None:
             self.timer.cancel()
-        if self.sock is not None:
-            self.loop.unwatch(self.sock.fileno(), closing=True)
-            self.sock.close()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.get = None
+            if not (keep and conn.park(self.keep_for)):
+                conn.close()
         self.done(ProbeOutcome(status, error, _ms_since(self.started)))
+
+
+def _body_length(head: bytes) -> int:
+    """The length of the body of an answer whose connection can be kept, else -1: an HTTP/1.0 answer, one that says
+    ``Connection: close``, a chunked one (rare for /health: not worth a parser) or one without a Content-Length."""
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/1.1 "):
+        return -1
+    length = -1
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            value = value.strip()
+            if not value.isdigit() or length >= 0:
+                return -1
+            length = int(value)
+        elif name == b"transfer-encoding" or (name == b"connection" and b"close" in value.lower()):
+            return -1
+    return length
 
 
 def _not_connected(exc: OSError) -> bool:

@@ -120,6 +120,7 @@ class IoLoop:
         self._poller.watch(self._wake_r.fileno(), selectors.EVENT_READ, None)
         self._timers: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()
+        self._at_close: list[Callback] = []
 
     # -- any thread ------------------------------------------------------------------------------------------
 
@@ -147,6 +148,11 @@ class IoLoop:
     def call_later(self, delay: float, callback: Callback) -> Timer:
         return self.call_at(self.clock() + delay, callback)
 
+    def at_close(self, callback: Callback) -> None:
+        """Call ``callback`` first thing in ``close``: whoever keeps fds watched here (a kept probe connection) lets
+        go of them while the loop still stands, so none is left open with nothing to watch it."""
+        self._at_close.append(callback)
+
     def run_once(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds (None: until something happens), then run what is ready."""
         self._drop_cancelled()
@@ -168,6 +174,9 @@ class IoLoop:
                 _run(timer.callback)
 
     def close(self) -> None:
+        callbacks, self._at_close = self._at_close, []
+        for callback in callbacks:
+            _run(callback)
         self._poller.close()
         self._wake_r.close()
         self._wake_w.close()

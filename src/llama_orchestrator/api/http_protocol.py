@@ -11,14 +11,21 @@ a flood of slow sockets costs a bounded number of file descriptors while fresh (
 
 Each request's scope also carries a ``ChunkWriter`` (``scope["extensions"][CHUNK_WRITER]``): the router's relay
 writes a stream's chunks through it instead of through ``send``, and learns from it when the client is gone.
+
+The ``/v1`` lane (issue 14): an app that offers one (``v1_lane``, see ``api.proxy.V1Lane``) has its plain
+OpenAI requests (POST, HTTP/1.1, a sized body, nothing the guard would look at twice) answered by the lane
+directly: the connection's ``LaneCycle`` stands in for uvicorn's request cycle, so there is no ASGI message
+checking, no ``receive`` and no middleware between the parsed head and the router. Everything else, and every
+request the lane does not take, goes through uvicorn and the app as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("llama_orchestrator.api")
 
@@ -104,6 +111,241 @@ class ChunkWriter:
         return bool(self._cycle.disconnected)
 
 
+class Lane(Protocol):
+    """What ``HeadDeadlineProtocol`` asks of an app's ``v1_lane`` (``api.proxy.V1Lane``)."""
+
+    def takes(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool: ...
+
+    async def serve(self, scope: dict, receive: Callable, send: Callable) -> None: ...
+
+
+_REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class LaneCycle:
+    """One request the lane answers, in the place of uvicorn's ``RequestResponseCycle`` on its connection.
+
+    To uvicorn's protocol it is its current cycle: the parser's callbacks add to ``body`` and set ``more_body``,
+    ``message_event.set()`` (this object) says that something happened (more body, its end, the client gone),
+    ``response_complete`` says when the next pipelined request may start, ``keep_alive`` is cleared by a graceful
+    shutdown. To the lane it offers an ASGI ``send`` without the message checks (a sized answer's head and body
+    leave in one write) and the ``ChunkWriter`` interface for a stream's chunks (``push``, ``drain``, ``gone``,
+    ``on_lost``).
+    """
+
+    __slots__ = (
+        "_head",
+        "_protocol",
+        "body",
+        "chunked",
+        "disconnected",
+        "flow",
+        "keep_alive",
+        "more_body",
+        "on_lost",
+        "response_complete",
+        "response_started",
+        "scope",
+        "sized",
+        "status",
+        "task",
+        "transport",
+    )
+
+    def __init__(self, protocol: Any, scope: dict, keep_alive: bool) -> None:
+        self._protocol = protocol  # uvicorn's HttpToolsProtocol (ours, HeadDeadlineProtocol)
+        self.scope = scope
+        self.transport: asyncio.Transport = protocol.transport
+        self.flow = protocol.flow
+        self.keep_alive = keep_alive
+        self.body = bytearray()
+        self.more_body = True
+        self.disconnected = False
+        self.response_started = False
+        self.response_complete = False
+        self.chunked = False
+        self.sized = False  # the answer's head has a content-length
+        self.status = 0
+        self._head: bytes | None = None  # a sized answer's head, written with its body
+        self.task: asyncio.Task | None = None
+        self.on_lost: Callable[[], None] | None = None
+
+    @property
+    def message_event(self) -> LaneCycle:
+        return self  # uvicorn calls ``message_event.set()``: see ``set``
+
+    def set(self) -> None:
+        """The parser added body, the body is complete, or the connection is gone (``disconnected``)."""
+        if self.disconnected:
+            on_lost = self.on_lost
+            if on_lost is not None:
+                self.on_lost = None
+                on_lost()
+            elif self.task is not None and not self.response_complete:
+                self.task.cancel()  # nobody listens for it (the proxy's watch does, once armed): stop the work
+            return
+        if self.more_body:
+            if self.flow.read_paused:
+                self.flow.resume_reading()  # uvicorn pauses past 64 KiB of body; the lane takes it whole
+            return
+        if self.task is None:
+            protocol = self._protocol
+            self.task = task = protocol.loop.create_task(self._run(protocol.v1_lane))
+            protocol.tasks.add(task)  # a graceful shutdown waits for it, as for uvicorn's own
+            task.add_done_callback(protocol.tasks.discard)
+
+    async def _run(self, lane: Lane) -> None:
+        try:
+            await lane.serve(self.scope, self._receive, self.send)
+        except asyncio.CancelledError:
+            if not self.disconnected:
+                raise
+        except Exception:  # a bug of ours: as uvicorn does, a 500 if nothing was sent, else the connection is cut
+            log.exception("the /v1 lane failed")
+            if not self.response_started and not self.disconnected:
+                message = b"Internal Server Error"
+                self.keep_alive = False
+                await self.send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                    }
+                )
+                await self.send({"type": "http.response.body", "body": message})
+            else:
+                self.transport.close()
+        finally:
+            if not self.response_complete:
+                self.response_complete = True
+                self.transport.close()
+                self._protocol.on_response_complete()
+
+    async def _receive(self) -> dict:
+        if self.body is not None:
+            body, self.body = bytes(self.body), None  # type: ignore[assignment]
+            return {"type": "http.request", "body": body, "more_body": False}
+        # Nothing calls it twice: the proxy learns of a client gone through ``on_lost``.
+        raise RuntimeError("the /v1 lane's body was read already")
+
+    # -- the answer ------------------------------------------------------------------------------------------
+
+    async def send(self, message: dict) -> None:
+        if self.disconnected:
+            return
+        if message["type"] == "http.response.start":
+            self._start(message["status"], message.get("headers", ()))
+            return
+        body: bytes = message.get("body", b"")
+        more = message.get("more_body", False)
+        head, self._head = self._head, None
+        if head is None:
+            out = b"%x\r\n%s\r\n" % (len(body), body) if self.chunked and body else body
+        elif self.sized:
+            out = head + b"\r\n" + body
+        elif not more:  # the whole answer in one message: sized here, one write for head and body
+            out = head + b"content-length: %d\r\n\r\n" % len(body) + body
+        else:
+            self.chunked = True
+            out = head + b"transfer-encoding: chunked\r\n\r\n" + (b"%x\r\n%s\r\n" % (len(body), body) if body else b"")
+        if not more and self.chunked:
+            out += _LAST_CHUNK
+        if out:
+            self.transport.write(out)
+        if not more:
+            self._complete()
+        elif self.flow.write_paused:
+            await self.flow.drain()
+
+    def _start(self, status: int, headers: Any) -> None:
+        self.response_started = True
+        self.status = status
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+        for name, value in self._protocol.server_state.default_headers:
+            parts.append(b"%s: %s\r\n" % (name, value))
+        for name, value in headers:
+            if name == b"content-length":
+                self.sized = True
+            parts.append(b"%s: %s\r\n" % (name, value))
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        self._head = b"".join(parts)  # written with the first body (or chunk): one write, not two
+
+    def _complete(self) -> None:
+        self.response_complete = True
+        protocol = self._protocol
+        if protocol.access_log:
+            scope = self.scope
+            client = protocol.client
+            protocol.access_logger.info(
+                '%s - "%s %s HTTP/1.1" %d',
+                f"{client[0]}:{client[1]}" if client else "-",
+                scope["method"],
+                scope["raw_path"].decode("latin-1")
+                + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else ""),
+                self.status,
+            )
+        if not self.keep_alive:
+            self.transport.close()
+        protocol.on_response_complete()
+
+    # -- ChunkWriter's interface (api.proxy, services.upstream) ---------------------------------------------
+
+    def ready(self) -> bool:
+        return self.response_started and not self.response_complete and not self.sized
+
+    def push(self, chunk: bytes) -> bool:
+        if self.disconnected:
+            return True
+        framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        head, self._head = self._head, None
+        if head is not None:
+            self.chunked = True
+            framed = head + b"transfer-encoding: chunked\r\n\r\n" + framed
+        self.transport.write(framed)
+        return self.flow.write_paused
+
+    def write(self, chunk: bytes) -> Awaitable[None] | None:
+        if self.push(chunk) and not self.disconnected:
+            return self.flow.drain()
+        return None
+
+    async def drain(self) -> None:
+        await self.flow.drain()
+
+    def gone(self) -> bool:
+        return self.disconnected
+
+
+# What LaneCycle and _lane_takes read of uvicorn's protocol (besides the transport and its FlowControl).
+_LANE_USES = (
+    "access_log",
+    "access_logger",
+    "expect_100_continue",
+    "on_response_complete",
+    "parser",
+    "server_state",
+    "tasks",
+)
+_lane_fits: bool | None = None
+
+
+def lane_fits(protocol: Any) -> bool:
+    """Whether this uvicorn's protocol has what the lane uses; one that differs keeps every request on ASGI."""
+    global _lane_fits
+    if _lane_fits is None:  # once: every protocol of one uvicorn has the same attributes
+        from uvicorn.protocols.http.flow_control import FlowControl
+
+        _lane_fits = all(hasattr(protocol, a) for a in _LANE_USES) and all(
+            hasattr(FlowControl, a) for a in ("drain", "resume_reading")
+        )
+        _lane_fits = _lane_fits and hasattr(protocol.server_state, "default_headers")
+        if not _lane_fits:
+            log.info("uvicorn's protocol is not the one the /v1 lane knows: every request goes through ASGI")
+    return _lane_fits
+
+
 def head_deadline_protocol(
     header_timeout: float,
     max_pending: int = MAX_PENDING_HEADS,
@@ -137,13 +379,47 @@ def head_deadline_protocol(
             if self._head_timer is None:  # a further request; the first one's clock runs from the connection
                 self._arm_head_timer()
 
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            # The app as given (uvicorn wraps it in middleware): its lane, when it has one and this uvicorn's
+            # protocol is the one LaneCycle knows.
+            lane = getattr(config.app, "v1_lane", None)
+            self.v1_lane: Lane | None = lane if lane is not None and lane_fits(self) else None
+
         def on_headers_complete(self) -> None:
             self._cancel_head_timer()
+            if self.v1_lane is not None and self._lane_takes():
+                return
             super().on_headers_complete()
             cycle: Any = self.cycle  # this request's, made by the call above
             if cycle is not None and ChunkWriter.fits(cycle):
                 extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
                 extensions[CHUNK_WRITER] = self._chunk_writer = ChunkWriter(cycle)
+
+        def _lane_takes(self) -> bool:
+            """Start a ``LaneCycle`` for this request if the lane takes it: POST over HTTP/1.1, no request
+            pending before it on this connection (pipelining stays uvicorn's), and what the lane itself asks."""
+            parser, lane = self.parser, self.v1_lane
+            previous: Any = self.cycle  # None before the connection's first request
+            if parser.get_method() != b"POST" or parser.get_http_version() != "1.1" or parser.should_upgrade():
+                return False
+            if (previous is not None and not previous.response_complete) or lane is None:
+                return False
+            url = self.url
+            if not lane.takes(url, self.headers):
+                return False
+            path, _, query = url.partition(b"?")
+            scope: Any = self.scope
+            scope["method"] = "POST"
+            scope["path"] = path.decode("ascii")  # the lane takes no %-escape: as it came
+            scope["raw_path"] = path
+            scope["query_string"] = query
+            cycle = LaneCycle(self, scope, keep_alive=parser.should_keep_alive())
+            scope["extensions"] = {CHUNK_WRITER: cycle}
+            self.cycle = cycle  # type: ignore[assignment]  # it has what uvicorn's protocol reads of a cycle
+            if self.expect_100_continue:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the lane reads every body whole
+            return True
 
         def _arm_head_timer(self) -> None:
             self._cancel_head_timer()

@@ -38,17 +38,62 @@ MAX_BODY = 16 * 1024 * 1024
 _JSON = [(b"content-type", b"application/json")]
 
 
-def make_proxy_app(router: Router, *, max_body: int = MAX_BODY) -> ASGIApp:
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+class ProxyApp:
+    """The router's ASGI app, and its ``/v1`` lane (``v1_lane``) for the server's protocol to answer plain
+    requests without ASGI (``api.http_protocol.LaneCycle``)."""
+
+    def __init__(self, router: Router, max_body: int) -> None:
+        self.router, self.max_body = router, max_body
+        self.v1_lane: V1Lane | None = V1Lane(router, max_body)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await _http(router, scope, receive, send, max_body)
+            await _http(self.router, scope, receive, send, self.max_body)
         elif kind == "lifespan":
-            await _lifespan(router, receive, send)
+            await _lifespan(self.router, receive, send)
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1000})
 
-    return app
+
+def make_proxy_app(router: Router, *, max_body: int = MAX_BODY) -> ProxyApp:
+    return ProxyApp(router, max_body)
+
+
+class V1Lane:
+    """Which requests the server's protocol may answer straight from the router (issue 14: a relay as lean as
+    nginx), and how: the same ``_http`` as the ASGI app, with the request already parsed and whole.
+
+    It takes what the ASGI path would only pass along: a POST to ``/v1/...`` (not ``/v1/models``) with a
+    ``Content-Length`` within the limit, no chunked body and no %-escape in the path. ``admits`` (the daemon's
+    app: ``api.server``) adds what its guard and key check would ask; a request either refuses goes the ASGI way,
+    which answers the refusal."""
+
+    def __init__(
+        self, router: Router, max_body: int, admits: Callable[[list[tuple[bytes, bytes]]], bool] | None = None
+    ) -> None:
+        self.router, self.max_body, self.admits = router, max_body, admits
+
+    def admitting(self, admits: Callable[[list[tuple[bytes, bytes]]], bool]) -> V1Lane:
+        return V1Lane(self.router, self.max_body, admits)
+
+    def takes(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        if not url.startswith(b"/v1/") or url.startswith(b"/v1/models") or not url.isascii():
+            return False
+        if b"%" in url or b"#" in url:  # the ASGI path decodes escapes and drops a fragment
+            return False
+        length = None
+        for name, value in headers:  # names in lower case (the server's parser)
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                return False
+        if length is None or not length.isdigit() or int(length) > self.max_body:
+            return False
+        return self.admits is None or self.admits(headers)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _http(self.router, scope, receive, send, self.max_body)
 
 
 async def _http(router: Router, scope: Scope, receive: Receive, send: Send, max_body: int) -> None:
@@ -164,20 +209,15 @@ async def _relay(upstream: Answer, scope: Scope, send: Send, watch: _Watch) -> N
             client_gone = True  # the server noticed the client gone before our listener did
             raise
 
-    # llama-server reflects any Origin in access-control-allow-origin: relayed, every page could read the answers.
-    # The daemon's entry answers CORS itself, by api.cors_origins.
-    headers = [(k, v) for k, v in upstream.headers if not k.startswith(b"access-control-")]
     try:
         try:
-            await emit({"type": "http.response.start", "status": upstream.status, "headers": headers})
+            # (the upstream's headers as they go back: no hop-by-hop and no CORS ones, see services.upstream)
+            await emit({"type": "http.response.start", "status": upstream.status, "headers": upstream.headers})
             if upstream.small:
-                body = await upstream.read()
-                await upstream.close()  # counted before the client sees the end, so /metrics never lags
-                await emit({"type": "http.response.body", "body": body})
+                await emit({"type": "http.response.body", "body": await upstream.read()})
                 return
             writer = scope.get("extensions", {}).get(CHUNK_WRITER) if upstream.event_stream else None
             await upstream.relay(send, writer if writer is not None and writer.ready() else None)
-            await upstream.close()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             client_gone = client_gone or upstream.send_failed
             if client_gone or not upstream.event_stream:
@@ -191,8 +231,10 @@ async def _relay(upstream: Answer, scope: Scope, send: Send, watch: _Watch) -> N
             await emit({"type": "http.response.body", "body": b"data: " + event.encode() + b"\n\n", "more_body": True})
         await emit({"type": "http.response.body", "body": b""})
     finally:
-        # Cancelled (the client left) or a failed send: close() drops the upstream connection, which is what
-        # makes llama-server stop generating and free the slot.
+        # After the answer's last bytes, so the accounting (the token count parses the answer) is not part of
+        # the latency; nothing else runs on this loop in between, so /metrics still never lags behind what a
+        # client has seen. Cancelled (the client left) or a failed send: close() drops the upstream connection,
+        # which is what makes llama-server stop generating and free the slot.
         await upstream.close(client_gone=client_gone or watch.gone)
 
 

@@ -282,7 +282,10 @@ def run_daemon(
 
         def prober(config: InstanceConfig, port: int | None, done: Callable[[ProbeOutcome], None]) -> None:
             # The port the process was started on: an edited server.port applies only when `up` recreates it.
-            probe_on(loop, base_url(config, port), config.healthcheck.path, config.healthcheck.timeout, done)
+            # The connection stays open for the next probe, due `interval` after this answer (half a second more for
+            # a late loop); probe_on keeps none past its bound, well within llama-server's own idle close.
+            hc = config.healthcheck
+            probe_on(loop, base_url(config, port), hc.path, hc.timeout, done, keep_for=hc.interval + 0.5)
 
         reload_asked = threading.Event()
 

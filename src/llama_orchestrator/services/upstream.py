@@ -48,6 +48,14 @@ _HOP_IN = frozenset(
 # Not relayed back: hop-by-hop headers, and the ones uvicorn writes itself.
 _HOP_OUT = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
 
+
+def _relayed(name: bytes) -> bool:
+    """Whether an answer's header (its name in lower case) goes back to the client. Never CORS headers:
+    llama-server reflects any Origin in access-control-allow-origin, so relayed, every page could read the
+    answers; the daemon's entry (``api.guard``) answers CORS itself, by api.cors_origins."""
+    return name not in _HOP_OUT and not name.startswith(b"access-control-")
+
+
 Finish = Callable[[int, "TokenReport | None"], None]
 
 
@@ -206,7 +214,7 @@ class Upstream(_Answer):
         super().__init__(instance, started, clock, finish)
         self._resp = resp
         self.status = resp.status
-        self.headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _HOP_OUT]
+        self.headers = [(k.lower(), v) for k, v in resp.raw_headers if _relayed(k.lower())]
         self.headers.append((b"x-llama-orch-instance", instance.encode()))
         content_type = resp.headers.get("content-type", "")
         self.event_stream = content_type.startswith("text/event-stream")
@@ -280,7 +288,7 @@ class LeanUpstream(_Answer):
         self.headers = []
         content_type, self._length = b"", None
         for key, value in conn.headers:
-            if key in _HOP_OUT:
+            if not _relayed(key):
                 continue
             if key == b"content-type":
                 content_type = value
