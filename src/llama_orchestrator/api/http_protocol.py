@@ -171,6 +171,33 @@ class LaneCycle:
         self.task: asyncio.Task | None = None
         self.on_lost: Callable[[], None] | None = None
 
+    # What it and ``_lane_takes`` read of uvicorn's protocol, besides its transport and FlowControl. A uvicorn whose
+    # protocol lacks one gets no lane: every request then goes through ASGI.
+    _USES = (
+        "access_log",
+        "access_logger",
+        "expect_100_continue",
+        "on_response_complete",
+        "parser",
+        "server_state",
+        "tasks",
+    )
+    _fits: bool | None = None
+
+    @classmethod
+    def fits(cls, protocol: Any) -> bool:
+        if cls._fits is None:  # once: every protocol of one uvicorn has the same attributes
+            from uvicorn.protocols.http.flow_control import FlowControl
+
+            cls._fits = (
+                all(hasattr(protocol, a) for a in cls._USES)
+                and hasattr(protocol.server_state, "default_headers")
+                and all(hasattr(FlowControl, a) for a in ("drain", "resume_reading"))
+            )
+            if not cls._fits:
+                log.info("uvicorn's protocol is not the one the /v1 lane knows: every request goes through ASGI")
+        return cls._fits
+
     @property
     def message_event(self) -> LaneCycle:
         return self  # uvicorn calls ``message_event.set()``: see ``set``
@@ -318,34 +345,6 @@ class LaneCycle:
         return self.disconnected
 
 
-# What LaneCycle and _lane_takes read of uvicorn's protocol (besides the transport and its FlowControl).
-_LANE_USES = (
-    "access_log",
-    "access_logger",
-    "expect_100_continue",
-    "on_response_complete",
-    "parser",
-    "server_state",
-    "tasks",
-)
-_lane_fits: bool | None = None
-
-
-def lane_fits(protocol: Any) -> bool:
-    """Whether this uvicorn's protocol has what the lane uses; one that differs keeps every request on ASGI."""
-    global _lane_fits
-    if _lane_fits is None:  # once: every protocol of one uvicorn has the same attributes
-        from uvicorn.protocols.http.flow_control import FlowControl
-
-        _lane_fits = all(hasattr(protocol, a) for a in _LANE_USES) and all(
-            hasattr(FlowControl, a) for a in ("drain", "resume_reading")
-        )
-        _lane_fits = _lane_fits and hasattr(protocol.server_state, "default_headers")
-        if not _lane_fits:
-            log.info("uvicorn's protocol is not the one the /v1 lane knows: every request goes through ASGI")
-    return _lane_fits
-
-
 def head_deadline_protocol(
     header_timeout: float,
     max_pending: int = MAX_PENDING_HEADS,
@@ -384,7 +383,7 @@ def head_deadline_protocol(
             # The app as given (uvicorn wraps it in middleware): its lane, when it has one and this uvicorn's
             # protocol is the one LaneCycle knows.
             lane = getattr(config.app, "v1_lane", None)
-            self.v1_lane: Lane | None = lane if lane is not None and lane_fits(self) else None
+            self.v1_lane: Lane | None = lane if lane is not None and LaneCycle.fits(self) else None
 
         def on_headers_complete(self) -> None:
             self._cancel_head_timer()

@@ -14,7 +14,10 @@ Settings refuse a bind beyond loopback without keys, so keys are always required
 ``shutdown`` run in the ASGI lifespan, on the server's event loop.
 
 Before any of that, every request passes ``api.guard.RequestGuard``: Host and Origin (DNS rebinding, cross-origin
-pages), the body limit, and the content type of state-changing control calls.
+pages), the body limit, and the content type of state-changing control calls. A plain OpenAI POST that the guard
+and the key check would let through untouched (no Origin, a Host served, a sized body within the limit, the key)
+is answered by the proxy's ``/v1`` lane from the server's protocol without the ASGI cycle
+(``OrchestratorApp._lane_admits``, ``api.http_protocol.LaneCycle``); anything else takes the guarded way.
 """
 
 from __future__ import annotations
