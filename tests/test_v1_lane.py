@@ -32,14 +32,18 @@ class StubLane:
         self.release: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.admits = None
+        self.max_body: int | None = None
 
-    def admitting(self, admits):  # what the daemon's app (api.server) adds: the guard's and the key's checks
-        self.admits = admits
+    def admitting(self, admits, max_body: int):  # what the daemon's app (api.server) adds: its checks and limit
+        self.admits, self.max_body = admits, max_body
         return self
 
     def takes(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
         if not url.startswith(b"/v1/") or (b"x-not-lane", b"1") in headers:
             return False
+        length = dict(headers).get(b"content-length", b"0")
+        if self.max_body is not None and int(length) > self.max_body:
+            return False  # as api.proxy.V1Lane: past the limit, the guard answers
         return self.admits is None or self.admits(headers)
 
     async def serve(self, scope: dict, receive, send) -> None:
@@ -244,6 +248,7 @@ def test_in_the_daemons_app_the_lane_takes_only_what_the_guard_and_the_keys_let_
             own = client.post("/v1/chat/completions", content=b"{}", headers={**key, "Origin": url})
             assert own.json()["lane"] is False  # a page of the daemon's own (/ui/): the guard's CORS path
         assert proxy.v1_lane.served == ["/v1/chat/completions"]
+        assert proxy.v1_lane.max_body == settings.max_body_bytes  # the guard's limit reaches the lane
     finally:
         server.stop()
 

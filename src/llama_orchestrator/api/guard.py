@@ -118,6 +118,18 @@ class RequestGuard:
             return self.hosts.allows(host)
         return False
 
+    def passes_untouched(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether a router request with these headers and a sized body within the limit would pass every check
+        above and go on unchanged: a Host it serves, and no Origin (a browser's request, whose CORS answer is
+        the guard's to write). What the server's ``/v1`` lane asks before answering without the guard."""
+        host = None
+        for name, value in headers:
+            if name == b"origin":
+                return False
+            if name == b"host" and host is None:  # the first, as ``header`` reads it
+                host = value.decode("latin-1")
+        return self.host_allowed(host)
+
     async def __call__(self, zone: str, scope: dict, receive: Callable, send: Callable, inner: Inner) -> None:
         headers = scope.get("headers", [])
         http = scope["type"] == "http"

@@ -44,7 +44,7 @@ class ProxyApp:
 
     def __init__(self, router: Router, max_body: int) -> None:
         self.router, self.max_body = router, max_body
-        self.v1_lane: V1Lane | None = V1Lane(router, max_body)
+        self.v1_lane = V1Lane(router, max_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -74,8 +74,9 @@ class V1Lane:
     ) -> None:
         self.router, self.max_body, self.admits = router, max_body, admits
 
-    def admitting(self, admits: Callable[[list[tuple[bytes, bytes]]], bool]) -> V1Lane:
-        return V1Lane(self.router, self.max_body, admits)
+    def admitting(self, admits: Callable[[list[tuple[bytes, bytes]]], bool], max_body: int) -> V1Lane:
+        """This lane behind ``admits``, for bodies within ``max_body`` too (the daemon's guard's limit)."""
+        return V1Lane(self.router, min(self.max_body, max_body), admits)
 
     def takes(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
         if not url.startswith(b"/v1/") or url.startswith(b"/v1/models") or not url.isascii():

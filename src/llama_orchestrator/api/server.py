@@ -109,26 +109,13 @@ class OrchestratorApp:
         self.settings = settings
         self.guard = RequestGuard(settings)
         # The server's protocol answers plain /v1 requests through the proxy's lane (api.http_protocol) once
-        # they pass what the guard and the key check would ask of them here.
+        # they pass what the guard and the key check would ask of them here; its bodies within the guard's limit.
         lane = getattr(proxy, "v1_lane", None)
-        self.v1_lane = lane.admitting(self._lane_admits) if lane is not None else None
+        self.v1_lane = lane.admitting(self._lane_admits, self.guard.max_body) if lane is not None else None
 
     def _lane_admits(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        """A request the guard and the key check would let through untouched: no Origin (a browser's request:
-        CORS is the guard's), a Host it serves, a body within its limit, a router key if any is set."""
-        if self.router_error is not None or self.proxy is None:
-            return False
-        host = length = None
-        for name, value in headers:
-            if name == b"origin":
-                return False
-            if name == b"host" and host is None:  # the first, as the guard reads it
-                host = value.decode("latin-1")
-            elif name == b"content-length":
-                length = value
-        if length is None or not length.isdigit() or int(length) > self.guard.max_body:
-            return False
-        if not self.guard.host_allowed(host):
+        """A request the guard and the key check would let through untouched (the lane has checked its size)."""
+        if self.router_error is not None or self.proxy is None or not self.guard.passes_untouched(headers):
             return False
         keys = self.keys["router"]
         return not keys or key_matches(bearer_key(headers), keys)
